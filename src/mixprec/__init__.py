@@ -1,0 +1,17 @@
+"""mixprec: mixed-precision training for PyTorch.
+
+Number formats, training recipes, loss scaling, fp8 Linear layers, a memory planner, a
+numerics monitor and a benchmark, behind one small API (see DESIGN.md).
+"""
+
+from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # recipes
+    "RECIPES",
+    "Recipe",
+    "get_recipe",
+    "recipe_names",
+]
