@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/mixprec formats explain 0.001 --format fp16 --format bf16 --format fp8_e4m3fn
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check $(wildcard src tests benchmarks examples)
 
 test: lint
 	$(BIN)/python -m pytest -q -n 2
