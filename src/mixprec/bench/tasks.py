@@ -1,0 +1,491 @@
+"""Built-in bench tasks: a model, its data, its loss and its evaluation metric, all offline.
+
+=====  ====================================================  ==========  =================
+task   model and data                                         metric      tolerance vs fp32
+=====  ====================================================  ==========  =================
+mlp    MLP on scikit-learn's handwritten digits (8x8, 1797)   accuracy    0.03 (absolute)
+unet   UNet segmenting generated circles and rectangles       iou         0.05 (absolute)
+gpt    byte-level GPT on the Python standard library source   val_loss    0.10 nats
+bert   encoder classifying "which marker token is commonest"  accuracy    0.05 (absolute)
+=====  ====================================================  ==========  =================
+
+The tolerance is the largest gap of a recipe's final metric from fp32's, after the same
+number of steps from the same weights on the same batches, that the bench still calls
+"same quality" (it allows for the run-to-run noise of a short training run).
+
+Every task has three sizes: ``tiny`` (tests, under a second a step on any CPU), ``small``
+(this CPU; the ``gpt`` task is 3.3 M parameters at sequence 256) and ``base`` (a GPU).
+
+Determinism: for one ``seed``, :meth:`Task.build_model` returns the same weights and
+:meth:`Task.train_batches` the same batches in the same order, every call; the evaluation
+data and the digits/stdlib train/validation splits are fixed and do not depend on the seed.
+
+User models follow a small protocol; see :mod:`mixprec.bench.user`
+(``get_task("package.module:factory")``).
+
+Example:
+    >>> task = get_task("mlp", "tiny")
+    >>> model = task.build_model()
+    >>> opt = task.build_optimizer(model)
+    >>> for x, y in task.train_batches(3):
+    ...     loss = task.loss(model(x), y)
+    ...     loss.backward(); opt.step(); opt.zero_grad()
+    >>> sorted(task.evaluate(model))
+    ['accuracy']
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.bench.models import GPT, MLP, Encoder, TransformerConfig, UNet
+
+__all__ = ["SIZES", "TASKS", "Task", "get_task"]
+
+Size = Literal["tiny", "small", "base"]
+SIZES: tuple[str, ...] = ("tiny", "small", "base")
+_EVAL_SEED = 1234  # evaluation sets are the same for every training seed
+
+
+class Task(ABC):
+    """A model, its data, its loss and its evaluation metric.
+
+    Attributes:
+        name: registry key (``"mlp"``, ...).
+        size: ``"tiny"``, ``"small"`` or ``"base"``.
+        seed: seed of the initial weights and of the training-data order.
+        metric: key of :meth:`evaluate`'s main metric.
+        higher_is_better: whether a larger metric is better.
+        tolerance: largest absolute gap of the metric from fp32's still called the same.
+        item_unit: ``"samples"`` or ``"tokens"``; throughput is counted in these.
+        items_per_batch: items in one training batch.
+        default_steps: training steps that give a meaningful metric at this size.
+        lr: AdamW learning rate.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    tolerance: ClassVar[float]
+    item_unit: ClassVar[str] = "samples"
+
+    def __init__(self, size: str = "tiny", *, seed: int = 0) -> None:
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+        self.size = size
+        self.seed = int(seed)
+        self.config = self._configs()[size]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size!r}, seed={self.seed})"
+
+    # -- per-task pieces -------------------------------------------------------------------
+    @staticmethod
+    @abstractmethod
+    def _configs() -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _make_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def _batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def _evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+    @property
+    def items_per_batch(self) -> int:
+        return self.config.batch
+
+    @property
+    def default_steps(self) -> int:
+        return self.config.steps
+
+    @property
+    def lr(self) -> float:
+        return self.config.lr
+
+    def within_tolerance(self, value: float, reference: float) -> bool:
+        """True when ``|value - reference| <= tolerance`` (same quality as the reference)."""
+        return abs(value - reference) <= self.tolerance
+
+    # -- the interface ---------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """A fresh fp32 model on the CPU; the same weights for the same seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self._make_model()
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over ``model``'s parameters at the task's learning rate."""
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
+
+    def train_batches(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` CPU batches ``(inputs, targets)``, in the same order for the same seed."""
+        if steps < 0:
+            raise ValueError(f"steps={steps} must be >= 0")
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(steps):
+            yield self._batch(generator)
+
+    def example_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first training batch."""
+        return next(self.train_batches(1))
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``outputs`` (logits, any dtype) against ``targets``, in fp32."""
+        return F.cross_entropy(outputs.float().flatten(0, -2), targets.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The task's metrics on its fixed evaluation set (run under the caller's autocast)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return self._evaluate(model, next(model.parameters()).device)
+        finally:
+            model.train(was_training)
+
+
+# -- mlp: scikit-learn's handwritten digits ------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _MLPConfig:
+    hidden: tuple[int, ...]
+    batch: int
+    steps: int
+    lr: float
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[torch.Tensor, ...]:
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("the mlp task needs scikit-learn: pip install scikit-learn") from exc
+    x, y = load_digits(return_X_y=True)
+    # Fixed split: 360 test images (20%), stratified, independent of the training seed.
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
+    to_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0  # noqa: E731 pixels 0..16
+    to_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
+    return to_x(x_tr), to_y(y_tr), to_x(x_te), to_y(y_te)
+
+
+class MLPTask(Task):
+    name = "mlp"
+    description = "MLP (64-hidden-10) on scikit-learn's 8x8 handwritten digits; accuracy"
+    metric = "accuracy"
+    higher_is_better = True
+    tolerance = 0.03
+
+    @staticmethod
+    def _configs() -> dict[str, _MLPConfig]:
+        return {
+            "tiny": _MLPConfig(hidden=(64,), batch=32, steps=100, lr=3e-3),
+            "small": _MLPConfig(hidden=(256,), batch=64, steps=300, lr=1e-3),
+            "base": _MLPConfig(hidden=(1024, 1024), batch=128, steps=500, lr=1e-3),
+        }
+
+    def _make_model(self) -> nn.Module:
+        return MLP(64, list(self.config.hidden), 10)
+
+    def _batch(self, generator):
+        x, y, _, _ = _digits()
+        idx = torch.randint(len(x), (self.config.batch,), generator=generator)
+        return x[idx], y[idx]
+
+    def _evaluate(self, model, device):
+        _, _, x, y = _digits()
+        pred = model(x.to(device)).argmax(dim=-1).cpu()
+        return {"accuracy": (pred == y).float().mean().item()}
+
+
+# -- unet: generated shapes -----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _UNetConfig:
+    image: int
+    channels: int
+    batch: int
+    steps: int
+    lr: float
+
+
+def make_shapes(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """``n`` noisy images with a circle and a rectangle each, and their masks.
+
+    Returns:
+        images ``(n, 1, size, size)`` fp32 and masks ``(n, 1, size, size)`` fp32 in {0, 1}.
+
+    Example:
+        >>> x, m = make_shapes(2, 16, torch.Generator().manual_seed(0))
+        >>> x.shape, bool(((m == 0) | (m == 1)).all())
+        (torch.Size([2, 1, 16, 16]), True)
+    """
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = grid.view(1, -1, 1), grid.view(1, 1, -1)
+    cy, cx, r = (size * (0.2 + 0.6 * u(3, n, 1, 1))).unbind(0)
+    r = 0.1 * size + 0.15 * r  # radius 10% to 25% of the image
+    circle = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    y0, x0, h, w = (size * u(4, n, 1, 1)).unbind(0)  # corner, extra height and width
+    rect = (
+        (yy >= y0)
+        & (yy < y0 + 0.2 * size + 0.3 * h)
+        & (xx >= x0)
+        & (xx < x0 + 0.2 * size + 0.3 * w)
+    )
+    mask = (circle | rect).float().unsqueeze(1)
+    brightness = 0.4 + 0.6 * u(n, 1, 1, 1)
+    noise = 0.35 * torch.randn(n, 1, size, size, generator=generator)
+    return mask * brightness + noise, mask
+
+
+class UNetTask(Task):
+    name = "unet"
+    description = "UNet segmenting generated circles and rectangles in noise; IoU"
+    metric = "iou"
+    higher_is_better = True
+    tolerance = 0.05
+
+    @staticmethod
+    def _configs() -> dict[str, _UNetConfig]:
+        return {
+            "tiny": _UNetConfig(image=16, channels=8, batch=8, steps=100, lr=1e-2),
+            "small": _UNetConfig(image=32, channels=16, batch=16, steps=200, lr=5e-3),
+            "base": _UNetConfig(image=64, channels=32, batch=16, steps=500, lr=2e-3),
+        }
+
+    def _make_model(self) -> nn.Module:
+        return UNet(self.config.channels)
+
+    def _batch(self, generator):
+        return make_shapes(self.config.batch, self.config.image, generator)
+
+    def loss(self, outputs, targets):
+        """Binary cross-entropy of the mask logits, in fp32."""
+        return F.binary_cross_entropy_with_logits(outputs.float(), targets)
+
+    @functools.cached_property
+    def _eval_set(self):
+        return make_shapes(128, self.config.image, torch.Generator().manual_seed(_EVAL_SEED))
+
+    def _evaluate(self, model, device):
+        """IoU = |pred AND mask| / |pred OR mask| over every pixel of the set, pred = logit > 0."""
+        x, mask = self._eval_set
+        pred = torch.cat([model(chunk.to(device)).float().cpu() > 0 for chunk in x.split(32)])
+        truth = mask > 0.5
+        union = (pred | truth).sum().item()
+        return {"iou": (pred & truth).sum().item() / max(union, 1)}
+
+
+# -- gpt: the Python standard library's source ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _GPTConfig:
+    model: TransformerConfig
+    batch: int
+    corpus_bytes: int
+    eval_windows: int
+    steps: int
+    lr: float
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_corpus(max_bytes: int) -> bytes:
+    """The first ``max_bytes`` of the standard library's ``.py`` files, in sorted order.
+
+    Files come from ``sysconfig.get_paths()["stdlib"]``, walked depth-first with directory
+    and file names sorted (``site-packages`` and ``__pycache__`` skipped), so the corpus is
+    the same on every run of one Python installation.
+
+    Example:
+        >>> len(stdlib_corpus(1000))
+        1000
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
+        for filename in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                data = (Path(dirpath) / filename).read_bytes()
+            except OSError:
+                continue
+            chunks.append(data[: max_bytes - total])
+            total += len(chunks[-1])
+            if total >= max_bytes:
+                return b"".join(chunks)
+    if total < 64 * 1024:
+        raise RuntimeError(
+            f"found only {total} bytes of .py source under {root}; the gpt task needs the "
+            "standard library's source files"
+        )
+    return b"".join(chunks)
+
+
+class GPTTask(Task):
+    name = "gpt"
+    description = "byte-level GPT on the Python standard library's source; validation loss"
+    metric = "val_loss"
+    higher_is_better = False
+    tolerance = 0.10
+    item_unit = "tokens"
+
+    @staticmethod
+    def _configs() -> dict[str, _GPTConfig]:
+        cfg = functools.partial(TransformerConfig, 256)
+        return {
+            "tiny": _GPTConfig(cfg(64, 2, 2, 64), 8, 256 * 1024, 16, 100, 3e-3),
+            "small": _GPTConfig(cfg(256, 4, 4, 256), 16, 4 * 1024**2, 64, 200, 1e-3),
+            "base": _GPTConfig(cfg(256, 6, 6, 384), 32, 16 * 1024**2, 128, 2000, 1e-3),
+        }
+
+    @property
+    def items_per_batch(self) -> int:
+        return self.config.batch * self.config.model.seq_len
+
+    @functools.cached_property
+    def _splits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.frombuffer(
+            bytearray(stdlib_corpus(self.config.corpus_bytes)), dtype=torch.uint8
+        )
+        cut = int(0.9 * len(data))  # last 10% of the corpus is the validation split
+        return data[:cut], data[cut:]
+
+    def _make_model(self) -> nn.Module:
+        return GPT(self.config.model)
+
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor):
+        t = self.config.model.seq_len
+        idx = starts.view(-1, 1) + torch.arange(t + 1)
+        chunk = data[idx].long()  # (B, T + 1)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def _batch(self, generator):
+        train, _ = self._splits
+        high = len(train) - self.config.model.seq_len - 1
+        return self._windows(train, torch.randint(high, (self.config.batch,), generator=generator))
+
+    def _evaluate(self, model, device):
+        """val_loss: mean next-byte cross-entropy (nats) over evenly spaced validation windows."""
+        _, val = self._splits
+        high = len(val) - self.config.model.seq_len - 1
+        starts = torch.linspace(0, high, self.config.eval_windows).long()
+        total = 0.0
+        for chunk in starts.split(self.config.batch):
+            x, y = self._windows(val, chunk)
+            total += self.loss(model(x.to(device)), y.to(device)).item() * len(chunk)
+        return {"val_loss": total / len(starts)}
+
+
+# -- bert: which marker token is commonest --------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _BertConfig:
+    model: TransformerConfig
+    batch: int
+    steps: int
+    lr: float
+
+
+def make_marker_sequences(
+    n: int, seq_len: int, vocab_size: int, generator: torch.Generator, classes: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences whose label is the marker token (ids ``1..classes``) that occurs most often.
+
+    Filler tokens are ids ``classes+1 .. vocab_size-1``; the winning marker occurs 1 to 3
+    times more often than any other, so the rule has no ties.
+
+    Example:
+        >>> x, y = make_marker_sequences(3, 32, 64, torch.Generator().manual_seed(0))
+        >>> counts = torch.stack([(x == k + 1).sum(1) for k in range(4)], 1)
+        >>> bool((counts.argmax(1) == y).all())
+        True
+    """
+    per_marker = (seq_len - 3) // (classes + 1)
+    labels = torch.randint(classes, (n,), generator=generator)
+    counts = torch.randint(per_marker + 1, (n, classes), generator=generator)
+    win = counts.max(dim=1).values + 1 + torch.randint(3, (n,), generator=generator)
+    counts[torch.arange(n), labels] = win
+    cum = counts.cumsum(dim=1)  # (n, classes)
+    rank = torch.arange(seq_len).view(1, -1, 1)
+    marker = (rank >= cum.unsqueeze(1)).sum(dim=-1)  # (n, T): 0..classes, classes = filler
+    filler = torch.randint(classes + 1, vocab_size, (n, seq_len), generator=generator)
+    tokens_by_rank = torch.where(marker < classes, marker + 1, filler)
+    order = torch.rand(n, seq_len, generator=generator).argsort(dim=1)
+    tokens = torch.empty_like(tokens_by_rank).scatter_(1, order, tokens_by_rank)
+    return tokens, labels
+
+
+class BertTask(Task):
+    name = "bert"
+    description = "BERT-style encoder: which of 4 marker tokens is commonest; accuracy"
+    metric = "accuracy"
+    higher_is_better = True
+    tolerance = 0.05
+
+    @staticmethod
+    def _configs() -> dict[str, _BertConfig]:
+        cfg = functools.partial(TransformerConfig, 64, classes=4)
+        return {
+            "tiny": _BertConfig(cfg(32, n_layer=2, n_head=2, d_model=32), 32, 150, 3e-3),
+            "small": _BertConfig(cfg(64, n_layer=4, n_head=4, d_model=128), 32, 300, 1e-3),
+            "base": _BertConfig(cfg(128, n_layer=4, n_head=8, d_model=256), 64, 1000, 5e-4),
+        }
+
+    def _make_model(self) -> nn.Module:
+        return Encoder(self.config.model)
+
+    def _sequences(self, n: int, generator: torch.Generator):
+        m = self.config.model
+        return make_marker_sequences(n, m.seq_len, m.vocab_size, generator, m.classes)
+
+    def _batch(self, generator):
+        return self._sequences(self.config.batch, generator)
+
+    @functools.cached_property
+    def _eval_set(self):
+        return self._sequences(512, torch.Generator().manual_seed(_EVAL_SEED))
+
+    def _evaluate(self, model, device):
+        x, y = self._eval_set
+        pred = torch.cat([model(chunk.to(device)).argmax(-1).cpu() for chunk in x.split(128)])
+        return {"accuracy": (pred == y).float().mean().item()}
+
+
+_TASK_CLASSES: dict[str, type[Task]] = {c.name: c for c in (MLPTask, UNetTask, GPTTask, BertTask)}
+TASKS: tuple[str, ...] = tuple(_TASK_CLASSES)
+
+
+def get_task(name: str, size: str = "tiny", *, seed: int = 0) -> Task:
+    """A built-in task by name, or a user model as ``"package.module:factory"``.
+
+    Raises:
+        ValueError: unknown task (the message lists them) or size.
+
+    Example:
+        >>> get_task("gpt", "small").items_per_batch
+        4096
+    """
+    if ":" in name:
+        from mixprec.bench.user import load_user_task
+
+        return load_user_task(name, seed=seed)
+    if name not in _TASK_CLASSES:
+        raise ValueError(
+            f"unknown task {name!r}; choose one of {', '.join(TASKS)} "
+            "or give a user model as package.module:factory"
+        )
+    return _TASK_CLASSES[name](size, seed=seed)
