@@ -4,6 +4,7 @@ Number formats, training recipes, loss scaling, fp8 Linear layers, a memory plan
 numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 """
 
+from mixprec import float8
 from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
 
 __version__ = "0.1.0"
@@ -14,4 +15,6 @@ __all__ = [
     "Recipe",
     "get_recipe",
     "recipe_names",
+    # fp8 training (subpackage)
+    "float8",
 ]

@@ -1,0 +1,40 @@
+"""FP8 training: ``Float8Linear`` with per-tensor current or delayed scaling.
+
+Example:
+    >>> import torch, mixprec as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(64, 64))
+    >>> report = mp.float8.convert_to_float8(model, config=mp.float8.Float8Config())
+    >>> report.converted
+    ('0', '2')
+"""
+
+from mixprec.float8.config import FP8_FORMATS, GEMMS, Float8Config, fp8_dtype
+from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
+from mixprec.float8.linear import Float8Linear, scaled_mm
+from mixprec.float8.scaling import (
+    amax_to_scale,
+    cast_to_float8,
+    hp_tensor_and_scale_to_float8,
+    inverse_scale,
+    tensor_to_amax,
+    update_delayed_scale,
+)
+
+__all__ = [
+    "FP8_FORMATS",
+    "GEMMS",
+    "Float8Config",
+    "Float8ConversionReport",
+    "Float8Linear",
+    "LayerDecision",
+    "amax_to_scale",
+    "cast_to_float8",
+    "convert_to_float8",
+    "fp8_dtype",
+    "hp_tensor_and_scale_to_float8",
+    "inverse_scale",
+    "scaled_mm",
+    "tensor_to_amax",
+    "update_delayed_scale",
+]

@@ -1,0 +1,154 @@
+"""Configuration of fp8 Linear layers: :class:`Float8Config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["FP8_FORMATS", "GEMMS", "Float8Config", "fp8_dtype"]
+
+Scaling = Literal["current", "delayed"]
+HistoryReduce = Literal["max", "most_recent"]
+Gemm = Literal["output", "grad_input", "grad_weight"]
+
+_SCALINGS = ("current", "delayed")
+_REDUCES = ("max", "most_recent")
+GEMMS: tuple[str, ...] = ("output", "grad_input", "grad_weight")
+"""The three matrix products of a Linear layer: output = x·Wᵀ, grad_input = grad_out·W,
+grad_weight = grad_outᵀ·x."""
+
+# Format name -> name of the torch dtype. Looked up with getattr at use time, so that a
+# torch build without float8 dtypes can still import mixprec (and fails at conversion).
+FP8_FORMATS: dict[str, str] = {
+    "fp8_e4m3fn": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+    "fp8_e4m3fnuz": "float8_e4m3fnuz",
+    "fp8_e5m2fnuz": "float8_e5m2fnuz",
+}
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def fp8_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an fp8 format name.
+
+    Args:
+        name: one of ``FP8_FORMATS`` (``"fp8_e4m3fn"``, ``"fp8_e5m2"``, ...).
+
+    Returns:
+        The ``torch.dtype``.
+
+    Raises:
+        ValueError: unknown name.
+        RuntimeError: this torch build has no such dtype.
+
+    Example:
+        >>> fp8_dtype("fp8_e4m3fn")
+        torch.float8_e4m3fn
+    """
+    if name not in FP8_FORMATS:
+        raise ValueError(f"fp8 format {name!r} is not one of {_choices(FP8_FORMATS)}")
+    dtype = getattr(torch, FP8_FORMATS[name], None)
+    if dtype is None:
+        raise RuntimeError(
+            f"this torch build ({torch.__version__}) has no torch.{FP8_FORMATS[name]} dtype, "
+            "so fp8 training is not available; install torch >= 2.1"
+        )
+    return dtype
+
+
+@dataclass(frozen=True, slots=True)
+class Float8Config:
+    """How :class:`~mixprec.float8.Float8Linear` casts its matrix-product operands to fp8.
+
+    Args:
+        scaling: ``"current"`` (also called dynamic or tensorwise): each tensor's scale comes
+            from its own amax in this step; always in range, costs one reduction per
+            tensor. ``"delayed"``: the scale comes from a history of past amaxes (see
+            :func:`mixprec.float8.scaling.update_delayed_scale`), so the cast needs no
+            reduction before it; a sudden growth saturates. Default ``"current"``: it is
+            the more robust one and the one torchao recommends.
+        forward_format: fp8 format of the input x and the weight W. Default
+            ``"fp8_e4m3fn"``: activations and weights need precision (3 mantissa bits)
+            more than range.
+        backward_format: fp8 format of the output gradient. Default ``"fp8_e5m2"``:
+            gradients span many binades and need range (5 exponent bits) more than
+            precision. The grad GEMMs then multiply e5m2 by e4m3, a pair cuBLAS accepts
+            (it refuses e5m2 x e5m2).
+        history_len: amax history length for delayed scaling. Default 16, as in
+            TransformerEngine and torchao: long enough to ride over one-step spikes,
+            short enough to follow a trend.
+        history_reduce: how the history becomes one amax: ``"max"`` (default, the safe
+            choice: the scale covers every recent amax) or ``"most_recent"``.
+        margin: scale = fmt_max / amax / 2**margin. Default 0: saturating casts already
+            handle a rare overflow, and every unit of margin costs one binade of range
+            at the small end.
+        power_of_two_scale: round each scale down to a power of two, so that scaling is
+            exact (only the exponent changes). Default False (a finer scale uses the
+            format's range fully).
+        gemms: which of ``"output"``, ``"grad_input"``, ``"grad_weight"`` run in fp8; the
+            others run in the high-precision dtype. Default all three.
+        emulate: always use the emulation path (quantize, then matmul in float32)
+            instead of ``torch._scaled_mm``. Default False: ``_scaled_mm`` is used wherever
+            it accepts the operands.
+
+    Example:
+        >>> cfg = Float8Config(scaling="delayed", history_reduce="most_recent")
+        >>> cfg.forward_dtype, cfg.backward_dtype
+        (torch.float8_e4m3fn, torch.float8_e5m2)
+        >>> Float8Config(scaling="sometimes")
+        Traceback (most recent call last):
+        ValueError: scaling='sometimes' is not one of 'current', 'delayed'
+    """
+
+    scaling: Scaling = "current"
+    forward_format: str = "fp8_e4m3fn"
+    backward_format: str = "fp8_e5m2"
+    history_len: int = 16
+    history_reduce: HistoryReduce = "max"
+    margin: int = 0
+    power_of_two_scale: bool = False
+    gemms: tuple[Gemm, ...] = GEMMS
+    emulate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"scaling={self.scaling!r} is not one of {_choices(_SCALINGS)}")
+        for field in ("forward_format", "backward_format"):
+            value = getattr(self, field)
+            if value not in FP8_FORMATS:
+                raise ValueError(f"{field}={value!r} is not one of {_choices(FP8_FORMATS)}")
+        if isinstance(self.history_len, bool) or not isinstance(self.history_len, int):
+            raise ValueError(f"history_len={self.history_len!r} must be a positive int")
+        if self.history_len < 1:
+            raise ValueError(f"history_len={self.history_len!r} must be a positive int")
+        if self.history_reduce not in _REDUCES:
+            raise ValueError(
+                f"history_reduce={self.history_reduce!r} is not one of {_choices(_REDUCES)}"
+            )
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise ValueError(f"margin={self.margin!r} must be a non-negative int")
+        if not isinstance(self.gemms, tuple):
+            raise ValueError(f"gemms={self.gemms!r} must be a tuple drawn from {_choices(GEMMS)}")
+        for gemm in self.gemms:
+            if gemm not in GEMMS:
+                raise ValueError(f"gemms contains {gemm!r}, not one of {_choices(GEMMS)}")
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        """torch dtype of x and W (RuntimeError when this torch build lacks it)."""
+        return fp8_dtype(self.forward_format)
+
+    @property
+    def backward_dtype(self) -> torch.dtype:
+        """torch dtype of the output gradient (RuntimeError when this torch build lacks it)."""
+        return fp8_dtype(self.backward_format)
+
+    @property
+    def state_len(self) -> int:
+        """Length of each amax-history buffer: ``history_len`` when delayed, else 1."""
+        return self.history_len if self.scaling == "delayed" else 1

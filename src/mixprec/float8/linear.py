@@ -1,0 +1,251 @@
+"""``Float8Linear``: an ``nn.Linear`` whose three matrix products run on fp8 operands.
+
+For ``y = x·Wᵀ + b`` with x of shape (M, K) and W of shape (N, K)::
+
+    output      (M, N) = x_fp8      · W_fp8ᵀ      forward_format x forward_format
+    grad_input  (M, K) = g_fp8      · W_fp8       backward_format x forward_format
+    grad_weight (N, K) = g_fp8ᵀ     · x_fp8       backward_format x forward_format
+
+Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`);
+each product is ``(a_fp8 · b_fp8) * inv_scale_a * inv_scale_b``, accumulated in float32.
+It runs through ``torch._scaled_mm`` where it accepts the operands, and otherwise through
+an emulation that computes the same quantity: the fp8 values upcast to float32 (exact),
+a float32 matmul, then the product of the inverse scales. The two differ only by float32
+accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixprec.float8.config import Float8Config
+from mixprec.float8.scaling import cast_to_float8, inverse_scale
+
+__all__ = ["ROLES", "Float8Linear", "scaled_mm"]
+
+ROLES = ("input", "weight", "grad_output")
+"""The three tensors that get an fp8 scale; each has ``<role>_amax_history`` and
+``<role>_scale`` buffers."""
+
+_E5M2 = {getattr(torch, n) for n in ("float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)}
+
+
+def _scaled_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._scaled_mm`` takes (a, b) as laid out by this module.
+
+    CPU: any shape and fp8 pair. CUDA: every dimension but M a multiple of 16, and not
+    e5m2 x e5m2 (cuBLAS refuses it). Other devices: no.
+    """
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    if a.device.type == "cpu":
+        return True
+    if a.device.type == "cuda":
+        dims_ok = a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0
+        return dims_ok and not (a.dtype in _E5M2 and b.dtype in _E5M2)
+    return False
+
+
+def scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    inv_a: torch.Tensor,
+    inv_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    emulate: bool = False,
+) -> torch.Tensor:
+    """out = (a · b) * inv_a * inv_b for fp8 ``a`` (M, K) and ``b`` (K, N), float32 accumulation.
+
+    Uses ``torch._scaled_mm`` (``a`` made row-major, ``b`` column-major, as cuBLAS wants)
+    unless ``emulate`` is set or it refuses the operands; then computes
+    ``(a.float() @ b.float()) * (inv_a * inv_b)`` in float32, cast to ``out_dtype``.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 2.0]]).to(torch.float8_e4m3fn)
+        >>> b = torch.tensor([[3.0], [4.0]]).to(torch.float8_e4m3fn)
+        >>> scaled_mm(a, b, torch.tensor(0.5), torch.tensor(1.0), torch.float32)
+        tensor([[5.5000]])
+    """
+    a = a.contiguous()
+    b = b.t().contiguous().t()
+    if not emulate and _scaled_mm_accepts(a, b):
+        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+    out = torch.mm(a.to(torch.float32), b.to(torch.float32))
+    return out.mul_(inv_a * inv_b).to(out_dtype)
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    """out = x·Wᵀ with fp8 operands; backward computes grad_input and grad_weight in fp8."""
+
+    @staticmethod
+    def forward(ctx, x, weight, state, module, out_dtype):  # x: (M, K), weight: (N, K)
+        cfg: Float8Config = module.config
+        update = module.training
+        fwd8 = cfg.forward_dtype
+        kw = {
+            "scaling": cfg.scaling,
+            "reduce": cfg.history_reduce,
+            "margin": cfg.margin,
+            "power_of_two": cfg.power_of_two_scale,
+            "update": update,
+        }
+        x8, sx = cast_to_float8(x, state[0], state[1], fwd8, **kw)
+        w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
+        if "output" in cfg.gemms:
+            out = scaled_mm(
+                x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=cfg.emulate
+            )  # (M, N)
+        else:
+            out = torch.mm(x.to(out_dtype), weight.to(out_dtype).t())
+        fp8_grads = [g in cfg.gemms for g in ("grad_input", "grad_weight")]
+        # Keep the fp8 copies for the fp8 grad GEMMs (1 byte an element), else the hp tensors.
+        ctx.save_for_backward(
+            x8 if fp8_grads[1] else x,
+            w8 if fp8_grads[0] else weight,
+            sx,
+            sw,
+            state[4],
+            state[5],
+        )
+        ctx.kw, ctx.cfg, ctx.fp8_grads = kw, cfg, fp8_grads
+        ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.dtype, weight.dtype, out_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (M, N)
+        x_saved, w_saved, sx, sw, g_hist, g_scale = ctx.saved_tensors
+        cfg: Float8Config = ctx.cfg
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g8, sg = cast_to_float8(grad_out, g_hist, g_scale, cfg.backward_dtype, **ctx.kw)
+            grad_x = grad_w = None
+            if ctx.needs_input_grad[0]:
+                if ctx.fp8_grads[0]:
+                    grad_x = scaled_mm(
+                        g8,
+                        w_saved,
+                        inverse_scale(sg),
+                        inverse_scale(sw),
+                        ctx.x_dtype,
+                        emulate=cfg.emulate,
+                    )  # (M, K)
+                else:
+                    grad_x = torch.mm(grad_out.to(ctx.out_dtype), w_saved.to(ctx.out_dtype))
+                    grad_x = grad_x.to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                if ctx.fp8_grads[1]:
+                    grad_w = scaled_mm(
+                        g8.t(),
+                        x_saved,
+                        inverse_scale(sg),
+                        inverse_scale(sx),
+                        ctx.w_dtype,
+                        emulate=cfg.emulate,
+                    )  # (N, K)
+                else:
+                    grad_w = torch.mm(grad_out.to(ctx.out_dtype).t(), x_saved.to(ctx.out_dtype))
+                    grad_w = grad_w.to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None
+
+
+class Float8Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` whose matrix products use fp8 operands with per-tensor scales.
+
+    Parameters stay in their high-precision dtype (the optimizer never sees fp8); each
+    forward casts x and W to ``config.forward_format`` and each backward casts the output
+    gradient to ``config.backward_format``. The scaling state is six buffers saved in
+    ``state_dict``: ``{input,weight,grad_output}_amax_history`` (length ``history_len``
+    for delayed scaling, 1 for current) and ``{input,weight,grad_output}_scale``.
+
+    The state advances only in training mode (``module.training``): eval mode, with or
+    without ``torch.no_grad``, reads it and leaves it unchanged. Every forward in training
+    mode advances it, so activation recomputation advances it twice.
+
+    Output dtype: the autocast dtype when autocast is enabled for x's device (bf16 under
+    ``torch.autocast("cpu"|"cuda", torch.bfloat16)``, like ``nn.Linear``), otherwise x's
+    dtype. grad_input has x's dtype, grad_weight the weight's dtype. The bias is added in
+    the output dtype after the product.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        config: :class:`Float8Config` (default ``Float8Config()``).
+
+    Example:
+        >>> layer = Float8Linear(32, 16)
+        >>> layer(torch.randn(4, 32)).shape
+        torch.Size([4, 16])
+        >>> sorted(k for k in layer.state_dict() if k.endswith("_scale"))
+        ['grad_output_scale', 'input_scale', 'weight_scale']
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: Float8Config | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config if config is not None else Float8Config()
+        _ = (self.config.forward_dtype, self.config.backward_dtype)  # no fp8 dtype: fail now
+        n = self.config.state_len
+        for role in ROLES:
+            hist = torch.zeros(n, dtype=torch.float32, device=self.weight.device)
+            self.register_buffer(f"{role}_amax_history", hist)
+            self.register_buffer(f"{role}_scale", torch.ones((), device=self.weight.device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> Float8Linear:
+        """A Float8Linear sharing ``linear``'s weight and bias Parameters (same objects, so an
+        optimizer built before the swap keeps working).
+
+        Example:
+            >>> lin = nn.Linear(16, 16)
+            >>> Float8Linear.from_linear(lin).weight is lin.weight
+            True
+        """
+        with torch.device("meta"):
+            new = cls(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, config=config
+            )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        device = linear.weight.device
+        for role in ROLES:
+            for suffix in ("_amax_history", "_scale"):
+                name = role + suffix
+                setattr(new, name, torch.zeros_like(getattr(new, name), device=device))
+            getattr(new, f"{role}_scale").fill_(1.0)
+        new.train(linear.training)
+        return new
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            getattr(self, role + suffix) for role in ROLES for suffix in ("_amax_history", "_scale")
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            out_dtype = x.dtype
+        lead = x.shape[:-1]
+        with torch.autocast(device_type, enabled=False):
+            out = _Float8LinearFn.apply(
+                x.reshape(-1, self.in_features), self.weight, self._state(), self, out_dtype
+            )
+            if self.bias is not None:
+                out = out + self.bias.to(out_dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, scaling={c.scaling}, "
+            f"formats={c.forward_format}/{c.backward_format}"
+        )

@@ -1,0 +1,248 @@
+"""Per-tensor fp8 scaling: tensor -> amax -> scale -> fp8 tensor, and delayed scaling.
+
+The pipeline, as small named functions (hp = high precision, e.g. fp32/bf16)::
+
+    amax  = tensor_to_amax(x)                        # max |x|, fp32
+    scale = amax_to_scale(amax, fp8_dtype)           # fmt_max / amax, computed in float64
+    x_fp8 = hp_tensor_and_scale_to_float8(x, scale, fp8_dtype)   # saturate(fl32(x * scale))
+    x    ~= x_fp8.float() * inverse_scale(scale)     # what torch._scaled_mm multiplies by
+
+Conventions (the same as ``torchao.float8``): ``scale`` maps high precision to fp8
+(multiply before the cast); ``torch._scaled_mm`` takes the *inverse* scales
+(``scale_a``/``scale_b`` are dequantisation multipliers), as 0-dim float32 tensors.
+
+Everything is tensor ops: no ``.item()``, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "EPS",
+    "amax_to_scale",
+    "cast_to_float8",
+    "float8_max",
+    "hp_tensor_and_scale_to_float8",
+    "inverse_scale",
+    "reduce_history",
+    "tensor_to_amax",
+    "update_delayed_scale",
+]
+
+EPS = 1e-12
+"""Smallest amax a scale is computed from (avoids dividing by zero), as in torchao."""
+
+
+def float8_max(float8_dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2).
+
+    Example:
+        >>> float8_max(torch.float8_e4m3fn)
+        448.0
+    """
+    return float(torch.finfo(float8_dtype).max)
+
+
+def tensor_to_amax(x: torch.Tensor) -> torch.Tensor:
+    """amax = max |x| as a 0-dim float32 tensor (0 for an empty tensor; NaN/inf propagate).
+
+    Example:
+        >>> tensor_to_amax(torch.tensor([1.0, -3.0, 2.0]))
+        tensor(3.)
+    """
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().abs().amax().to(torch.float32)
+
+
+def amax_to_scale(
+    amax: torch.Tensor,
+    float8_dtype: torch.dtype,
+    *,
+    margin: int = 0,
+    power_of_two: bool = False,
+    previous_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """scale = fmt_max / max(amax, EPS) / 2**margin, as a 0-dim float32 tensor.
+
+    The division is done in float64: ``fmt_max / amax`` in float32 could round up, and
+    ``x * scale`` would then land above ``fmt_max`` for ``x == amax``; float64 keeps the
+    quotient exact to far below float32's rounding, leaving a single rounding to float32.
+    With ``power_of_two`` the scale is rounded *down* to ``2**floor(log2(scale))``, so
+    multiplying by it is exact and never overflows.
+
+    A zero or non-finite amax says nothing about the range, so the scale stays
+    ``previous_scale`` (1.0 when none is given).
+
+    Args:
+        amax: 0-dim tensor, max |x|.
+        float8_dtype: target fp8 dtype; fmt_max = ``torch.finfo(float8_dtype).max``.
+        margin: the scale is divided by 2**margin (headroom for growth).
+        power_of_two: round the scale down to a power of two.
+        previous_scale: kept when amax is zero or non-finite.
+
+    Returns:
+        0-dim float32 tensor on amax's device.
+
+    Example:
+        >>> amax_to_scale(torch.tensor(2.0), torch.float8_e4m3fn)
+        tensor(224.)
+        >>> amax_to_scale(torch.tensor(3.0), torch.float8_e4m3fn, power_of_two=True)
+        tensor(128.)
+        >>> amax_to_scale(torch.tensor(0.0), torch.float8_e4m3fn, previous_scale=torch.tensor(5.0))
+        tensor(5.)
+    """
+    amax64 = amax.detach().to(torch.float64)
+    scale = float8_max(float8_dtype) / torch.clamp(amax64, min=EPS) / 2.0**margin
+    if power_of_two:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    scale = scale.to(torch.float32)
+    if previous_scale is None:
+        previous_scale = torch.ones((), dtype=torch.float32, device=amax.device)
+    usable = torch.isfinite(amax64) & (amax64 > 0)
+    return torch.where(usable, scale, previous_scale.to(torch.float32))
+
+
+def hp_tensor_and_scale_to_float8(
+    x: torch.Tensor, scale: torch.Tensor, float8_dtype: torch.dtype
+) -> torch.Tensor:
+    """Saturating scaled cast: x_fp8 = fp8(clamp(fl32(x * scale), -fmt_max, fmt_max)).
+
+    The product is formed in float32 (x is upcast first), clamped so that values beyond
+    the format's range become ±fmt_max rather than inf/NaN, then rounded to nearest
+    (ties to even) by torch's cast. NaN stays NaN.
+
+    Example:
+        >>> hp_tensor_and_scale_to_float8(torch.tensor([1.0, 1000.0]), torch.tensor(1.0),
+        ...                               torch.float8_e4m3fn).float()
+        tensor([  1., 448.])
+    """
+    fmt_max = float8_max(float8_dtype)
+    scaled = x.detach().to(torch.float32) * scale.to(torch.float32)
+    return scaled.clamp(-fmt_max, fmt_max).to(float8_dtype)
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The dequantisation multiplier fl32(1 / scale), 0-dim float32 (``_scaled_mm``'s scale_a/b).
+
+    Example:
+        >>> inverse_scale(torch.tensor(4.0))
+        tensor(0.2500)
+    """
+    return torch.reciprocal(scale.to(torch.float32))
+
+
+def reduce_history(history: torch.Tensor, reduce: str) -> torch.Tensor:
+    """One amax from a history (newest first): ``max(history)`` or ``history[0]``.
+
+    Example:
+        >>> reduce_history(torch.tensor([1.0, 4.0, 2.0]), "max")
+        tensor(4.)
+    """
+    if reduce == "max":
+        return history.amax()
+    if reduce == "most_recent":
+        return history[0]
+    raise ValueError(f"history_reduce={reduce!r} is not one of 'max', 'most_recent'")
+
+
+def update_delayed_scale(
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    amax: torch.Tensor,
+    float8_dtype: torch.dtype,
+    *,
+    reduce: str = "max",
+    margin: int = 0,
+    power_of_two: bool = False,
+) -> None:
+    """Record this use's amax and compute the scale for the *next* use (in place).
+
+    Pseudocode (history is newest first, starts all zero; scale starts at 1.0)::
+
+        a = amax if isfinite(amax) else 0          # a non-finite amax is not recorded
+        history = [a] + history[:-1]               # roll by one, newest in front
+        r = max(history)        if reduce == "max"
+            history[0]          if reduce == "most_recent"
+        scale = amax_to_scale(r, margin, power_of_two, previous_scale=scale)
+                                                   # r == 0 keeps the previous scale
+
+    Args:
+        history: 1-D float32 buffer of past amaxes, updated in place.
+        scale: 0-dim float32 buffer, updated in place.
+        amax: this use's amax (0-dim).
+        float8_dtype: target fp8 dtype.
+        reduce: ``"max"`` or ``"most_recent"``.
+        margin: see :func:`amax_to_scale`.
+        power_of_two: see :func:`amax_to_scale`.
+
+    Example:
+        >>> h, s = torch.zeros(3), torch.ones(())
+        >>> update_delayed_scale(h, s, torch.tensor(2.0), torch.float8_e4m3fn)
+        >>> h, s
+        (tensor([2., 0., 0.]), tensor(224.))
+    """
+    a = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)).to(history.dtype)
+    history.copy_(torch.roll(history, 1))
+    history[0] = a
+    reduced = reduce_history(history, reduce)
+    new = amax_to_scale(
+        reduced, float8_dtype, margin=margin, power_of_two=power_of_two, previous_scale=scale
+    )
+    scale.copy_(new)
+
+
+def cast_to_float8(
+    x: torch.Tensor,
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    float8_dtype: torch.dtype,
+    *,
+    scaling: str,
+    reduce: str = "max",
+    margin: int = 0,
+    power_of_two: bool = False,
+    update: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast ``x`` to fp8 with current or delayed per-tensor scaling; returns (x_fp8, scale used).
+
+    Current scaling (``history`` has length 1 and holds the last amax)::
+
+        amax = max|x|
+        s = amax_to_scale(amax, previous_scale=scale)   # zero/non-finite amax: keep scale
+        if update: history[0] = amax if finite else 0; scale = s
+
+    Delayed scaling::
+
+        amax = max|x|
+        s = scale if any(history != 0)                   # from past amaxes
+            else amax_to_scale(amax, previous_scale=scale)   # first use: current scaling
+        if update: update_delayed_scale(history, scale, amax)   # see its pseudocode
+
+    In both cases ``x_fp8 = hp_tensor_and_scale_to_float8(x, s)``. With ``update=False``
+    (eval mode) the state is only read.
+
+    Example:
+        >>> h, s = torch.zeros(1), torch.ones(())
+        >>> x8, used = cast_to_float8(torch.tensor([0.5, -2.0]), h, s, torch.float8_e4m3fn,
+        ...                           scaling="current")
+        >>> used, x8.float()
+        (tensor(224.), tensor([ 112., -448.]))
+    """
+    kw = {"margin": margin, "power_of_two": power_of_two}
+    amax = tensor_to_amax(x)
+    current = amax_to_scale(amax, float8_dtype, previous_scale=scale, **kw)
+    if scaling == "current":
+        used = current
+        if update:
+            history[0] = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+            scale.copy_(current)
+    elif scaling == "delayed":
+        initialized = (history != 0).any()
+        used = torch.where(initialized, scale, current)
+        if update:
+            update_delayed_scale(history, scale, amax, float8_dtype, reduce=reduce, **kw)
+    else:
+        raise ValueError(f"scaling={scaling!r} is not one of 'current', 'delayed'")
+    return hp_tensor_and_scale_to_float8(x, used, float8_dtype), used
