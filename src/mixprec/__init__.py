@@ -5,6 +5,7 @@ numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 """
 
 from mixprec import float8
+from mixprec.precision import Precision, StepResult
 from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
 
 __version__ = "0.1.0"
@@ -15,6 +16,9 @@ __all__ = [
     "Recipe",
     "get_recipe",
     "recipe_names",
+    # training engine
+    "Precision",
+    "StepResult",
     # fp8 training (subpackage)
     "float8",
 ]

@@ -1,0 +1,463 @@
+"""``Precision``: train any model and optimizer in any recipe with four calls.
+
+>>> import torch, mixprec as mp
+>>> model = torch.nn.Linear(4, 2)
+>>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+>>> precision = mp.Precision("bf16-mixed")
+>>> model, opt = precision.setup(model, opt)
+>>> with precision.autocast():
+...     loss = model(torch.randn(8, 4)).square().mean()
+>>> precision.backward(loss)
+>>> bool(precision.step(opt))
+True
+
+What each call does, per recipe (see :mod:`mixprec.recipes`):
+
+* ``setup`` casts parameters to the recipe's param dtype (norm layers stay fp32), sets up
+  fp32 master weights (:class:`mixprec.master.MasterWeights`) or compensated bf16
+  updates (:class:`mixprec.master.CompensatedUpdate`), and swaps ``Linear`` for
+  ``Float8Linear`` for fp8 recipes.
+* ``autocast`` runs ``torch.autocast`` with the compute dtype when it differs from the
+  param dtype, and sets TF32 on CUDA per the recipe (restored on exit).
+* ``backward`` multiplies the loss by the loss scale and back-propagates.
+* ``step`` gathers fp32 grads, unscales them and checks for inf/NaN (one foreach kernel
+  per device and dtype), clips, steps or skips, copies masters back, zeroes the grads and
+  updates the scale once every optimizer has stepped.
+
+Host syncs: none in ``backward``; in ``step`` none when no loss scaling is active or the
+optimizer is fused (``fused=True`` Adam, AdamW, SGD: the skip decision is passed to its
+kernel as ``found_inf``); otherwise exactly one (reading ``found_inf``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
+from mixprec.recipes import Recipe, get_recipe
+
+__all__ = ["Precision", "StepResult"]
+
+
+class StepResult:
+    """What :meth:`Precision.step` returns: whether the optimizer stepped.
+
+    ``bool(result)`` is True when the step was taken, False when it was skipped because a
+    gradient was inf/NaN. On the sync-free path the answer is still on the device
+    (``result.found_inf``, a 0-dim fp32 tensor, 1.0 when skipped).
+
+    .. warning:: ``bool(result)`` then waits for the device (one host sync). Keep the
+        object and look at it later (or never) to keep the loop sync-free.
+
+    Example:
+        >>> bool(StepResult(True)), bool(StepResult(found_inf=torch.tensor(1.0)))
+        (True, False)
+    """
+
+    __slots__ = ("_known", "found_inf")
+
+    def __init__(self, stepped: bool | None = None, *, found_inf: torch.Tensor | None = None):
+        self._known = stepped
+        self.found_inf = found_inf
+
+    def __bool__(self) -> bool:
+        if self._known is None:
+            self._known = not bool(self.found_inf.item())  # host sync, by request
+        return self._known
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (bool, StepResult)):
+            return bool(self) == bool(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bool(self))
+
+    def __repr__(self) -> str:
+        if self._known is None:
+            return "StepResult(pending: bool() reads found_inf from the device)"
+        return f"StepResult({self._known})"
+
+
+class _NoAutocast(contextlib.ContextDecorator):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CudaContext(contextlib.ContextDecorator):
+    """torch.autocast (optional) plus the recipe's TF32 flags, restored on exit."""
+
+    def __init__(self, dtype: torch.dtype | None, allow_tf32: bool) -> None:
+        self.dtype = dtype
+        self.allow_tf32 = allow_tf32
+        self._saved: list = []
+
+    def __enter__(self):
+        self._saved.append(
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else None,
+            )
+        )
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        if self._saved[-1][2] is not None:
+            self._saved[-1][2].__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        matmul, cudnn, autocast = self._saved.pop()
+        if autocast is not None:
+            autocast.__exit__(*exc)
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+        return False
+
+
+class _OptimizerPlan:
+    """What ``step`` does for one optimizer, decided once in ``setup``."""
+
+    __slots__ = ("optimizer", "params", "masters", "compensated", "fused", "last_epoch")
+
+    def __init__(self, optimizer, masters, compensated) -> None:
+        self.optimizer = optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.masters: MasterWeights | None = masters
+        self.compensated: CompensatedUpdate | None = compensated
+        self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self.last_epoch = 0
+
+    def grads(self) -> list[torch.Tensor]:
+        if self.masters is not None:
+            return self.masters.grads()
+        return [p.grad for p in self.params if p.grad is not None]
+
+
+class _DisabledScaler:
+    """No-op scaler used only while mixprec.scaling is absent from the build."""
+
+    enabled = False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _make_scaler(recipe: Recipe):
+    try:
+        from mixprec.scaling import LossScaler
+    except ImportError:
+        if recipe.loss_scaling == "none":
+            return _DisabledScaler()
+        raise NotImplementedError(
+            f"recipe {recipe.name!r} needs loss scaling (mixprec.scaling), which is not "
+            "available in this build"
+        ) from None
+
+    if recipe.loss_scaling == "dynamic":
+        return LossScaler.from_preset(recipe.scaler_preset)
+    if recipe.loss_scaling == "static":
+        return LossScaler.static(recipe.static_scale)
+    return LossScaler.disabled()
+
+
+class Precision:
+    """Carry out a :class:`~mixprec.recipes.Recipe` on a model and its optimizers.
+
+    Args:
+        recipe_or_name: a :class:`Recipe`, a built-in name (``"bf16-mixed"``) or a
+            ``key=value`` string; unknown names raise ``ValueError`` listing the recipes.
+        scaler: a :class:`mixprec.scaling.LossScaler` to use instead of the recipe's.
+        seed: seed of the stochastic-rounding generator (recipes with
+            ``update="stochastic"``); by default ``torch.initial_seed()``.
+
+    Attributes:
+        recipe: the recipe. scaler: the loss scaler (a disabled one is a no-op).
+        last_grad_norm: total grad norm (0-dim tensor, before clipping) from the last
+            ``step`` that clipped, else None.
+
+    Example:
+        >>> p = Precision("fp16-mixed")
+        >>> p.recipe.compute_dtype
+        torch.float16
+    """
+
+    def __init__(self, recipe_or_name: str | Recipe, *, scaler=None, seed: int | None = None):
+        self.recipe = get_recipe(recipe_or_name)
+        self.scaler = scaler if scaler is not None else _make_scaler(self.recipe)
+        self._scaling = bool(getattr(self.scaler, "enabled", True))
+        self._seed = seed
+        self._plans: dict[int, _OptimizerPlan] = {}
+        self._epoch = 0  # number of backward() calls so far
+        self._stepped: set[int] = set()  # optimizers stepped in the current iteration
+        self._found_infs: list[torch.Tensor] = []
+        self._device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self._context_factory = self._build_context()
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # -- setup --------------------------------------------------------------------------
+    def setup(self, model: nn.Module, optimizer):
+        """Prepare ``model`` and ``optimizer`` (one or a list) for the recipe.
+
+        Both are changed in place and returned: parameters are cast, fp8 Linear layers
+        swapped in, and the optimizer's param_groups made to hold the tensors it should
+        step (fp32 masters for master-weight recipes). Keeps every hyperparameter.
+
+        Raises:
+            ValueError: if the model is already 16-bit and the recipe expects fp32
+                parameters (use fp16-master / bf16-master / bf16-true instead).
+            NotImplementedError: for fp8 recipes when :mod:`mixprec.float8` is absent.
+
+        Example:
+            >>> m = nn.Linear(4, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)
+            >>> m, o = Precision("bf16-master").setup(m, o)
+            >>> m.weight.dtype, o.param_groups[0]["params"][0].dtype
+            (torch.bfloat16, torch.float32)
+        """
+        optimizers = list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
+        recipe = self.recipe
+        self._check_model_dtype(model)
+        first = next(model.parameters(), None)
+        if first is not None:
+            self._device_type = first.device.type
+            self._context_factory = self._build_context()
+        if recipe.fp8 != "off":
+            self._convert_fp8(model)
+        if recipe.param_dtype != torch.float32:
+            cast_module_(model, recipe.param_dtype, keep_norms_fp32=recipe.keep_norms_fp32)
+        for opt in optimizers:
+            if id(opt) in self._plans:
+                raise RuntimeError("this optimizer was already set up by this Precision")
+            masters = compensated = None
+            if recipe.master_dtype is not None:
+                masters = MasterWeights(opt, accumulate_fp32=recipe.grad_dtype == torch.float32)
+            elif recipe.update != "plain":
+                seed = self._seed if self._seed is not None else torch.initial_seed()
+                compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
+            self._plans[id(opt)] = _OptimizerPlan(opt, masters, compensated)
+        return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
+
+    def _check_model_dtype(self, model: nn.Module) -> None:
+        if self.recipe.param_dtype != torch.float32:
+            return
+        low = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+        if low:
+            dtype = sorted(low, key=str)[0]
+            master = "fp16-master" if dtype == torch.float16 else "bf16-master' or 'bf16-true"
+            raise ValueError(
+                f"recipe {self.recipe.name!r} keeps fp32 parameters and autocasts the compute, "
+                f"but this model's parameters are already {dtype}: the optimizer would step "
+                f"16-bit weights and lose small updates. Use the master-weight recipe "
+                f"'{master}' (fp32 master copies of 16-bit parameters), or call model.float() "
+                f"before setup."
+            )
+
+    def _convert_fp8(self, model: nn.Module) -> None:
+        try:
+            from mixprec.float8 import Float8Config, convert_to_float8
+        except ImportError:
+            raise NotImplementedError(
+                f"recipe {self.recipe.name!r} needs fp8 Linear layers (mixprec.float8), which "
+                "are not available in this build; use 'bf16-mixed' instead"
+            ) from None
+        convert_to_float8(model, config=Float8Config(scaling=self.recipe.fp8))
+
+    # -- autocast -----------------------------------------------------------------------
+    def _build_context(self):
+        recipe = self.recipe
+        dtype = recipe.compute_dtype if recipe.uses_autocast else None
+        if self._device_type == "cuda":
+            return lambda: _CudaContext(dtype, recipe.allow_tf32)
+        if dtype is None:
+            return _NoAutocast
+        device_type = self._device_type
+        return lambda: torch.autocast(device_type, dtype=dtype)
+
+    def autocast(self):
+        """Context manager (and decorator) for the forward pass.
+
+        ``torch.autocast`` with the recipe's compute dtype on the model's device type when
+        it differs from the param dtype; nothing otherwise. On CUDA, TF32 matmuls and
+        convolutions are allowed or not per ``recipe.allow_tf32`` inside, restored on exit.
+
+        Example:
+            >>> p = Precision("bf16-mixed")
+            >>> with p.autocast():
+            ...     y = torch.ones(2, 2) @ torch.ones(2, 2)
+            >>> y.dtype
+            torch.bfloat16
+        """
+        return self._context_factory()
+
+    # -- backward / step ----------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """Back-propagate ``loss`` times the loss scale (kwargs go to ``Tensor.backward``).
+
+        Call it once per micro-batch (gradients accumulate) and once per loss.
+
+        Raises:
+            RuntimeError: if ``loss`` has more than one element.
+        """
+        if loss.numel() != 1:
+            raise RuntimeError(
+                f"backward() needs a scalar loss, got shape {tuple(loss.shape)}: reduce it "
+                "first, e.g. loss.mean() or loss.sum()"
+            )
+        if self._stepped:  # a new iteration starts before every optimizer stepped
+            self._finish_iteration()
+        self._epoch += 1
+        if self._scaling:
+            loss = self.scaler.scale_loss(loss)
+        loss.backward(**kwargs)
+
+    def step(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None):
+        """Unscale, check for inf/NaN, clip, step or skip, zero the grads.
+
+        Args:
+            optimizer: an optimizer passed to :meth:`setup`.
+            max_grad_norm: clip the total 2-norm of the (unscaled) gradients to this.
+
+        Returns:
+            :class:`StepResult`, truthy when the step was taken. On the sync-free path
+            (fused optimizer, or no loss scaling) reading it as a bool is a host sync.
+
+        Raises:
+            RuntimeError: if there was no ``backward`` since this optimizer's last step.
+        """
+        plan = self._plans.get(id(optimizer))
+        if plan is None:
+            raise RuntimeError(
+                "step() got an optimizer that setup() has not seen: call "
+                "model, optimizer = precision.setup(model, optimizer) first"
+            )
+        if plan.last_epoch == self._epoch:
+            if self._epoch == 0:
+                raise RuntimeError(
+                    "step() called before any backward(): call precision.backward(loss) "
+                    "first (loss.backward() alone skips the loss scale)"
+                )
+            raise RuntimeError(
+                "step() called twice for the same optimizer without backward() in between: "
+                "call precision.backward(loss) once per micro-batch, then step() once"
+            )
+        plan.last_epoch = self._epoch
+        opt = plan.optimizer
+        if plan.masters is not None:
+            plan.masters.gather_grads()
+        elif plan.compensated is not None:
+            plan.compensated.begin()
+        found_inf = None
+        if self._scaling or max_grad_norm is not None:
+            grads = plan.grads()
+            if self._scaling:
+                found_inf = self.scaler.unscale_(grads)
+            if max_grad_norm is not None:
+                self.last_grad_norm = _clip_(grads, max_grad_norm)
+        if found_inf is None:
+            opt.step()
+            result = StepResult(True)
+        elif plan.fused:
+            opt.grad_scale = None
+            opt.found_inf = found_inf
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+            result = StepResult(found_inf=found_inf)
+        else:
+            stepped = not bool(found_inf.item())  # the one host sync of this step
+            if stepped:
+                opt.step()
+            result = StepResult(stepped, found_inf=found_inf)
+        if plan.masters is not None:
+            plan.masters.copy_back()
+            plan.masters.zero_grad()
+        else:
+            if plan.compensated is not None:
+                plan.compensated.end()
+            opt.zero_grad(set_to_none=True)
+        if self._scaling:
+            self._found_infs.append(found_inf)
+        self._stepped.add(id(optimizer))
+        if len(self._stepped) == len(self._plans):
+            self._finish_iteration()
+        return result
+
+    def _finish_iteration(self) -> None:
+        if self._scaling and self._found_infs:
+            found = self._found_infs[0]
+            for other in self._found_infs[1:]:
+                found = found + other
+            self.scaler.update(found)
+        self._found_infs = []
+        self._stepped = set()
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Scaler, master weights, compensation buffers and RNG state, for a bit-exact resume.
+
+        Save it with the model's and the optimizers' state dicts; restore all three after
+        ``setup`` in a fresh process.
+        """
+        return {
+            "recipe": str(self.recipe),
+            "scaler": self.scaler.state_dict(),
+            "optimizers": [
+                {
+                    "masters": None if plan.masters is None else plan.masters.state_dict(),
+                    "compensated": None
+                    if plan.compensated is None
+                    else plan.compensated.state_dict(),
+                }
+                for plan in self._plans.values()
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (after :meth:`setup`, same optimizer order)."""
+        if state["recipe"] != str(self.recipe):
+            raise ValueError(
+                f"checkpoint was saved with recipe {state['recipe']!r}, this Precision runs "
+                f"{str(self.recipe)!r}"
+            )
+        if len(state["optimizers"]) != len(self._plans):
+            raise ValueError(
+                f"checkpoint has {len(state['optimizers'])} optimizers, setup() was given "
+                f"{len(self._plans)}"
+            )
+        self.scaler.load_state_dict(state["scaler"])
+        for plan, saved in zip(self._plans.values(), state["optimizers"], strict=True):
+            if plan.masters is not None:
+                plan.masters.load_state_dict(saved["masters"])
+            if plan.compensated is not None:
+                plan.compensated.load_state_dict(saved["compensated"])
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale ``grads`` in place so their total 2-norm is at most ``max_norm`` (no sync).
+
+    ``total = sqrt(sum_i ||g_i||^2)``, ``g_i *= min(1, max_norm / (total + 1e-6))``, as
+    ``torch.nn.utils.clip_grad_norm_``. Returns ``total`` (0-dim fp32 tensor).
+    """
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    device = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    by_dtype: dict = {}
+    for g in grads:
+        by_dtype.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, dtype), group in by_dtype.items():
+        torch._foreach_mul_(group, coef.to(dev, dtype))
+    return total
