@@ -7,6 +7,7 @@ numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 from mixprec import float8
 from mixprec.precision import Precision, StepResult
 from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
+from mixprec.scaling import LossScaler
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     # training engine
     "Precision",
     "StepResult",
+    # loss scaling
+    "LossScaler",
     # fp8 training (subpackage)
     "float8",
 ]

@@ -1,0 +1,22 @@
+"""Loss scaling: :class:`LossScaler` (none / static / dynamic, framework presets, sync-free)
+and :class:`GradScaler` (a drop-in for ``torch.amp.GradScaler`` built on it).
+
+Modules: ``rules`` (the scale state machine and presets, with each framework's rule as
+pseudocode), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records),
+``grad_scaler`` (GradScaler).
+"""
+
+from mixprec.scaling.loss_scaler import LossScaler
+from mixprec.scaling.rules import PRESETS, ScalerConfig, apply_rule_, preset_config
+from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, SkippedStep
+
+__all__ = [
+    "PRESETS",
+    "LossScaler",
+    "ScaleFloorError",
+    "ScalerConfig",
+    "ScalerTelemetry",
+    "SkippedStep",
+    "apply_rule_",
+    "preset_config",
+]

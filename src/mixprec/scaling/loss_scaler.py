@@ -1,0 +1,482 @@
+"""LossScaler: none / static / dynamic loss scaling behind one sync-free interface."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
+from mixprec.scaling.telemetry import NONE_INDEX, ScaleFloorError, ScalerTelemetry, StepLog
+
+__all__ = ["LossScaler"]
+
+_OVERRIDABLE = (
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "hysteresis",
+    "min_scale",
+    "max_scale",
+    "consecutive_hysteresis",
+)
+
+
+class LossScaler:
+    """Scales the loss, unscales and checks gradients, and moves the scale; never syncs.
+
+    One interface for no scaling (``enabled=False``: every method is a no-op), a static
+    scale (``dynamic=False``) and dynamic scaling following one of the framework rules in
+    :mod:`mixprec.scaling.rules` (``preset``: ``"torch"``, ``"apex"``, ``"deepspeed"``,
+    ``"megatron"``; each setting left as ``None`` takes the preset's value).
+
+    The hot path (:meth:`scale_loss`, :meth:`unscale_`, :meth:`check_`, :meth:`update`)
+    reads nothing back to the host: the inf/NaN check and unscaling run as
+    ``torch._amp_foreach_non_finite_check_and_unscale_`` per (device, dtype) group, and
+    the scale state machine runs as tensor ops.
+
+    Telemetry is recorded on the device and read out by :meth:`telemetry` (one sync).
+    With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records which
+    gradient was the first non-finite one. Cost: one extra read of every gradient per step
+    (a foreach max-abs, ``torch._foreach_norm(grads, inf)``, before unscaling; unscaling
+    itself reads and writes them once) and ~4 tiny kernels; ``locate_nonfinite=False``
+    removes it. The name is looked up only when read.
+
+    Floor check: when ``min_scale > 0`` and ``floor_patience`` consecutive steps overflow
+    with the scale already at ``min_scale``, :meth:`check` raises :class:`ScaleFloorError`
+    naming the first non-finite gradient. :meth:`update` calls :meth:`check` every
+    ``check_interval`` steps (one host read of a flag each time, so one sync per
+    ``check_interval`` steps; ``0`` turns the periodic check off), and :meth:`telemetry`
+    calls it too.
+
+    Args:
+        enabled: ``False`` makes every method a no-op (``unscale_`` returns zeros).
+        dynamic: adjust the scale; ``False`` keeps ``init_scale`` (static scaling).
+        init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+        min_scale, max_scale, consecutive_hysteresis: see
+            :class:`~mixprec.scaling.rules.ScalerConfig`; ``None`` = the preset's value.
+        preset: framework rule to follow.
+        device: device of the scale state; ``None`` = that of the first loss or grads.
+        locate_nonfinite: record the first non-finite gradient of each step.
+        floor_patience: consecutive overflowing steps at the floor before the error.
+        check_interval: steps between periodic floor checks (0 = only when asked).
+        history_len: steps kept in the scale/skip record (a ring buffer).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = LossScaler.from_preset("torch")
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> scaler.scale_loss(loss).backward()
+        >>> found_inf = scaler.unscale_([p.grad for p in model.parameters()])
+        >>> opt.step()  # or skip it: fused optimizers take found_inf themselves
+        >>> scaler.update(found_inf)
+        >>> scaler.get_scale()
+        65536.0
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        dynamic: bool = True,
+        init_scale: float | None = None,
+        growth_factor: float | None = None,
+        backoff_factor: float | None = None,
+        growth_interval: int | None = None,
+        hysteresis: int | None = None,
+        min_scale: float | None = None,
+        max_scale: float | None = None,
+        consecutive_hysteresis: bool | None = None,
+        preset: str = "torch",
+        device: torch.device | str | None = None,
+        locate_nonfinite: bool = True,
+        floor_patience: int = 10,
+        check_interval: int = 100,
+        history_len: int = 4096,
+    ) -> None:
+        given = dict(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            hysteresis=hysteresis,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            consecutive_hysteresis=consecutive_hysteresis,
+        )
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if not dynamic and "min_scale" not in overrides:
+            overrides["min_scale"] = 0.0  # a static scale has no floor
+        if not dynamic and "max_scale" not in overrides:
+            overrides["max_scale"] = math.inf
+        self.config: ScalerConfig = preset_config(preset, dynamic=dynamic, **overrides)
+        for name, value in (("floor_patience", floor_patience), ("history_len", history_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if isinstance(check_interval, bool) or not isinstance(check_interval, int):
+            raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
+        if check_interval < 0:
+            raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
+        self.enabled = bool(enabled)
+        self.locate_nonfinite = bool(locate_nonfinite)
+        self.floor_patience = floor_patience
+        self.check_interval = check_interval
+        self.history_len = history_len
+        self._device = torch.device(device) if device is not None else None
+        # State is created lazily on the device of the first loss / gradients.
+        self._scale: torch.Tensor | None = None
+        self._growth_tracker: torch.Tensor | None = None
+        self._hysteresis_tracker: torch.Tensor | None = None
+        self._floor_streak: torch.Tensor | None = None
+        self._floor_step: torch.Tensor | None = None
+        self._log: StepLog | None = None
+        self._init_state = (
+            self.config.init_scale,
+            self.config.growth_tracker_start,
+            self.config.hysteresis,
+        )
+        self._init_skipped = 0
+        self._steps = 0
+        self._pending: list[tuple[torch.Tensor, Sequence[str] | None, int]] = []
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> LossScaler:
+        """Dynamic scaling with framework ``name``'s rule and defaults.
+
+        Example:
+            >>> LossScaler.from_preset("megatron").get_scale() == 2.0**32
+            True
+        """
+        return cls(preset=name, **overrides)
+
+    @classmethod
+    def static(cls, scale: float, **kwargs) -> LossScaler:
+        """A fixed scale (gradients are still unscaled and checked for inf/NaN).
+
+        Example:
+            >>> LossScaler.static(128.0).get_scale()
+            128.0
+        """
+        return cls(dynamic=False, init_scale=scale, **kwargs)
+
+    @classmethod
+    def disabled(cls) -> LossScaler:
+        """A no-op scaler, so a loop need not branch on whether scaling is on.
+
+        Example:
+            >>> LossScaler.disabled().scale_loss(torch.tensor(2.0))
+            tensor(2.)
+        """
+        return cls(enabled=False)
+
+    # -- state ------------------------------------------------------------------------------
+    def _ensure_state(self, device: torch.device | None) -> torch.Tensor:
+        if self._scale is None:
+            dev = self._device or device or torch.device("cpu")
+            scale, growth, hyst = self._init_state
+            self._scale = torch.full((), scale, dtype=torch.float32, device=dev)
+            self._growth_tracker = torch.full((), growth, dtype=torch.int32, device=dev)
+            self._hysteresis_tracker = torch.full((), hyst, dtype=torch.int32, device=dev)
+            self._floor_streak = torch.zeros((), dtype=torch.int32, device=dev)
+            self._floor_step = torch.full((), -1, dtype=torch.int64, device=dev)
+            self._log = StepLog(self.history_len, dev)
+            self._log.skipped.fill_(self._init_skipped)
+        return self._scale
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current scale: an fp32 0-dim tensor on the scale's device (1.0 if disabled)."""
+        if not self.enabled:
+            return torch.ones((), dtype=torch.float32, device=self._device)
+        return self._ensure_state(None)
+
+    @property
+    def growth_tracker(self) -> torch.Tensor:
+        """Clean steps counted toward the next growth (int32 0-dim tensor)."""
+        self._ensure_state(None)
+        return self._growth_tracker
+
+    @property
+    def hysteresis_tracker(self) -> torch.Tensor:
+        """Overflows still tolerated before the scale backs off (int32 0-dim tensor)."""
+        self._ensure_state(None)
+        return self._hysteresis_tracker
+
+    def get_scale(self) -> float:
+        """The current scale as a float (1.0 if disabled).
+
+        .. warning:: Syncs with the device once the state exists; not for the hot path.
+        """
+        if not self.enabled:
+            return 1.0
+        return self._init_state[0] if self._scale is None else float(self._scale.item())
+
+    def set_scale(self, value: float | torch.Tensor) -> None:
+        """Overwrite the scale (trackers untouched); a tensor is copied, not read."""
+        scale = self._ensure_state(value.device if isinstance(value, torch.Tensor) else None)
+        if isinstance(value, torch.Tensor):
+            scale.copy_(value.detach().reshape(()))
+        else:
+            scale.fill_(float(value))
+
+    # -- hot path -------------------------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` (``loss`` itself when disabled)."""
+        if not self.enabled:
+            return loss
+        scale = self._ensure_state(loss.device)
+        return loss * scale.to(device=loss.device, non_blocking=True)
+
+    @torch.no_grad()
+    def unscale_(
+        self, grads: Sequence[torch.Tensor | None], names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Divide ``grads`` by the scale in place and check them for inf/NaN.
+
+        Args:
+            grads: gradient tensors (``None`` entries are skipped), any devices and dtypes.
+            names: names for ``grads`` (same length), used by telemetry and the floor
+                error; default ``grads[i]``.
+
+        Returns:
+            found_inf: fp32 0-dim tensor on the scale's device, non-zero if any gradient
+            held an inf or NaN. Pass it to :meth:`update` (and to a fused optimizer).
+        """
+        return self._check_and_unscale(grads, names, unscale=True)
+
+    @torch.no_grad()
+    def check_(
+        self, grads: Sequence[torch.Tensor | None], names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Check ``grads`` for inf/NaN without unscaling them (for fused optimizers, which
+        take ``grad_scale=scaler.scale`` and ``found_inf`` and unscale inside their kernel).
+        """
+        return self._check_and_unscale(grads, names, unscale=False)
+
+    def _check_and_unscale(self, grads, names, *, unscale: bool) -> torch.Tensor:
+        present = [(i, g) for i, g in enumerate(grads) if g is not None]
+        if not self.enabled:
+            device = present[0][1].device if present else self._device
+            return torch.zeros((), dtype=torch.float32, device=device)
+        scale = self._ensure_state(present[0][1].device if present else None)
+        if unscale:
+            # fp32 division can be inexact under some compile options: reciprocal in fp64.
+            inv_scale = scale.double().reciprocal().float()
+        else:
+            inv_scale = torch.ones((), dtype=torch.float32, device=scale.device)
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        per_device = {scale.device: (found_inf, inv_scale)}
+        first = None
+        tensors = [g for _, g in present]
+        grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
+        for (device, _), ((group,), indices) in grouped.items():
+            if device not in per_device:
+                per_device[device] = (
+                    torch.zeros((), dtype=torch.float32, device=device),
+                    inv_scale.to(device, non_blocking=True),
+                )
+            dev_found, dev_inv = per_device[device]
+            if self.locate_nonfinite:
+                first = self._first_nonfinite(group, indices, present, first, scale.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, dev_inv)
+        for device, (dev_found, _) in per_device.items():
+            if device != scale.device:
+                found_inf += dev_found.to(scale.device, non_blocking=True)
+        if self.locate_nonfinite:
+            if first is None:
+                first = torch.full((), NONE_INDEX, dtype=torch.int64, device=scale.device)
+            self._pending.append((first, names, len(grads)))
+        return found_inf
+
+    def _first_nonfinite(self, group, indices, present, first, scale_device) -> torch.Tensor:
+        # Per-tensor max |g| is non-finite iff the tensor holds an inf or NaN.
+        amax = torch.stack(torch._foreach_norm(group, math.inf))
+        original = tuple(present[k][0] for k in indices)
+        key = (amax.device, original)
+        positions = self._index_cache.get(key)
+        if positions is None:
+            positions = torch.tensor(original, dtype=torch.int64, device=amax.device)
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            self._index_cache[key] = positions
+        candidate = torch.where(torch.isfinite(amax), NONE_INDEX, positions).amin()
+        candidate = candidate.to(scale_device, non_blocking=True)
+        return candidate if first is None else torch.minimum(first, candidate)
+
+    @torch.no_grad()
+    def update(
+        self,
+        found_inf: torch.Tensor | float | bool,
+        *,
+        new_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        """Record the step and move the scale by the preset's rule, without a host sync.
+
+        Args:
+            found_inf: non-zero if the step's gradients overflowed (the sum of what
+                :meth:`unscale_` / :meth:`check_` returned this step).
+            new_scale: set this scale instead of applying the rule (trackers untouched).
+
+        Raises:
+            ScaleFloorError: on a periodic check (every ``check_interval`` steps) when the
+                scale sat at ``min_scale`` for ``floor_patience`` overflowing steps.
+        """
+        if not self.enabled:
+            self._pending.clear()
+            return
+        if isinstance(found_inf, torch.Tensor):
+            scale = self._ensure_state(found_inf.device)
+            found = found_inf.detach().reshape(()).to(scale.device, torch.float32, True)
+        else:
+            scale = self._ensure_state(None)
+            found = torch.full((), float(found_inf), dtype=torch.float32, device=scale.device)
+        overflow = found != 0
+        self._log.write(self._steps, scale, overflow, *self._take_pending(scale.device))
+        if self.config.min_scale > 0:
+            at_floor = overflow & (scale <= self.config.min_scale)
+            streak = torch.where(at_floor, self._floor_streak + 1, 0)
+            self._floor_streak.copy_(streak)
+            hit = (streak >= self.floor_patience) & (self._floor_step < 0)
+            self._floor_step.copy_(torch.where(hit, self._steps, self._floor_step))
+        if new_scale is not None:
+            self.set_scale(new_scale)
+        else:
+            apply_rule_(scale, self._growth_tracker, self._hysteresis_tracker, found, self.config)
+        self._steps += 1
+        if self.check_interval and self._steps % self.check_interval == 0:
+            self.check()
+
+    def _take_pending(self, device: torch.device):
+        pending, self._pending = self._pending, []
+        if not pending:
+            return torch.full((), NONE_INDEX, dtype=torch.int64, device=device), None
+        first, segments, offset = None, [], 0
+        for call, (candidate, names, count) in enumerate(pending):
+            shifted = candidate + offset if offset else candidate
+            first = shifted if first is None else torch.minimum(first, shifted)
+            segments.append((offset, names, call))
+            offset += count
+        return first, tuple(segments)
+
+    # -- floor check and telemetry -----------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of :meth:`update` calls (known on the host)."""
+        return self._steps
+
+    @property
+    def steps_skipped(self) -> torch.Tensor:
+        """Steps whose gradients overflowed (int64 0-dim tensor, no sync)."""
+        self._ensure_state(None)
+        return self._log.skipped.clone()
+
+    @property
+    def steps_taken(self) -> torch.Tensor:
+        """Steps whose optimizer update ran: ``steps - steps_skipped`` (tensor, no sync)."""
+        return self._steps - self.steps_skipped
+
+    def check(self) -> None:
+        """Raise :class:`ScaleFloorError` if the scale sat at its floor while
+        ``floor_patience`` consecutive steps overflowed. Reads one int (syncs).
+        """
+        if not self.enabled or self._scale is None or self.config.min_scale <= 0:
+            return
+        step = int(self._floor_step.item())
+        if step < 0:
+            return
+        self._floor_step.fill_(-1)  # report once; a caller that catches it may go on
+        name = self._log.name_at(step, self._steps)
+        where = f"the first non-finite gradient was {name!r}" if name else (
+            "the first non-finite gradient was not recorded (locate_nonfinite=False or "
+            "found_inf came from outside unscale_)"
+        )
+        raise ScaleFloorError(
+            f"loss scale is at its floor min_scale={self.config.min_scale:g} and "
+            f"{self.floor_patience} consecutive steps overflowed (through step {step}); {where}. "
+            "Lowering the scale cannot help: the gradients are inf/NaN at the smallest scale. "
+            "Look for an overflow in the forward pass (fp16 activations past 65504, log(0), "
+            "division by zero), lower the learning rate, or train in bf16."
+        )
+
+    def telemetry(self) -> ScalerTelemetry:
+        """Read the record to the host (syncs) after running the floor check.
+
+        Example:
+            >>> LossScaler().telemetry().steps
+            0
+        """
+        if not self.enabled:
+            return ScalerTelemetry(0, 0, 1.0, (), 0, ())
+        self._ensure_state(None)
+        self.check()
+        return self._log.read(self._steps, self.get_scale())
+
+    def first_nonfinite(self, step: int) -> str | None:
+        """Name of the first non-finite gradient of ``step`` (syncs), if recorded."""
+        if not self.enabled or self._log is None:
+            return None
+        return self._log.name_at(step, self._steps)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Settings, scale state and counters as plain Python values (syncs)."""
+        if not self.enabled:
+            return {"enabled": False}
+        if self._scale is None:
+            scale, growth, hyst = self._init_state
+            skipped = 0
+        else:
+            scale = float(self._scale.item())
+            growth = int(self._growth_tracker.item())
+            hyst = int(self._hysteresis_tracker.item())
+            skipped = int(self._log.skipped.item())
+        return {
+            "enabled": True,
+            "config": dataclasses.asdict(self.config),
+            "scale": scale,
+            "growth_tracker": growth,
+            "hysteresis_tracker": hyst,
+            "steps": self._steps,
+            "steps_skipped": skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (no-op when disabled)."""
+        if not self.enabled:
+            return
+        if not state.get("enabled", True):
+            raise RuntimeError(
+                "the state dict was saved from a disabled LossScaler; it holds no scale"
+            )
+        if "config" in state:
+            self.config = ScalerConfig(**state["config"])
+        self._init_state = (
+            float(state["scale"]),
+            int(state["growth_tracker"]),
+            int(state["hysteresis_tracker"]),
+        )
+        self._steps = int(state.get("steps", 0))
+        self._init_skipped = int(state.get("steps_skipped", 0))
+        if self._scale is not None:
+            self._scale.fill_(self._init_state[0])
+            self._growth_tracker.fill_(self._init_state[1])
+            self._hysteresis_tracker.fill_(self._init_state[2])
+            self._log.skipped.fill_(self._init_skipped)
+
+    def __repr__(self) -> str:
+        if not self.enabled:
+            return "LossScaler(enabled=False)"
+        c = self.config
+        kind = "dynamic" if c.dynamic else "static"
+        return (
+            f"LossScaler({kind}, preset={c.preset!r}, init_scale={c.init_scale:g}, "
+            f"growth_interval={c.growth_interval}, hysteresis={c.hysteresis}, "
+            f"min_scale={c.min_scale:g}, max_scale={c.max_scale:g})"
+        )
