@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mixprec import distributed
 from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
 from mixprec.recipes import Recipe, get_recipe
 
@@ -180,6 +181,8 @@ class Precision:
         scaler: a :class:`mixprec.scaling.LossScaler` to use instead of the recipe's.
         seed: seed of the stochastic-rounding generator (recipes with
             ``update="stochastic"``); by default ``torch.initial_seed()``.
+        grad_comm_dtype: dtype DDP / FSDP2 communicate gradients in (fp32, bf16, fp16);
+            ``None``: the gradients' own dtype (see :mod:`mixprec.distributed`).
 
     Attributes:
         recipe: the recipe. scaler: the loss scaler (a disabled one is a no-op).
@@ -192,8 +195,17 @@ class Precision:
         torch.float16
     """
 
-    def __init__(self, recipe_or_name: str | Recipe, *, scaler=None, seed: int | None = None):
+    def __init__(
+        self,
+        recipe_or_name: str | Recipe,
+        *,
+        scaler=None,
+        seed: int | None = None,
+        grad_comm_dtype: torch.dtype | None = None,
+    ):
         self.recipe = get_recipe(recipe_or_name)
+        self._grad_comm_dtype = grad_comm_dtype  # mixprec.distributed
+        self._dist: distributed.DistributedSetup | None = None
         self.scaler = scaler if scaler is not None else _make_scaler(self.recipe)
         self._scaling = bool(getattr(self.scaler, "enabled", True))
         self._seed = seed
@@ -225,7 +237,12 @@ class Precision:
             (torch.bfloat16, torch.float32)
         """
         optimizers = list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
-        recipe = self.recipe
+        # distributed (DDP / FSDP2): check the combination, work on the wrapped module, and
+        # under FSDP2 leave casting to its MixedPrecisionPolicy (mixprec.distributed.plan)
+        self._dist = distributed.begin_setup(
+            model, self.recipe, grad_comm_dtype=self._grad_comm_dtype
+        )
+        wrapped, model, recipe = model, self._dist.module, self._dist.recipe
         self._check_model_dtype(model)
         first = next(model.parameters(), None)
         if first is not None:
@@ -245,6 +262,7 @@ class Precision:
                 seed = self._seed if self._seed is not None else torch.initial_seed()
                 compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
             self._plans[id(opt)] = _OptimizerPlan(opt, masters, compensated)
+        model = distributed.finish_setup(self._dist, model, wrapped)  # DDP: re-wrap if cast
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
 
     def _check_model_dtype(self, model: nn.Module) -> None:
@@ -359,10 +377,11 @@ class Precision:
         found_inf = None
         if self._scaling or max_grad_norm is not None:
             grads = plan.grads()
-            if self._scaling:
-                found_inf = self.scaler.unscale_(grads)
-            if max_grad_norm is not None:
-                self.last_grad_norm = _clip_(grads, max_grad_norm)
+            if self._scaling:  # distributed: unscale local shards, then MAX over ranks
+                found_inf = self.scaler.unscale_(self._dist.local(grads))
+                found_inf = self._dist.reduce_found_inf(found_inf)
+            if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
+                self.last_grad_norm = self._dist.clip_(grads, max_grad_norm, _clip_)
         if found_inf is None:
             opt.step()
             result = StepResult(True)

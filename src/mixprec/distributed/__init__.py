@@ -1,0 +1,69 @@
+"""Data-parallel training under every recipe: DDP and FSDP2, launched with ``torchrun``.
+
+mixprec runs on PyTorch's own engine and adds what precision needs there:
+
+* :func:`~mixprec.distributed.plan.begin_setup` / ``finish_setup``: the hooks
+  ``Precision.setup`` calls for a ``DistributedDataParallel`` or ``fully_shard``-ed model
+  (which recipe/strategy combinations hold is tabled in :mod:`mixprec.distributed.plan`).
+* :func:`grad_comm_hook`: DDP gradient all-reduce in fp32, bf16 or fp16.
+* :func:`fsdp_policy`, :func:`shard_model`: a recipe as FSDP2's ``MixedPrecisionPolicy``.
+* :func:`reduce_found_inf`: the rank-consistent inf/NaN verdict (``all_reduce`` MAX) that
+  ``Precision.step`` takes before stepping or skipping, so every rank keeps the same scale.
+* :func:`save_checkpoint`, :func:`load_checkpoint`: per-rank files, bit-exact resume.
+
+Example (run with ``torchrun --nproc-per-node 2 train.py``)::
+
+    torch.distributed.init_process_group("gloo")        # "nccl" on GPUs
+    model = DistributedDataParallel(model)              # or shard_model(model, "bf16-master")
+    precision = mp.Precision("bf16-mixed", grad_comm_dtype=torch.bfloat16)
+    model, opt = precision.setup(model, opt)            # use the returned model
+"""
+
+from mixprec.distributed.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mixprec.distributed.core import (
+    Strategy,
+    global_grad_norm,
+    is_sharded,
+    local_tensor,
+    reduce_found_inf,
+    require_process_group,
+    strategy_of,
+    world_size,
+)
+from mixprec.distributed.ddp import COMM_DTYPES, grad_comm_hook, register_grad_comm_hook, rewrap_ddp
+from mixprec.distributed.fsdp import fsdp_policies, fsdp_policy, shard_model
+from mixprec.distributed.plan import (
+    DistributedSetup,
+    begin_setup,
+    check_fsdp_model,
+    check_recipe,
+    finish_setup,
+    local_recipe,
+)
+
+__all__ = [
+    "COMM_DTYPES",
+    "DistributedSetup",
+    "Strategy",
+    "begin_setup",
+    "check_fsdp_model",
+    "check_recipe",
+    "checkpoint_path",
+    "finish_setup",
+    "fsdp_policies",
+    "fsdp_policy",
+    "global_grad_norm",
+    "grad_comm_hook",
+    "is_sharded",
+    "load_checkpoint",
+    "local_recipe",
+    "local_tensor",
+    "reduce_found_inf",
+    "register_grad_comm_hook",
+    "require_process_group",
+    "rewrap_ddp",
+    "save_checkpoint",
+    "shard_model",
+    "strategy_of",
+    "world_size",
+]

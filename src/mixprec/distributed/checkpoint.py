@@ -1,0 +1,123 @@
+"""Per-rank checkpoints that resume bit-exactly on the same number of ranks.
+
+Each rank writes one file, ``rank-{rank:05d}-of-{world:05d}.pt``, holding exactly what it
+needs to continue: the model's state dict (under FSDP2 its DTensor shards), the optimizer's
+(with its sharded states), ``Precision.state_dict()`` (loss scaler, master weights) and the
+rank's RNG states. Tensors are saved as they are, bit for bit, and loaded with
+``weights_only=True``. Resharding onto a different number of ranks is not supported: use
+``torch.distributed.checkpoint`` for that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixprec.distributed.core import world_size
+
+__all__ = ["checkpoint_path", "load_checkpoint", "save_checkpoint"]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def checkpoint_path(
+    directory: str | os.PathLike, rank: int | None = None, world: int | None = None
+) -> Path:
+    """The file of ``rank`` (default: this rank) in a checkpoint directory.
+
+    Example:
+        >>> checkpoint_path("ckpt", 1, 2).name
+        'rank-00001-of-00002.pt'
+    """
+    rank = _rank() if rank is None else rank
+    world = world_size() if world is None else world
+    return Path(directory) / f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision=None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write this rank's part of a checkpoint (every rank calls it); returns the file.
+
+    Args:
+        directory: created if missing; shared or local to each node.
+        model: the model ``Precision.setup`` returned (DDP, FSDP2 or plain).
+        optimizer: the optimizer ``Precision.setup`` returned.
+        precision: the :class:`~mixprec.Precision` (scaler and master state), or ``None``.
+        extra: plain data to keep alongside (step counter, data position).
+
+    Example:
+        >>> save_checkpoint("ckpt", model=model, optimizer=opt, precision=p)  # doctest: +SKIP
+    """
+    path = checkpoint_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "world_size": world_size(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "precision": precision.state_dict() if precision is not None else None,
+        "rng": {"torch": torch.get_rng_state()},
+        "extra": extra or {},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
+    if world_size() > 1:
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision=None,
+) -> dict[str, Any]:
+    """Restore this rank's part of a checkpoint in place; returns its ``extra`` dict.
+
+    Call after ``Precision.setup`` with the same recipe, strategy and number of ranks.
+
+    Raises:
+        FileNotFoundError: no file for this rank (names the path).
+        ValueError: the checkpoint was written by a different number of ranks.
+
+    Example:
+        >>> load_checkpoint("ckpt", model=model, optimizer=opt, precision=p)  # doctest: +SKIP
+    """
+    path = checkpoint_path(directory)
+    if not path.exists():
+        others = sorted(p.name for p in Path(directory).glob("rank-*-of-*.pt"))
+        raise FileNotFoundError(
+            f"no checkpoint file {path} for rank {_rank()} of {world_size()}"
+            + (f"; the directory holds {others[:4]}" if others else "")
+            + " (resuming needs the same number of ranks that wrote it)"
+        )
+    state = torch.load(path, weights_only=True)  # tensors return to the devices they left
+    if state["world_size"] != world_size():
+        raise ValueError(
+            f"checkpoint {directory} was written by {state['world_size']} ranks, this run has "
+            f"{world_size()}; resume on {state['world_size']} ranks"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if precision is not None and state["precision"] is not None:
+        precision.load_state_dict(state["precision"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["extra"]
