@@ -8,8 +8,9 @@ For ``y = x·Wᵀ + b`` with x of shape (M, K) and W of shape (N, K)::
 
 Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`);
 each product is ``(a_fp8 · b_fp8) * inv_scale_a * inv_scale_b``, accumulated in float32.
-It runs through ``torch._scaled_mm`` where it accepts the operands, and otherwise through
-an emulation that computes the same quantity: the fp8 values upcast to float32 (exact),
+It runs through ``torch._scaled_mm`` (``Float8Config.backend``; where it refuses the
+operands, e.g. e5m2 x e5m2 or dimensions not multiples of 16 on CUDA) or through an
+emulation that computes the same quantity: the fp8 values upcast to float32 (exact),
 a float32 matmul, then the product of the inverse scales. The two differ only by float32
 accumulation order.
 """
@@ -84,6 +85,7 @@ class _Float8LinearFn(torch.autograd.Function):
         cfg: Float8Config = module.config
         update = module.training
         fwd8 = cfg.forward_dtype
+        emulate = ctx.emulate = not cfg.use_scaled_mm(x.device)
         kw = {
             "scaling": cfg.scaling,
             "reduce": cfg.history_reduce,
@@ -95,7 +97,7 @@ class _Float8LinearFn(torch.autograd.Function):
         w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
         if "output" in cfg.gemms:
             out = scaled_mm(
-                x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=cfg.emulate
+                x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=emulate
             )  # (M, N)
         else:
             out = torch.mm(x.to(out_dtype), weight.to(out_dtype).t())
@@ -128,7 +130,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sg),
                         inverse_scale(sw),
                         ctx.x_dtype,
-                        emulate=cfg.emulate,
+                        emulate=ctx.emulate,
                     )  # (M, K)
                 else:
                     grad_x = torch.mm(grad_out.to(ctx.out_dtype), w_saved.to(ctx.out_dtype))
@@ -141,7 +143,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sg),
                         inverse_scale(sx),
                         ctx.w_dtype,
-                        emulate=cfg.emulate,
+                        emulate=ctx.emulate,
                     )  # (N, K)
                 else:
                     grad_w = torch.mm(grad_out.to(ctx.out_dtype).t(), x_saved.to(ctx.out_dtype))

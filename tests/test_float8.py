@@ -1,0 +1,342 @@
+"""Tests of mixprec.float8 against independent float64 references."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+from mixprec.float8 import (
+    Float8Config,
+    Float8Linear,
+    amax_to_scale,
+    convert_to_float8,
+    hp_tensor_and_scale_to_float8,
+    update_delayed_scale,
+)
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FORMAT_NAME = {E4M3: "fp8_e4m3fn", E5M2: "fp8_e5m2"}
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+# -- independent reference -------------------------------------------------------------------
+def ref_quantize(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values of fl32(values) rounded to the fp8 format with saturation, as float64.
+
+    Uses ``mixprec.quantize`` when the formats module provides it, torch's cast otherwise.
+    """
+    v = values.to(torch.float32)
+    if hasattr(mixprec, "quantize"):
+        q = mixprec.quantize(v, FORMAT_NAME[dtype], overflow="saturate")
+    else:
+        fmax = torch.finfo(dtype).max
+        q = v.clamp(-fmax, fmax).to(dtype).to(torch.float32)
+    return q.to(torch.float64)
+
+
+def ref_scale(amax: float, dtype: torch.dtype) -> float:
+    """fl32(fmt_max / amax): the documented scale, in Python (float64) arithmetic."""
+    return float(np.float32(torch.finfo(dtype).max / amax))
+
+
+def ref_inv(scale: float) -> float:
+    return float(np.float32(1.0) / np.float32(scale))
+
+
+def ref_gemm(a, sa, da, b, sb, db):
+    """(Q(a*sa) @ Q(b*sb)) / (sa*sb) in float64, plus its float32 accumulation error bound."""
+    qa = ref_quantize(a.double() * sa, da)
+    qb = ref_quantize(b.double() * sb, db)
+    mult = ref_inv(sa) * ref_inv(sb)
+    k = a.shape[1]
+    exact = qa @ qb * mult
+    bound = (qa.abs() @ qb.abs()) * mult * (k * U32) + exact.abs() * 4 * U32
+    return exact, bound
+
+
+def assert_close_to(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, out_dtype):
+    if out_dtype == torch.bfloat16:  # plus one rounding of the result to bf16
+        bound = bound + ref.abs() * 2.0**-8
+    err = (out.double() - ref).abs()
+    assert out.dtype == out_dtype
+    assert bool((err <= bound + 1e-30).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.fixture
+def count_scaled_mm(monkeypatch):
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    return calls
+
+
+# -- scaling functions -------------------------------------------------------------------
+def test_amax_to_scale_rules():
+    s = amax_to_scale(torch.tensor(3.0), E4M3)
+    assert s.dtype == torch.float32 and s.item() == ref_scale(3.0, E4M3)
+    assert amax_to_scale(torch.tensor(3.0), E4M3, margin=2).item() == np.float32(448 / 3 / 4)
+    assert amax_to_scale(torch.tensor(3.0), E4M3, power_of_two=True).item() == 128.0
+    prev = torch.tensor(7.0)
+    for bad in (0.0, math.inf, math.nan):
+        assert amax_to_scale(torch.tensor(bad), E4M3, previous_scale=prev).item() == 7.0
+    # amax clamped away from zero: finite scale for a subnormal-sized amax
+    assert amax_to_scale(torch.tensor(1e-30), E5M2).item() == np.float32(57344 / 1e-12)
+
+
+def test_saturating_cast_matches_torch_and_keeps_nan():
+    x = torch.tensor([0.1, -5.0, 1e9, -1e9, math.nan])
+    out = hp_tensor_and_scale_to_float8(x, torch.tensor(100.0), E4M3).float()
+    expected = (x * 100).clamp(-448, 448).to(E4M3).float()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    assert out[2].item() == 448.0 and out[3].item() == -448.0
+
+
+@pytest.mark.parametrize("reduce", ["max", "most_recent"])
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_delayed_scale_sequence_follows_pseudocode(reduce, power_of_two):
+    amaxes = [2.0, 0.5, 0.0, 8.0, math.inf, 0.25, 0.25, 0.25, 0.25, math.nan, 3.0]
+    hist, scale = torch.zeros(4), torch.ones(())
+    # independent re-computation of the docstring's pseudocode in Python floats
+    r_hist, r_scale = [0.0] * 4, 1.0
+    for amax in amaxes:
+        update_delayed_scale(
+            hist, scale, torch.tensor(amax), E4M3, reduce=reduce, power_of_two=power_of_two
+        )
+        a = amax if math.isfinite(amax) else 0.0
+        r_hist = [a, *r_hist[:-1]]
+        r = max(r_hist) if reduce == "max" else r_hist[0]
+        if r > 0:
+            s = 448.0 / r
+            r_scale = float(np.float32(2.0 ** math.floor(math.log2(s)) if power_of_two else s))
+        assert hist.tolist() == r_hist
+        assert scale.item() == r_scale
+
+
+@pytest.mark.parametrize("reduce", ["max", "most_recent"])
+def test_delayed_linear_input_scale_sequence(reduce):
+    cfg = Float8Config(scaling="delayed", history_len=3, history_reduce=reduce)
+    layer = Float8Linear(16, 16, bias=False, config=cfg)
+    amaxes = [1.0, 4.0, 0.5, 0.5, 0.5, 2.0]
+    r_hist, r_scale = [0.0] * 3, 1.0
+    for amax in amaxes:
+        x = torch.rand(4, 16) * 0.5 * amax
+        x[0, 0] = amax
+        used_expected = r_scale if any(r_hist) else ref_scale(amax, E4M3)
+        out = layer(x)
+        # the output shows which scale was used: reference with the expected scale
+        w_scale = ref_scale(layer.weight.abs().max().item(), E4M3)
+        ref, bound = ref_gemm(x, used_expected, E4M3, layer.weight.detach().t(), w_scale, E4M3)
+        assert_close_to(out, ref, bound, torch.float32)
+        r_hist = [amax, *r_hist[:-1]]
+        r_scale = ref_scale(max(r_hist) if reduce == "max" else r_hist[0], E4M3)
+        assert layer.input_amax_history.tolist() == r_hist
+        assert layer.input_scale.item() == r_scale
+
+
+# -- the three GEMMs against the float64 reference ---------------------------------------
+def _run_step(layer, x, g, autocast):
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    out.backward(g.to(out.dtype))
+    return out.detach(), x.grad, layer.weight.grad
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+@pytest.mark.parametrize("backend", ["scaled_mm", "emulate"])
+def test_gemms_match_float64_reference(backend, scaling, autocast, count_scaled_mm):
+    M, K, N = 48, 96, 64  # noqa: N806
+    cfg = Float8Config(scaling=scaling, backend=backend)
+    layer = Float8Linear(K, N, bias=False, config=cfg)
+    w = layer.weight.detach()
+    x1, g1 = torch.randn(M, K), torch.randn(M, N) * 1e-3
+    x2, g2 = torch.randn(M, K) * 3, torch.randn(M, N) * 2e-3  # larger: delayed saturates
+    _run_step(layer, x1, g1, autocast)
+    layer.weight.grad = None
+    count_scaled_mm.clear()
+    out, gx, gw = _run_step(layer, x2, g2, autocast)
+    assert len(count_scaled_mm) == (3 if backend == "scaled_mm" else 0)
+    g2_used = g2.to(torch.bfloat16).float() if autocast else g2
+    g1_used = g1.to(torch.bfloat16).float() if autocast else g1
+    src_x, src_g = (x1, g1_used) if scaling == "delayed" else (x2, g2_used)
+    sx = ref_scale(src_x.abs().max().item(), E4M3)
+    sw = ref_scale(w.abs().max().item(), E4M3)
+    sg = ref_scale(src_g.abs().max().item(), E5M2)
+    out_dtype = torch.bfloat16 if autocast else torch.float32
+    ref, bound = ref_gemm(x2, sx, E4M3, w.t(), sw, E4M3)
+    assert_close_to(out, ref, bound, out_dtype)
+    ref, bound = ref_gemm(g2_used, sg, E5M2, w, sw, E4M3)
+    assert_close_to(gx, ref, bound, torch.float32)
+    ref, bound = ref_gemm(g2_used.t(), sg, E5M2, x2, sx, E4M3)
+    assert_close_to(gw, ref, bound, torch.float32)
+
+
+def test_sqnr_against_fp32_linear():
+    # The emulation backend: the same numbers as _scaled_mm (checked above), and CPU
+    # _scaled_mm is a reference kernel too slow for this size.
+    M, K, N = 256, 1024, 1024  # noqa: N806
+    ref_layer = nn.Linear(K, N)
+    layer = Float8Linear.from_linear(copy.deepcopy(ref_layer), Float8Config(backend="emulate"))
+    x = torch.randn(M, K)
+    with torch.no_grad():
+        ref = ref_layer(x).double()
+        out = layer(x).double()
+    sqnr = 10 * math.log10(ref.pow(2).sum().item() / (ref - out).pow(2).sum().item())
+    assert sqnr >= 25.0, sqnr
+
+
+# -- module behaviour ----------------------------------------------------------------------
+def test_bias_3d_input_and_grads_flow():
+    layer = Float8Linear(32, 16)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 5, 16)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(layer.bias.grad, torch.full((16,), 10.0))
+    assert layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_eval_and_no_grad_leave_state_unchanged(scaling):
+    layer = Float8Linear(32, 32, config=Float8Config(scaling=scaling))
+    layer(torch.randn(4, 32)).sum().backward()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    with torch.no_grad():
+        out = layer(torch.randn(4, 32) * 100)
+    assert out.shape == (4, 32) and not out.requires_grad
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer.train()
+    with torch.no_grad():
+        layer(torch.randn(4, 32) * 100)  # training mode: the forward advances the state
+    assert not torch.equal(layer.input_amax_history, before["input_amax_history"])
+
+
+def test_state_dict_round_trip_is_exact():
+    cfg = Float8Config(scaling="delayed", history_len=5)
+    layer = Float8Linear(32, 48, config=cfg)
+    for i in range(3):
+        layer(torch.randn(8, 32) * (i + 1)).pow(2).sum().backward()
+    state = layer.state_dict()
+    assert {
+        f"{r}_{s}" for r in ("input", "weight", "grad_output") for s in ("amax_history", "scale")
+    } <= set(state)
+    fresh = Float8Linear(32, 48, config=cfg)
+    fresh.load_state_dict(state)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = torch.randn(8, 32)
+    assert torch.equal(fresh(x), layer(x))
+
+
+# -- conversion ------------------------------------------------------------------------------
+def test_convert_report_and_shared_parameters():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Linear(10, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight = model[0].weight
+    report = convert_to_float8(model, config=Float8Config(scaling="delayed"))
+    assert report.converted == ("0",)
+    reasons = {d.name: d.reason for d in report.skipped}
+    assert reasons == {
+        "2": "out_features=10 not a multiple of 16",
+        "3": "in_features=10 not a multiple of 16",
+    }
+    assert isinstance(model[0], Float8Linear) and model[0].weight is weight
+    assert model[0].config.scaling == "delayed"
+    assert type(model[2]) is nn.Linear
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()  # the optimizer built before the swap still updates the layer
+    assert "0" in str(report) and "not a multiple of 16" in str(report)
+
+
+def test_convert_filter_and_force():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    report = convert_to_float8(model, module_filter_fn=lambda mod, name: name != "1", force=())
+    assert report.converted == ("0",)
+    assert report.skipped[0].reason == "excluded by module_filter_fn"
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    report = convert_to_float8(model, module_filter_fn=lambda mod, name: False, force=["1"])
+    assert report.converted == ("1",)
+
+
+def test_force_on_bad_shape_names_layer_and_shape():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 10))
+    with pytest.raises(ValueError, match=r"'1'.*out_features=10, in_features=16"):
+        convert_to_float8(model, force=["1"])
+    assert type(model[0]) is nn.Linear  # nothing swapped before the error
+    with pytest.raises(ValueError, match="'nope', which is not an nn.Linear"):
+        convert_to_float8(model, force=["nope"])
+
+
+def test_no_eligible_linear_warns_and_leaves_model():
+    model = nn.Sequential(nn.Linear(10, 3), nn.Tanh())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="no eligible nn.Linear.*in_features=10"):
+        report = convert_to_float8(model)
+    assert report.converted == () and type(model[0]) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="has no nn.Linear"):
+        convert_to_float8(nn.Sequential(nn.ReLU()))
+
+
+def test_torch_without_float8_fails_at_conversion(monkeypatch):
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(RuntimeError, match="no torch.float8_e4m3fn dtype"):
+        convert_to_float8(model)
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scaling": "off"}, "scaling='off' is not one of"),
+        ({"forward_format": "fp16"}, "forward_format='fp16' is not one of"),
+        ({"history_len": 0}, "history_len=0"),
+        ({"history_reduce": "mean"}, "history_reduce='mean' is not one of"),
+        ({"margin": -1}, "margin=-1"),
+        ({"gemms": ("output", "wgrad")}, "'wgrad', not one of"),
+        ({"backend": "cuda"}, "backend='cuda' is not one of"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Float8Config(**kwargs)
+
+
+def test_config_accepts_recipe_scaling():
+    for name in ("fp8-mixed",):
+        recipe = mixprec.get_recipe(name)
+        assert Float8Config(scaling=recipe.fp8).scaling == recipe.fp8
+
+
+@pytest.mark.parametrize("gemm", ["output", "grad_input", "grad_weight"])
+def test_gemm_left_in_high_precision_is_exact(gemm):
+    gemms = tuple(g for g in ("output", "grad_input", "grad_weight") if g != gemm)
+    layer = Float8Linear(32, 16, bias=False, config=Float8Config(gemms=gemms))
+    x = torch.randn(8, 32, requires_grad=True)
+    g = torch.randn(8, 16)
+    out = layer(x)
+    out.backward(g)
+    w = layer.weight.detach()
+    exact = {
+        "output": (out, x.detach() @ w.t()),
+        "grad_input": (x.grad, g @ w),
+        "grad_weight": (layer.weight.grad, g.t() @ x.detach()),
+    }
+    for name, (got, hp) in exact.items():
+        assert torch.allclose(got, hp, rtol=1e-5, atol=1e-6) == (name == gemm), name
