@@ -7,7 +7,7 @@ numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 from mixprec import float8
 from mixprec.precision import Precision, StepResult
 from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
-from mixprec.scaling import LossScaler
+from mixprec.scaling import GradScaler, LossScaler
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "Precision",
     "StepResult",
     # loss scaling
+    "GradScaler",
     "LossScaler",
     # fp8 training (subpackage)
     "float8",

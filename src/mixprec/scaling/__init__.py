@@ -6,12 +6,14 @@ pseudocode), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records)
 ``grad_scaler`` (GradScaler).
 """
 
+from mixprec.scaling.grad_scaler import GradScaler
 from mixprec.scaling.loss_scaler import LossScaler
 from mixprec.scaling.rules import PRESETS, ScalerConfig, apply_rule_, preset_config
 from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, SkippedStep
 
 __all__ = [
     "PRESETS",
+    "GradScaler",
     "LossScaler",
     "ScaleFloorError",
     "ScalerConfig",

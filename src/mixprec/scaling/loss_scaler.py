@@ -393,9 +393,13 @@ class LossScaler:
             return
         self._floor_step.fill_(-1)  # report once; a caller that catches it may go on
         name = self._log.name_at(step, self._steps)
-        where = f"the first non-finite gradient was {name!r}" if name else (
-            "the first non-finite gradient was not recorded (locate_nonfinite=False or "
-            "found_inf came from outside unscale_)"
+        where = (
+            f"the first non-finite gradient was {name!r}"
+            if name
+            else (
+                "the first non-finite gradient was not recorded (locate_nonfinite=False or "
+                "found_inf came from outside unscale_)"
+            )
         )
         raise ScaleFloorError(
             f"loss scale is at its floor min_scale={self.config.min_scale:g} and "
@@ -448,7 +452,10 @@ class LossScaler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (no-op when disabled)."""
+        """Restore what :meth:`state_dict` returned (no-op when disabled).
+
+        ``config``, ``steps`` and ``steps_skipped`` are optional: absent, they stay as they are.
+        """
         if not self.enabled:
             return
         if not state.get("enabled", True):
@@ -462,8 +469,11 @@ class LossScaler:
             int(state["growth_tracker"]),
             int(state["hysteresis_tracker"]),
         )
-        self._steps = int(state.get("steps", 0))
-        self._init_skipped = int(state.get("steps_skipped", 0))
+        self._steps = int(state.get("steps", self._steps))
+        if "steps_skipped" in state:
+            self._init_skipped = int(state["steps_skipped"])
+        elif self._scale is not None:
+            self._init_skipped = int(self._log.skipped.item())
         if self._scale is not None:
             self._scale.fill_(self._init_state[0])
             self._growth_tracker.fill_(self._init_state[1])

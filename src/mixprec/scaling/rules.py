@@ -269,9 +269,7 @@ def apply_rule_(
     grown = torch.where(torch.isfinite(grown), grown, scale)
     new_scale = torch.where(back_off, backed, torch.where(grow, grown, scale))
 
-    new_tracker = torch.where(
-        overflow, config.growth_tracker_start, torch.where(grow, 0, counted)
-    )
+    new_tracker = torch.where(overflow, config.growth_tracker_start, torch.where(grow, 0, counted))
     refill = (grow | clean) if config.consecutive_hysteresis else grow
     new_hyst = torch.where(refill, config.hysteresis, hyst)
 

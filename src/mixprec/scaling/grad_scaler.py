@@ -1,0 +1,419 @@
+"""GradScaler: torch.amp.GradScaler's API and state machine over a :class:`LossScaler`."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import abc, defaultdict
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from mixprec.scaling.loss_scaler import LossScaler
+from mixprec.scaling.rules import preset_config
+
+__all__ = ["GradScaler", "OptState"]
+
+
+def _refresh_per_optimizer_state() -> dict[str, Any]:
+    return {"stage": OptState.READY, "found_inf_per_device": {}}
+
+
+class GradScaler:
+    """Drop-in for ``torch.amp.GradScaler``: same methods, state machine and errors.
+
+    With ``preset="torch"`` (default) the scale sequence, skipped steps and parameters
+    are exactly torch's. ``preset="apex" | "deepspeed" | "megatron"`` follows that
+    framework's rule instead (arguments left ``None`` take the preset's values; see
+    :mod:`mixprec.scaling.rules`). Extras over torch: :meth:`telemetry` (steps, skips,
+    scale history, first non-finite parameter of each skipped step) and the floor error
+    of :class:`LossScaler` (for presets with a ``min_scale``).
+
+    Per optimizer, each iteration moves READY -> (UNSCALED) -> STEPPED -> READY (on
+    :meth:`update`); calling out of order raises ``RuntimeError``. ``enabled=False``
+    makes :meth:`step` call ``optimizer.step()`` and every other method a no-op.
+
+    Host syncs: :meth:`unscale_` and :meth:`update` none; :meth:`step` one (reading
+    ``found_inf``), none for optimizers with ``_step_supports_amp_scaling`` (torch's
+    fused Adam/AdamW/SGD), which receive ``grad_scale`` / ``found_inf`` tensors instead.
+
+    Args:
+        device: device type of the scale ("cuda" as in torch, or "cpu", ...). A "cuda"
+            scaler with no CUDA available is disabled with a warning, as torch does.
+        init_scale, growth_factor, backoff_factor, growth_interval: as in torch
+            (defaults 2**16, 2.0, 0.5, 2000 for ``preset="torch"``).
+        enabled: ``False`` turns every method into a no-op.
+        preset: framework rule to follow.
+        **options: more :class:`LossScaler` settings (``hysteresis``, ``min_scale``,
+            ``max_scale``, ``locate_nonfinite``, ``floor_patience``, ...).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = GradScaler("cpu")
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     loss = model(torch.randn(8, 4)).float().pow(2).mean()
+        >>> scaler.scale(loss).backward()
+        >>> scaler.step(opt)
+        >>> scaler.update()
+        >>> scaler.get_scale()
+        65536.0
+    """
+
+    def __init__(
+        self,
+        device: str = "cuda",
+        init_scale: float | None = None,
+        growth_factor: float | None = None,
+        backoff_factor: float | None = None,
+        growth_interval: int | None = None,
+        enabled: bool = True,
+        *,
+        preset: str = "torch",
+        **options: Any,
+    ) -> None:
+        self._device = device
+        self._enabled = enabled
+        if device == "cuda" and enabled and not torch.cuda.is_available():
+            warnings.warn(
+                "mixprec.GradScaler is enabled, but CUDA is not available.  Disabling.",
+                stacklevel=2,
+            )
+            self._enabled = False
+        self._scaler = LossScaler(
+            enabled=self._enabled,
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            preset=preset,
+            **options,
+        )
+        self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
+            _refresh_per_optimizer_state
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def loss_scaler(self) -> LossScaler:
+        """The :class:`LossScaler` holding the scale, rule and telemetry."""
+        return self._scaler
+
+    def _require_scale(self, funcname: str) -> torch.Tensor:
+        scale = self._scaler._scale
+        if scale is None:
+            raise RuntimeError(
+                f"{funcname}() was called before the scale exists: call "
+                "scaler.scale(loss).backward() earlier in the iteration."
+            )
+        return scale
+
+    def _get_scale_async(self) -> torch.Tensor | None:
+        return self._scaler._scale
+
+    # -- scale -----------------------------------------------------------------------------
+    def scale(self, outputs):
+        """Multiply a tensor or a (nested) iterable of tensors by the scale.
+
+        Returns ``outputs`` unchanged when disabled.
+        """
+        if not self._enabled:
+            return outputs
+        if isinstance(outputs, torch.Tensor):
+            return self._scaler.scale_loss(outputs)
+        copies: dict[torch.device, torch.Tensor] = {}
+
+        def apply_scale(val):
+            if isinstance(val, torch.Tensor):
+                scale = self._scaler._ensure_state(val.device)
+                if val.device not in copies:
+                    copies[val.device] = scale.to(val.device, non_blocking=True, copy=True)
+                return val * copies[val.device]
+            if isinstance(val, abc.Iterable):
+                mapped = map(apply_scale, val)
+                return type(val)(mapped) if isinstance(val, (list, tuple)) else mapped
+            raise ValueError("outputs must be a Tensor or an iterable of Tensors")
+
+        return apply_scale(outputs)
+
+    # -- unscale_ / step / update -----------------------------------------------------------
+    def _grads(self, optimizer, allow_fp16: bool):
+        grads, names = [], []
+        for g, group in enumerate(optimizer.param_groups):
+            group_names = group.get("param_names")
+            for i, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                if not allow_fp16 and param.grad.dtype == torch.float16:
+                    raise ValueError("Attempting to unscale FP16 gradients.")
+                if param.grad.is_sparse:
+                    # Coalesce fp16 sparse grads first: duplicates summed may overflow.
+                    if param.grad.dtype is torch.float16:
+                        param.grad = param.grad.coalesce()
+                    grads.append(param.grad._values())
+                else:
+                    grads.append(param.grad)
+                names.append(group_names[i] if group_names else f"param_groups[{g}]['params'][{i}]")
+        return grads, names
+
+    def _record(self, optimizer, *, unscale: bool) -> None:
+        state = self._per_optimizer_states[id(optimizer)]
+        with torch.no_grad():
+            grads, names = self._grads(optimizer, allow_fp16=not unscale)
+            if not grads:
+                state["found_inf_per_device"] = {}
+                return
+            if unscale:
+                found_inf = self._scaler.unscale_(grads, names)
+            else:
+                found_inf = self._scaler.check_(grads, names)
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale in place (no sync).
+
+        Raises:
+            RuntimeError: if called twice for ``optimizer`` before :meth:`update`, or
+                after :meth:`step`.
+        """
+        if not self._enabled:
+            return
+        self._require_scale("unscale_")
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError(
+                "unscale_() has already been called on this optimizer since the last update()."
+            )
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        self._record(optimizer, unscale=True)
+        state["stage"] = OptState.UNSCALED
+
+    def _found_inf(self, state) -> torch.Tensor:
+        scale = self._scaler._scale
+        found = [t.to(scale.device, non_blocking=True) for t in state.values()]
+        return found[0] if len(found) == 1 else sum(found)
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+        """Unscale (unless done) and call ``optimizer.step(*args, **kwargs)`` unless the
+        gradients hold an inf/NaN. Returns what ``optimizer.step`` returned, or None.
+
+        Raises:
+            RuntimeError: if called twice before :meth:`update`, with a closure, or with
+                no gradients to check.
+        """
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        self._require_scale("step")
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update().")
+
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            return self._fused_step(optimizer, state, args, kwargs)
+
+        if state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        if not state["found_inf_per_device"]:
+            raise RuntimeError(
+                "No inf checks were recorded for this optimizer: none of its parameters "
+                "has a gradient. Call backward() on the scaled loss before step()."
+            )
+        retval = None
+        if not self._found_inf(state["found_inf_per_device"]).item():
+            retval = optimizer.step(*args, **kwargs)
+        state["stage"] = OptState.STEPPED
+        return retval
+
+    def _fused_step(self, optimizer, state, args, kwargs):
+        # Optimizers with _step_supports_amp_scaling unscale and skip inside their kernel.
+        has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
+        if has_grad_scaler_kwarg:
+            warnings.warn(
+                "GradScaler is going to stop passing itself as a keyword argument to the passed "
+                "optimizer. In the near future GradScaler registers `grad_scale: Tensor` and "
+                "`found_inf: Tensor` to the passed optimizer and let the optimizer use them "
+                "directly.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            kwargs = {**kwargs, "grad_scaler": self}
+        else:
+            if state["stage"] is OptState.READY:
+                self._record(optimizer, unscale=False)
+            scale = self._scaler._scale
+            found_inf = (
+                self._found_inf(state["found_inf_per_device"])
+                if state["found_inf_per_device"]
+                else torch.zeros((), dtype=torch.float32, device=scale.device)
+            )
+            optimizer.grad_scale = (
+                getattr(optimizer, "grad_scale", None)
+                if state["stage"] is OptState.UNSCALED
+                else scale * getattr(optimizer, "grad_scale", 1)
+            )
+            optimizer.found_inf = found_inf
+        retval = optimizer.step(*args, **kwargs)
+        state["stage"] = OptState.STEPPED
+        if not has_grad_scaler_kwarg:
+            del optimizer.grad_scale
+            del optimizer.found_inf
+        return retval
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        """Move the scale by the preset's rule (no sync), or set it to ``new_scale``.
+
+        Raises:
+            RuntimeError: if no optimizer was unscaled or stepped since the last update
+                (and no ``new_scale`` is given).
+            ValueError: for a ``new_scale`` tensor that is not a 1-element tensor on this
+                scaler's device type with ``requires_grad=False``.
+        """
+        if not self._enabled:
+            return
+        scale = self._require_scale("update")
+        found_infs = [
+            found.to(scale.device, non_blocking=True)
+            for state in self._per_optimizer_states.values()
+            for found in state["found_inf_per_device"].values()
+        ]
+        if new_scale is not None:
+            if isinstance(new_scale, torch.Tensor):
+                if (
+                    new_scale.device.type != self._device
+                    or new_scale.numel() != 1
+                    or new_scale.requires_grad
+                ):
+                    raise ValueError(
+                        "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
+                        "torch.FloatTensor with requires_grad=False."
+                    )
+            else:
+                new_scale = float(new_scale)
+        elif not found_infs:
+            raise RuntimeError(
+                "No inf checks were recorded prior to update(): call step() (or unscale_()) "
+                "for each optimizer before update()."
+            )
+        if found_infs:
+            combined = found_infs[0]
+            for extra in found_infs[1:]:
+                combined = combined + extra
+            self._scaler.update(combined, new_scale=new_scale)
+        else:
+            self._scaler.set_scale(new_scale)
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    # -- getters / setters (as torch) --------------------------------------------------------
+    def get_scale(self) -> float:
+        """The current scale as a float; 1.0 when disabled.
+
+        .. warning:: Syncs with the device.
+        """
+        return self._scaler.get_scale()
+
+    def get_growth_factor(self) -> float:
+        """The scale growth factor."""
+        return self._scaler.config.growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the scale growth factor."""
+        self._scaler.config = self._scaler.config.replace(growth_factor=new_factor)
+
+    def get_backoff_factor(self) -> float:
+        """The scale backoff factor."""
+        return self._scaler.config.backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the scale backoff factor."""
+        self._scaler.config = self._scaler.config.replace(backoff_factor=new_factor)
+
+    def get_growth_interval(self) -> int:
+        """The growth interval."""
+        return self._scaler.config.growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the growth interval."""
+        self._scaler.config = self._scaler.config.replace(growth_interval=new_interval)
+
+    def _get_growth_tracker(self) -> int:
+        if not self._enabled:
+            return 0
+        if self._scaler._scale is None:
+            return self._scaler._init_state[1]
+        return int(self._scaler.growth_tracker.item())
+
+    def is_enabled(self) -> bool:
+        """Whether this scaler is enabled."""
+        return self._enabled
+
+    def telemetry(self):
+        """Steps, skipped steps, scale history and first non-finite parameters (syncs)."""
+        return self._scaler.telemetry()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
+        ``growth_interval``, ``_growth_tracker``) plus, for presets other than torch,
+        ``preset``, ``hysteresis``, ``min_scale``, ``max_scale`` and
+        ``_hysteresis_tracker``. Empty when disabled. Syncs.
+        """
+        if not self._enabled:
+            return {}
+        config = self._scaler.config
+        state = {
+            "scale": self.get_scale(),
+            "growth_factor": config.growth_factor,
+            "backoff_factor": config.backoff_factor,
+            "growth_interval": config.growth_interval,
+            "_growth_tracker": self._get_growth_tracker(),
+        }
+        if config.preset != "torch":
+            hyst = self._scaler._init_state[2]
+            if self._scaler._scale is not None:
+                hyst = int(self._scaler.hysteresis_tracker.item())
+            state.update(
+                preset=config.preset,
+                hysteresis=config.hysteresis,
+                min_scale=config.min_scale,
+                max_scale=config.max_scale,
+                _hysteresis_tracker=hyst,
+            )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this class or by ``torch.amp.GradScaler``."""
+        if not self._enabled:
+            return
+        if len(state_dict) == 0:
+            raise RuntimeError(
+                "The source state dict is empty, possibly because it was saved "
+                "from a disabled instance of GradScaler."
+            )
+        config = self._scaler.config
+        if "preset" in state_dict and state_dict["preset"] != config.preset:
+            config = preset_config(state_dict["preset"])
+        changes = {
+            key: state_dict[key]
+            for key in (
+                "growth_factor",
+                "backoff_factor",
+                "growth_interval",
+                "hysteresis",
+                "min_scale",
+                "max_scale",
+            )
+            if key in state_dict
+        }
+        self._scaler.config = config.replace(init_scale=float(state_dict["scale"]), **changes)
+        hyst = state_dict.get("_hysteresis_tracker", self._scaler.config.hysteresis)
+        self._scaler.load_state_dict(
+            {
+                "scale": state_dict["scale"],
+                "growth_tracker": state_dict["_growth_tracker"],
+                "hysteresis_tracker": hyst,
+            }
+        )
