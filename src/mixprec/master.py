@@ -246,9 +246,10 @@ class MasterWeights:
             for group, flat, views in zip(self.groups, self.grad_flats, self._grad_views):
                 group.gather_grads_(flat, views)
 
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients the optimizer reads: master grads, then those of fp32 params."""
-        return self.grad_flats + [p.grad for p in self.direct_params if p.grad is not None]
+    def low_params_by_master(self) -> dict[int, nn.Parameter]:
+        """``id(master) -> 16-bit model parameter`` it stands in for."""
+        low = [p for group in self.groups for p in group.params]
+        return {id(m): p for m, p in zip(self.masters, low, strict=True)}
 
     def copy_back(self) -> None:
         """Round the fp32 masters into the 16-bit parameters (one copy per group)."""
@@ -374,12 +375,6 @@ class CompensatedUpdate:
         self._hooks = [
             optimizer.register_load_state_dict_pre_hook(self._load_pre_hook),
             optimizer.register_load_state_dict_post_hook(self._load_post_hook),
-        ]
-
-    def grads(self) -> list[torch.Tensor]:
-        """All current gradients of the optimizer's parameters."""
-        return [
-            p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
         ]
 
     def begin(self) -> None:

@@ -40,6 +40,7 @@ from torch import nn
 from mixprec import distributed
 from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
 from mixprec.recipes import Recipe, get_recipe
+from mixprec.scaling import LossScaler
 
 __all__ = ["Precision", "StepResult"]
 
@@ -126,45 +127,24 @@ class _CudaContext(contextlib.ContextDecorator):
 class _OptimizerPlan:
     """What ``step`` does for one optimizer, decided once in ``setup``."""
 
-    __slots__ = ("optimizer", "params", "masters", "compensated", "fused", "last_epoch")
+    __slots__ = ("optimizer", "params", "names", "masters", "compensated", "fused", "last_epoch")
 
-    def __init__(self, optimizer, masters, compensated) -> None:
+    def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
         self.optimizer = optimizer
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.masters: MasterWeights | None = masters
         self.compensated: CompensatedUpdate | None = compensated
+        # The tensors whose .grad the optimizer reads; masters stand in for their params.
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        stand_in = masters.low_params_by_master() if masters is not None else {}
+        self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
         self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.last_epoch = 0
 
-    def grads(self) -> list[torch.Tensor]:
-        if self.masters is not None:
-            return self.masters.grads()
-        return [p.grad for p in self.params if p.grad is not None]
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
 
 
-class _DisabledScaler:
-    """No-op scaler used only while mixprec.scaling is absent from the build."""
-
-    enabled = False
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def _make_scaler(recipe: Recipe):
-    try:
-        from mixprec.scaling import LossScaler
-    except ImportError:
-        if recipe.loss_scaling == "none":
-            return _DisabledScaler()
-        raise NotImplementedError(
-            f"recipe {recipe.name!r} needs loss scaling (mixprec.scaling), which is not "
-            "available in this build"
-        ) from None
-
+def _make_scaler(recipe: Recipe) -> LossScaler:
     if recipe.loss_scaling == "dynamic":
         return LossScaler.from_preset(recipe.scaler_preset)
     if recipe.loss_scaling == "static":
@@ -252,6 +232,7 @@ class Precision:
             self._convert_fp8(model)
         if recipe.param_dtype != torch.float32:
             cast_module_(model, recipe.param_dtype, keep_norms_fp32=recipe.keep_norms_fp32)
+        names = {id(p): name for name, p in model.named_parameters()}
         for opt in optimizers:
             if id(opt) in self._plans:
                 raise RuntimeError("this optimizer was already set up by this Precision")
@@ -261,7 +242,7 @@ class Precision:
             elif recipe.update != "plain":
                 seed = self._seed if self._seed is not None else torch.initial_seed()
                 compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
-            self._plans[id(opt)] = _OptimizerPlan(opt, masters, compensated)
+            self._plans[id(opt)] = _OptimizerPlan(opt, masters, compensated, names)
         model = distributed.finish_setup(self._dist, model, wrapped)  # DDP: re-wrap if cast
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
 
@@ -378,10 +359,11 @@ class Precision:
         if self._scaling or max_grad_norm is not None:
             grads = plan.grads()
             if self._scaling:  # distributed: unscale local shards, then MAX over ranks
-                found_inf = self.scaler.unscale_(self._dist.local(grads))
+                found_inf = self.scaler.unscale_(self._dist.local(grads), plan.names)
                 found_inf = self._dist.reduce_found_inf(found_inf)
             if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
-                self.last_grad_norm = self._dist.clip_(grads, max_grad_norm, _clip_)
+                present = [g for g in grads if g is not None]
+                self.last_grad_norm = self._dist.clip_(present, max_grad_norm, _clip_)
         if found_inf is None:
             opt.step()
             result = StepResult(True)
