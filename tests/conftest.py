@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from mixprec.formats import FORMATS
 from mixprec.recipes import RECIPES
 
 # Under pytest-xdist each worker gets one core's worth of threads, so two workers on a
@@ -19,6 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 RECIPE_NAMES = list(RECIPES)
+FORMAT_NAMES = list(FORMATS)
 
 
 @pytest.fixture(autouse=True)

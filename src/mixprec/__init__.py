@@ -5,6 +5,15 @@ numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 """
 
 from mixprec import float8
+from mixprec.formats import (
+    FORMATS,
+    FloatFormat,
+    decode,
+    explain,
+    get_format,
+    quantize,
+    to_torch_dtype,
+)
 from mixprec.precision import Precision, StepResult
 from mixprec.recipes import RECIPES, Recipe, get_recipe, recipe_names
 from mixprec.scaling import GradScaler, LossScaler
@@ -12,6 +21,14 @@ from mixprec.scaling import GradScaler, LossScaler
 __version__ = "0.1.0"
 
 __all__ = [
+    # number formats
+    "FORMATS",
+    "FloatFormat",
+    "decode",
+    "explain",
+    "get_format",
+    "quantize",
+    "to_torch_dtype",
     # recipes
     "RECIPES",
     "Recipe",
