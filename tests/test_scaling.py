@@ -1,0 +1,596 @@
+"""Tests of mixprec.scaling: parity with torch.amp.GradScaler, the other frameworks' rules
+against independent re-implementations of their published code, sync-freedom, telemetry,
+the floor error, checkpoints and GradScaler's state machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mixprec
+from mixprec.scaling import GradScaler, LossScaler, ScaleFloorError, apply_rule_, preset_config
+
+INF, NAN = float("inf"), float("nan")
+
+
+# -- helpers --------------------------------------------------------------------------------
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that copy a device value to the host (a sync on an accelerator)."""
+
+    SYNC_OPS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNC_OPS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+    if kind == "adam-fused":
+        return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    if kind == "adamw-fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    raise ValueError(kind)
+
+
+# step -> (parameter index, value written into its gradient)
+INJECT = {3: (2, INF), 4: (0, NAN), 9: (3, -INF), 10: (1, NAN), 11: (2, NAN), 17: (0, INF)}
+CLIP_STEPS = {5, 12}  # unscale_ + clip_grad_norm_ before step()
+
+
+def _run_scripted(scaler_cls, kind: str, steps: int = 22, **scaler_kwargs):
+    model = _mlp()
+    opt = _optimizer(kind, model)
+    scaler = scaler_cls("cpu", **scaler_kwargs)
+    gen = torch.Generator().manual_seed(1)
+    scales, params = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        x = torch.randn(8, 6, generator=gen)
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        if step in INJECT:
+            index, value = INJECT[step]
+            list(model.parameters())[index].grad.view(-1)[0] = value
+        if step in CLIP_STEPS:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        params.append([p.detach().clone() for p in model.parameters()])
+    return scales, params, scaler
+
+
+# -- parity with torch.amp.GradScaler --------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adam-fused", "adamw-fused"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(growth_interval=3),
+        dict(growth_interval=2, init_scale=2.0**124),  # natural overflow; growth capped by inf
+        dict(growth_interval=1, growth_factor=3.0, backoff_factor=0.3, init_scale=1000.0),
+    ],
+)
+def test_parity_with_torch(kind, settings):
+    ref_scales, ref_params, ref = _run_scripted(torch.amp.GradScaler, kind, **settings)
+    scales, params, ours = _run_scripted(GradScaler, kind, **settings)
+    assert scales == ref_scales
+    for step, (a, b) in enumerate(zip(ref_params, params)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"parameters differ at step {step}"
+    assert ours.state_dict() == ref.state_dict()
+    # Skipped steps are exactly those whose parameters did not move.
+    skipped = {s.step for s in ours.telemetry().skipped}
+    unchanged = {
+        step
+        for step in range(1, len(params))
+        if all(torch.equal(x, y) for x, y in zip(params[step - 1], params[step]))
+    }
+    assert skipped - {0} == unchanged
+    assert set(INJECT) <= skipped
+
+
+def test_torch_rule_kernel_and_tensor_path_agree():
+    # The general tensor-op path must equal torch._amp_update_scale_ on torch's settings,
+    # including non-power-of-two factors (rounded once from float64, as the C++ kernel does)
+    # and growth refused once it would reach inf.
+    rng = random.Random(0)
+    for config in (
+        preset_config("torch", growth_interval=2),
+        preset_config("torch", growth_factor=3.0, backoff_factor=0.3, growth_interval=1),
+        preset_config("torch", init_scale=2.0**125, growth_interval=1),
+    ):
+        states = []
+        for use_kernel in (True, False):
+            scale = torch.tensor(config.init_scale)
+            growth = torch.tensor(0, dtype=torch.int32)
+            hyst = torch.tensor(1, dtype=torch.int32)
+            trace = []
+            for _ in range(300):
+                found = torch.tensor(float(rng.random() < 0.2))
+                apply_rule_(scale, growth, hyst, found, config, use_torch_kernel=use_kernel)
+                trace.append((scale.item(), growth.item()))
+            states.append(trace)
+            rng = random.Random(0)
+        assert states[0] == states[1]
+
+
+# -- the other frameworks' rules, re-implemented from their published source -------------------
+class ApexReference:
+    """apex.amp.scaler.LossScaler.update_scale (dynamic)."""
+
+    def __init__(self, init_scale=2.0**16, scale_window=2000, min_loss_scale=None,
+                 max_loss_scale=2.0**24):  # fmt: skip
+        self.scale, self.window = init_scale, scale_window
+        self.min, self.max, self.unskipped = min_loss_scale, max_loss_scale, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale = max(self.min, self.scale / 2.0) if self.min else self.scale / 2.0
+            self.unskipped = 0
+        else:
+            self.unskipped += 1
+        if self.unskipped == self.window:
+            self.scale = min(self.max, self.scale * 2.0)
+            self.unskipped = 0
+
+
+class DeepSpeedReference:
+    """deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler.update_scale."""
+
+    def __init__(self, init_scale=2.0**16, scale_window=1000, min_scale=1.0, delayed_shift=2,
+                 consecutive_hysteresis=False):  # fmt: skip
+        self.cur_scale, self.scale_window, self.min_scale = init_scale, scale_window, min_scale
+        self.cur_iter, self.last_overflow_iter, self.scale_factor = 0, -1, 2.0
+        self.delayed_shift = self.cur_hysteresis = delayed_shift
+        self.consecutive_hysteresis = consecutive_hysteresis
+
+    @property
+    def scale(self) -> float:
+        return self.cur_scale
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            if self.delayed_shift == 1 or self.cur_hysteresis == 1:
+                # DeepSpeed raises here when cur_scale == min_scale (raise_error_at_min_scale).
+                self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
+            else:
+                self.cur_hysteresis -= 1
+            self.last_overflow_iter = self.cur_iter
+        else:
+            if self.consecutive_hysteresis:
+                self.cur_hysteresis = self.delayed_shift
+            stable_interval = (self.cur_iter - self.last_overflow_iter) - 1
+            if stable_interval > 0 and stable_interval % self.scale_window == 0:
+                if not self.consecutive_hysteresis:
+                    self.cur_hysteresis = self.delayed_shift
+                self.cur_scale *= self.scale_factor
+        self.cur_iter += 1
+
+
+class MegatronReference:
+    """megatron.core.optimizer.grad_scaler.DynamicGradScaler.update."""
+
+    def __init__(self, initial_scale=2.0**32, min_scale=1.0, growth_factor=2.0,
+                 backoff_factor=0.5, growth_interval=1000, hysteresis=2):  # fmt: skip
+        self.scale, self.min_scale = initial_scale, min_scale
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval, self.hysteresis = growth_interval, hysteresis
+        self.growth_tracker, self.hysteresis_tracker = 0, hysteresis
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.growth_tracker = 0
+                self.hysteresis_tracker = self.hysteresis
+                self.scale = self.scale * self.growth_factor
+
+
+def _stream(seed: int, steps: int = 250) -> list[bool]:
+    """Overflow flags with quiet stretches, isolated overflows and bursts."""
+    rng = random.Random(seed)
+    flags: list[bool] = []
+    while len(flags) < steps:
+        mode = rng.choice(["quiet", "sparse", "burst"])
+        length = rng.randint(1, 12)
+        p = {"quiet": 0.0, "sparse": 0.25, "burst": 0.9}[mode]
+        flags += [rng.random() < p for _ in range(length)]
+    return flags[:steps]
+
+
+def _cases():
+    for seed in range(2):
+        for window in (1, 2, 3, 5):
+            yield (
+                "apex",
+                dict(init_scale=2.0**20, growth_interval=window),
+                ApexReference(init_scale=2.0**20, scale_window=window),
+                seed,
+            )
+            yield (
+                "apex",
+                dict(growth_interval=window, min_scale=4.0),
+                ApexReference(scale_window=window, min_loss_scale=4.0),
+                seed,
+            )
+            for consecutive in (False, True):
+                yield (
+                    "deepspeed",
+                    dict(
+                        init_scale=16.0, growth_interval=window, consecutive_hysteresis=consecutive
+                    ),
+                    DeepSpeedReference(
+                        init_scale=16.0, scale_window=window, consecutive_hysteresis=consecutive
+                    ),
+                    seed,
+                )
+            yield (
+                "deepspeed",
+                dict(init_scale=64.0, growth_interval=window, hysteresis=3),
+                (DeepSpeedReference(init_scale=64.0, scale_window=window, delayed_shift=3)),
+                seed,
+            )
+            yield (
+                "megatron",
+                dict(init_scale=2.0**6, growth_interval=window),
+                MegatronReference(initial_scale=2.0**6, growth_interval=window),
+                seed,
+            )
+            yield (
+                "megatron",
+                dict(init_scale=2.0**6, growth_interval=window, hysteresis=1),
+                (MegatronReference(initial_scale=2.0**6, growth_interval=window, hysteresis=1)),
+                seed,
+            )
+
+
+@pytest.mark.parametrize("preset", ["apex", "deepspeed", "megatron"])
+def test_preset_rules_step_by_step(preset):
+    checked = 0
+    for name, overrides, reference, seed in _cases():
+        if name != preset:
+            continue
+        scaler = LossScaler.from_preset(preset, check_interval=0, **overrides)
+        for step, flag in enumerate(_stream(seed)):
+            # As in training, a large enough scale overflows; this keeps the scale inside
+            # fp32's range, where the frameworks' Python floats and fp32 agree exactly.
+            overflow = flag or reference.scale > 2.0**40
+            scaler.update(torch.tensor(float(overflow)))
+            reference.update(overflow)
+            assert scaler.get_scale() == reference.scale, (preset, overrides, seed, step)
+            checked += 1
+    assert checked >= 2 * 4 * 250
+
+
+def test_preset_defaults():
+    assert (preset_config("torch").init_scale, preset_config("torch").growth_interval) == (
+        2.0**16,
+        2000,
+    )
+    apex = preset_config("apex")
+    assert (apex.init_scale, apex.max_scale, apex.growth_interval) == (2.0**16, 2.0**24, 2000)
+    ds = preset_config("deepspeed")
+    assert (ds.init_scale, ds.growth_interval, ds.hysteresis, ds.min_scale) == (
+        2.0**16, 1000, 2, 1.0)  # fmt: skip
+    mg = preset_config("megatron")
+    assert (mg.init_scale, mg.growth_interval, mg.hysteresis, mg.min_scale) == (
+        2.0**32, 1000, 2, 1.0)  # fmt: skip
+
+
+def test_megatron_default_scale_survives_window():
+    # With the real defaults: 1000 clean steps grow 2^32 to 2^33; two overflows back off once.
+    scaler = LossScaler.from_preset("megatron", check_interval=0)
+    reference = MegatronReference()
+    for overflow in [False] * 1000 + [True, True, False]:
+        scaler.update(torch.tensor(float(overflow)))
+        reference.update(overflow)
+    assert scaler.get_scale() == reference.scale == 2.0**32
+
+
+# -- sync-freedom ------------------------------------------------------------------------------
+def _grads_with_nan(model):
+    model.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()
+    list(model.parameters())[1].grad[0] = NAN
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("preset", ["torch", "apex", "deepspeed", "megatron"])
+def test_unscale_and_update_do_not_sync(preset):
+    model = _mlp()
+    scaler = LossScaler.from_preset(preset)
+    with SyncCounter() as counter:
+        for _ in range(5):
+            model.zero_grad()
+            scaler.scale_loss(model(torch.randn(4, 6)).sum()).backward()
+            scaler.update(scaler.unscale_([p.grad for p in model.parameters()]))
+            scaler.update(scaler.unscale_(_grads_with_nan(model)))
+    assert counter.calls == []
+    # The counter does see a host read (so the assertion above can fail).
+    with SyncCounter() as counter:
+        scaler.get_scale()
+    assert counter.calls
+
+
+@pytest.mark.parametrize("kind", ["adam-fused", "adamw-fused"])
+def test_grad_scaler_fused_step_does_not_sync(kind):
+    model = _mlp()
+    opt = _optimizer(kind, model)
+    scaler = GradScaler("cpu", preset="deepspeed")
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 6)).sum()).backward()
+        with SyncCounter() as counter:
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        assert counter.calls == []
+
+
+def test_floor_check_syncs_once_per_interval():
+    scaler = LossScaler.from_preset("deepspeed", check_interval=4)
+    with SyncCounter() as counter:
+        for _ in range(8):
+            scaler.update(torch.tensor(0.0))
+    assert len(counter.calls) == 2
+
+
+# -- telemetry ----------------------------------------------------------------------------------
+def test_telemetry_names_first_nonfinite_parameter():
+    model = _mlp()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    scaler = GradScaler("cpu", growth_interval=100)
+    for step in range(6):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 6)).sum()).backward()
+        if step == 2:
+            model[2].weight.grad[1, 1] = INF
+            model[0].bias.grad[0] = NAN  # earlier in parameter order: reported first
+        if step == 4:
+            model[2].bias.grad[0] = NAN
+        scaler.step(opt)
+        scaler.update()
+    report = scaler.telemetry()
+    assert (report.steps, report.steps_skipped, report.steps_taken) == (6, 2, 4)
+    assert [(s.step, s.first_nonfinite) for s in report.skipped] == [(2, "0.bias"), (4, "2.bias")]
+    assert report.scale_history == (2.0**16,) * 3 + (2.0**15,) * 2 + (2.0**14,)
+    assert report.scale == 2.0**14
+    assert report.skipped[1].scale == 2.0**15
+
+
+def test_telemetry_across_two_unscale_calls_and_ring_buffer():
+    scaler = LossScaler(history_len=3, growth_interval=1000)
+    a, b = torch.ones(3), torch.ones(2)
+    for step in range(5):
+        a.fill_(1.0)
+        b.fill_(1.0)
+        if step == 3:
+            b[1] = NAN
+        found = scaler.unscale_([a], names=["a"]) + scaler.unscale_([b], names=["b"])
+        scaler.update(found)
+    report = scaler.telemetry()
+    assert report.history_start == 2 and len(report.scale_history) == 3
+    assert [(s.step, s.first_nonfinite) for s in report.skipped] == [(3, "b")]
+    assert int(scaler.steps_skipped) == 1 and int(scaler.steps_taken) == 4
+
+
+# -- floor error ----------------------------------------------------------------------------------
+def _overflowing_run(scaler, steps):
+    weight = torch.ones(3)
+    for _ in range(steps):
+        weight.fill_(1.0)
+        weight[2] = NAN
+        scaler.update(scaler.unscale_([torch.ones(2), weight], names=["encoder.w", "head.w"]))
+
+
+def test_floor_error_names_parameter():
+    scaler = LossScaler.from_preset("deepspeed", init_scale=4.0, floor_patience=3, check_interval=1)
+    with pytest.raises(ScaleFloorError, match=r"floor min_scale=1 .*'head\.w'"):
+        _overflowing_run(scaler, 20)
+    # Steps run at scales 4, 4 (hysteresis), 2, then 1, 1, 1: the third at the floor raises.
+    assert scaler.steps == 6
+
+
+def test_floor_error_deferred_to_telemetry_when_periodic_check_off():
+    scaler = LossScaler.from_preset("megatron", init_scale=2.0, floor_patience=2, check_interval=0)
+    _overflowing_run(scaler, 10)  # no host read, no error on the hot path
+    with pytest.raises(ScaleFloorError, match="head.w"):
+        scaler.telemetry()
+    assert scaler.telemetry().steps_skipped == 10  # reported once
+
+
+def test_no_floor_error_for_transient_overflows():
+    scaler = LossScaler.from_preset("deepspeed", init_scale=1.0, floor_patience=3, check_interval=1)
+    for step in range(30):
+        scaler.update(torch.tensor(float(step % 3 != 0)))  # two overflows, then a clean step
+    assert scaler.telemetry().steps_skipped == 20
+
+
+# -- seed-style loop ------------------------------------------------------------------------------
+def _seed_loop(scaler_cls, steps=4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = scaler_cls("cpu")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(steps):
+        x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return [p.detach() for p in model.parameters()], scaler.get_scale()
+
+
+def test_seed_style_loop_matches_torch():
+    ref_params, ref_scale = _seed_loop(torch.amp.GradScaler)
+    params, scale = _seed_loop(mixprec.GradScaler)
+    assert scale == ref_scale
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["torch", "apex", "deepspeed", "megatron"])
+def test_loss_scaler_state_dict_resumes_exactly(preset):
+    flags = _stream(7, steps=60)
+    whole = LossScaler.from_preset(preset, growth_interval=3, check_interval=0)
+    first = LossScaler.from_preset(preset, growth_interval=3, check_interval=0)
+    for flag in flags[:25]:
+        whole.update(torch.tensor(float(flag)))
+        first.update(torch.tensor(float(flag)))
+    resumed = LossScaler(preset="torch")  # settings come from the state dict
+    resumed.load_state_dict(first.state_dict())
+    for flag in flags[25:]:
+        whole.update(torch.tensor(float(flag)))
+        resumed.update(torch.tensor(float(flag)))
+        assert resumed.get_scale() == whole.get_scale()
+    assert resumed.state_dict() == whole.state_dict()
+
+
+def test_grad_scaler_state_dict_round_trip_and_torch_interchange():
+    _, _, ours = _run_scripted(GradScaler, "sgd", growth_interval=3)
+    _, _, ref = _run_scripted(torch.amp.GradScaler, "sgd", growth_interval=3)
+    loaded = GradScaler("cpu")
+    loaded.load_state_dict(ref.state_dict())
+    assert loaded.state_dict() == ref.state_dict()
+    back = torch.amp.GradScaler("cpu")
+    back.load_state_dict(ours.state_dict())
+    assert back.state_dict() == ours.state_dict()
+
+    _, _, ds = _run_scripted(GradScaler, "sgd", preset="deepspeed", growth_interval=3)
+    copy = GradScaler("cpu")
+    copy.load_state_dict(ds.state_dict())
+    assert copy.state_dict() == ds.state_dict()
+    assert copy.loss_scaler.config == ds.loss_scaler.config.replace(init_scale=ds.get_scale())
+
+
+# -- GradScaler's state machine and enabled=False -------------------------------------------------
+def _scaled_backward(scaler, model):
+    model.zero_grad()
+    scaler.scale(model(torch.randn(4, 6)).sum()).backward()
+
+
+def test_misuse_raises_exact_runtime_errors():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu")
+    with pytest.raises(RuntimeError, match=r"step\(\) was called before the scale exists"):
+        scaler.step(opt)
+    _scaled_backward(scaler, model)
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError) as twice:
+        scaler.unscale_(opt)
+    assert str(twice.value) == (
+        "unscale_() has already been called on this optimizer since the last update()."
+    )
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match=r"^unscale_\(\) is being called after step\(\)\.$"):
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"^step\(\) has already been called since the last"):
+        scaler.step(opt)
+    scaler.update()
+    with pytest.raises(RuntimeError, match="No inf checks were recorded prior to update"):
+        scaler.update()
+    _scaled_backward(scaler, model)
+    with pytest.raises(RuntimeError, match="Closure use is not currently supported"):
+        scaler.step(opt, closure=lambda: None)
+
+
+def test_fp16_gradients_are_refused_like_torch():
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = GradScaler("cpu")
+    scaler.scale(param.float().sum()).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients."):
+        scaler.unscale_(opt)
+
+
+def test_disabled_grad_scaler_is_a_no_op():
+    plain_model, model = _mlp(), _mlp()
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", enabled=False)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        plain_opt.zero_grad()
+        plain_model(x).sum().backward()
+        plain_opt.step()
+        opt.zero_grad()
+        loss = model(x).sum()
+        assert scaler.scale(loss) is loss
+        loss.backward()
+        assert scaler.unscale_(opt) is None
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.parameters(), model.parameters()))
+    assert (scaler.get_scale(), scaler.state_dict(), scaler.is_enabled()) == (1.0, {}, False)
+    scaler.load_state_dict({})  # no-op, as in torch
+
+
+def test_cuda_scaler_without_cuda_disables_like_torch():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scaler = GradScaler()
+    assert not scaler.is_enabled() and any(
+        "CUDA is not available" in str(w.message) for w in caught
+    )
+
+
+def test_disabled_loss_scaler_is_a_no_op():
+    scaler = LossScaler.disabled()
+    loss = torch.tensor(3.0)
+    grad = torch.tensor([1.0, NAN])
+    assert scaler.scale_loss(loss) is loss
+    found = scaler.unscale_([grad])
+    assert found.item() == 0.0 and math.isnan(grad[1]) and grad[0] == 1.0
+    scaler.update(found)
+    assert scaler.get_scale() == 1.0 and scaler.telemetry().steps == 0
+
+
+def test_static_scaler_unscales_checks_and_keeps_scale():
+    scaler = LossScaler.static(8.0)
+    grad = torch.tensor([8.0, 16.0])
+    found = scaler.unscale_([grad])
+    assert grad.tolist() == [1.0, 2.0] and found.item() == 0.0
+    scaler.update(scaler.unscale_([torch.tensor([INF])]))
+    assert scaler.get_scale() == 8.0 and scaler.telemetry().steps_skipped == 1
+
+
+def test_bad_settings_name_the_value_and_choices():
+    with pytest.raises(ValueError, match="'torch', 'apex', 'deepspeed', 'megatron'"):
+        LossScaler.from_preset("jax")
+    with pytest.raises(ValueError, match=r"growth_factor=1\.0 must be > 1\.0"):
+        LossScaler(growth_factor=1.0)
+    with pytest.raises(ValueError, match="min_scale <= init_scale"):
+        LossScaler.from_preset("deepspeed", init_scale=0.5)
