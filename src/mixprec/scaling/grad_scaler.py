@@ -357,9 +357,10 @@ class GradScaler:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
-        ``growth_interval``, ``_growth_tracker``) plus, for presets other than torch,
-        ``preset``, ``hysteresis``, ``min_scale``, ``max_scale`` and
-        ``_hysteresis_tracker``. Empty when disabled. Syncs.
+        ``growth_interval``, ``_growth_tracker``) plus, when the rule is not torch's,
+        ``preset``, ``hysteresis``, ``min_scale``, ``max_scale``,
+        ``consecutive_hysteresis`` and ``_hysteresis_tracker``. Empty when disabled.
+        Syncs.
         """
         if not self._enabled:
             return {}
@@ -371,7 +372,7 @@ class GradScaler:
             "growth_interval": config.growth_interval,
             "_growth_tracker": self._get_growth_tracker(),
         }
-        if config.preset != "torch":
+        if config.preset != "torch" or not config.is_torch_rule:
             hyst = self._scaler._init_state[2]
             if self._scaler._scale is not None:
                 hyst = int(self._scaler.hysteresis_tracker.item())
@@ -380,6 +381,7 @@ class GradScaler:
                 hysteresis=config.hysteresis,
                 min_scale=config.min_scale,
                 max_scale=config.max_scale,
+                consecutive_hysteresis=config.consecutive_hysteresis,
                 _hysteresis_tracker=hyst,
             )
         return state
@@ -405,6 +407,7 @@ class GradScaler:
                 "hysteresis",
                 "min_scale",
                 "max_scale",
+                "consecutive_hysteresis",
             )
             if key in state_dict
         }
