@@ -1,0 +1,76 @@
+"""Side measurements of a bench recipe: memory (measured and estimated) and GPU kernel time.
+
+They run apart from the timed training steps, so that their instrumentation does not
+slow the steps being timed:
+
+* measured peak memory: :func:`mixprec.memory.measure` runs ``steps`` extra training steps
+  on a copy of the model (CUDA allocator on a GPU, live-storage tracker on a CPU);
+* estimated memory: :func:`mixprec.memory.estimate` for the model, recipe and batch;
+* tensor-core share: ``torch.profiler`` over a few training steps on a GPU (see
+  :func:`mixprec.bench.analysis.tensor_core_share`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["estimate_memory", "measure_memory", "profile_kernels"]
+
+
+def measure_memory(
+    model: nn.Module, optimizer: torch.optim.Optimizer, recipe: str, batch, loss_fn, steps: int = 2
+) -> dict[str, Any] | None:
+    """Peak bytes of ``steps`` training steps by :func:`mixprec.memory.measure`, or None.
+
+    ``model`` and ``optimizer`` are set up by the measurement (pass copies). Returns
+    ``{"peak": bytes, "source": ..., "breakdown": {part: bytes}}``; None when the
+    memory module is missing or cannot run this model (e.g. inputs that are not a tensor).
+    """
+    try:
+        measure = importlib.import_module("mixprec.memory.measure").measure
+        m = measure(model, optimizer, recipe, batch, steps=steps, loss_fn=loss_fn)
+    except Exception:  # best effort: the bench goes on without the figure
+        return None
+    return {"peak": int(m.peak), "source": m.source, "breakdown": dict(m.breakdown)}
+
+
+def estimate_memory(model: nn.Module, recipe: str, batch) -> dict[str, Any] | None:
+    """The :func:`mixprec.memory.estimate` prediction for ``model`` and ``recipe``, or None."""
+    try:
+        memory = importlib.import_module("mixprec.memory")
+        estimate = memory.estimate
+    except (ImportError, AttributeError):
+        return None
+    inputs = batch[0]
+    batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 1
+    seq_len = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 else 1
+    try:
+        e = estimate(model, recipe=recipe, batch_size=batch_size, seq_len=seq_len)
+    except Exception:  # the estimate does not cover this model: leave it out
+        return None
+    total = getattr(e, "total", None) or getattr(e, "peak", None)
+    if total is None and isinstance(e, (int, float)):
+        total = e
+    return {"peak": int(total)} if total else None
+
+
+@contextlib.contextmanager
+def profile_kernels(kernel_times: dict[str, float]) -> Iterator[None]:
+    """Record GPU kernel time by kernel name into ``kernel_times`` (microseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield
+    torch.cuda.synchronize()
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None)
+        if total is None:
+            total = getattr(event, "cuda_time_total", 0.0)
+        if total and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernel_times[event.key] = kernel_times.get(event.key, 0.0) + float(total)
