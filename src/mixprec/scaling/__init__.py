@@ -2,7 +2,8 @@
 and :class:`GradScaler` (a drop-in for ``torch.amp.GradScaler`` built on it).
 
 Modules: ``rules`` (the scale state machine and presets, with each framework's rule as
-pseudocode), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records),
+pseudocode), ``kernels`` (the grouped foreach check / unscale / locate pass over the
+gradients), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records),
 ``grad_scaler`` (GradScaler).
 """
 

@@ -7,10 +7,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from mixprec.scaling.kernels import NONE_INDEX, GradChecker
 from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
-from mixprec.scaling.telemetry import NONE_INDEX, ScaleFloorError, ScalerTelemetry, StepLog
+from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, StepLog
 
 __all__ = ["LossScaler"]
 
@@ -143,7 +143,7 @@ class LossScaler:
         self._init_skipped = 0
         self._steps = 0
         self._pending: list[tuple[torch.Tensor, Sequence[str] | None, int]] = []
-        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._checker = GradChecker()
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
@@ -261,54 +261,16 @@ class LossScaler:
         return self._check_and_unscale(grads, names, unscale=False)
 
     def _check_and_unscale(self, grads, names, *, unscale: bool) -> torch.Tensor:
-        present = [(i, g) for i, g in enumerate(grads) if g is not None]
+        device = next((g.device for g in grads if g is not None), None)
         if not self.enabled:
-            device = present[0][1].device if present else self._device
-            return torch.zeros((), dtype=torch.float32, device=device)
-        scale = self._ensure_state(present[0][1].device if present else None)
-        if unscale:
-            # fp32 division can be inexact under some compile options: reciprocal in fp64.
-            inv_scale = scale.double().reciprocal().float()
-        else:
-            inv_scale = torch.ones((), dtype=torch.float32, device=scale.device)
-        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
-        per_device = {scale.device: (found_inf, inv_scale)}
-        first = None
-        tensors = [g for _, g in present]
-        grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
-        for (device, _), ((group,), indices) in grouped.items():
-            if device not in per_device:
-                per_device[device] = (
-                    torch.zeros((), dtype=torch.float32, device=device),
-                    inv_scale.to(device, non_blocking=True),
-                )
-            dev_found, dev_inv = per_device[device]
-            if self.locate_nonfinite:
-                first = self._first_nonfinite(group, indices, present, first, scale.device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, dev_inv)
-        for device, (dev_found, _) in per_device.items():
-            if device != scale.device:
-                found_inf += dev_found.to(scale.device, non_blocking=True)
-        if self.locate_nonfinite:
-            if first is None:
-                first = torch.full((), NONE_INDEX, dtype=torch.int64, device=scale.device)
+            return torch.zeros((), dtype=torch.float32, device=device or self._device)
+        scale = self._ensure_state(device)
+        found_inf, first = self._checker(
+            grads, scale, unscale=unscale, locate=self.locate_nonfinite
+        )
+        if first is not None:
             self._pending.append((first, names, len(grads)))
         return found_inf
-
-    def _first_nonfinite(self, group, indices, present, first, scale_device) -> torch.Tensor:
-        # Per-tensor max |g| is non-finite iff the tensor holds an inf or NaN.
-        amax = torch.stack(torch._foreach_norm(group, math.inf))
-        original = tuple(present[k][0] for k in indices)
-        key = (amax.device, original)
-        positions = self._index_cache.get(key)
-        if positions is None:
-            positions = torch.tensor(original, dtype=torch.int64, device=amax.device)
-            if len(self._index_cache) > 64:
-                self._index_cache.clear()
-            self._index_cache[key] = positions
-        candidate = torch.where(torch.isfinite(amax), NONE_INDEX, positions).amin()
-        candidate = candidate.to(scale_device, non_blocking=True)
-        return candidate if first is None else torch.minimum(first, candidate)
 
     @torch.no_grad()
     def update(

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ScaleFloorError", "ScalerTelemetry", "SkippedStep", "StepLog"]
+from mixprec.scaling.kernels import NONE_INDEX
 
-# Marks "no non-finite gradient" in the int64 first-index buffers (above any real index).
-NONE_INDEX = 2**62
+__all__ = ["ScaleFloorError", "ScalerTelemetry", "SkippedStep", "StepLog"]
 
 
 class ScaleFloorError(RuntimeError):
