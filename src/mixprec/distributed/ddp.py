@@ -17,8 +17,6 @@ cast: :func:`rewrap_ddp` builds a new ``DistributedDataParallel`` with the old o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,8 +68,13 @@ def grad_comm_hook(comm_dtype: torch.dtype):
     Example:
         >>> ddp.register_comm_hook(None, grad_comm_hook(torch.bfloat16))  # doctest: +SKIP
     """
-    hook = functools.partial(_cast_allreduce_hook, _check_comm_dtype(comm_dtype))
-    hook.__name__ = f"mixprec_allreduce_{str(comm_dtype).removeprefix('torch.')}"  # type: ignore[attr-defined]
+    comm_dtype = _check_comm_dtype(comm_dtype)
+
+    # No annotations: DDP compares them with its own types, and this module's are strings.
+    def hook(process_group, bucket):
+        return _cast_allreduce_hook(comm_dtype, process_group, bucket)
+
+    hook.__name__ = f"mixprec_allreduce_{str(comm_dtype).removeprefix('torch.')}"
     return hook
 
 
@@ -128,7 +131,7 @@ def rewrap_ddp(
         device_ids=ddp.device_ids,
         output_device=ddp.output_device,
         dim=ddp.dim,
-        broadcast_buffers=ddp.broadcast_buffers,
+        broadcast_buffers=None if ddp.broadcast_buffers else False,
         process_group=ddp.process_group,
         bucket_cap_mb=ddp.bucket_bytes_cap / 1024**2,
         find_unused_parameters=ddp.find_unused_parameters,

@@ -147,14 +147,19 @@ def local_recipe(strategy: Strategy, recipe: Recipe) -> Recipe:
     Under FSDP2 a master-weight recipe's casting is FSDP's job (the all-gather makes the
     16-bit working copy of the fp32 shards, which are the masters), so the local recipe
     keeps fp32 parameters, no separate master and no autocast; loss scaling stays.
-    Otherwise the recipe itself.
+    Under DDP the gradients are reduced in the parameters' dtype (DDP's buckets hold it)
+    after they are accumulated, so a master recipe's fp32 gradients are made from the
+    reduced 16-bit ones at the step (``grad_dtype = param_dtype`` locally) instead of being
+    accumulated into fp32 before the all-reduce. Otherwise the recipe itself.
 
     Example:
         >>> local_recipe("fsdp2", get_recipe("bf16-master")).param_dtype  # doctest: +SKIP
         torch.float32
     """
-    if strategy != "fsdp2" or recipe.master_dtype is None:
+    if strategy == "none" or recipe.master_dtype is None:
         return recipe
+    if strategy == "ddp":
+        return recipe.replace(grad_dtype=recipe.param_dtype)
     return recipe.replace(
         param_dtype=torch.float32, compute_dtype=None, master_dtype=None, grad_dtype=torch.float32
     )
@@ -236,7 +241,9 @@ def begin_setup(
             "communication hook and DDP allows one; pass grad_comm_dtype=None to keep it"
         )
     before = tuple((id(p), p.dtype) for p in model.module.parameters())
-    return DistributedSetup("ddp", model.module, recipe, grad_comm_dtype, before)
+    return DistributedSetup(
+        "ddp", model.module, local_recipe("ddp", recipe), grad_comm_dtype, before
+    )
 
 
 def finish_setup(setup: DistributedSetup, module: nn.Module, model: nn.Module) -> nn.Module:
