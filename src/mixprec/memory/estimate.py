@@ -1,0 +1,348 @@
+"""Predicted training memory per device, part by part, from a recipe's dtypes.
+
+Every byte count is ``elements x bytes per element`` with the dtype taken from the
+:class:`~mixprec.Recipe` (``param_dtype``, ``master_dtype``, ``grad_dtype``,
+``optimizer_state_dtype``, ``update``, ``fp8``); normalisation parameters stay fp32 when
+``keep_norms_fp32``. Two accountings:
+
+* ``"mixprec"`` (default): what :class:`mixprec.Precision` allocates. Master-weight recipes
+  keep a persistent fp32 master-gradient buffer; ``bf16-master`` accumulates 16-bit
+  gradients straight into it; Kahan / stochastic updates step fp32 views, so their
+  optimizer states are fp32.
+* ``"zero"``: the ZeRO paper's model-state accounting (Rajbhandari et al. 2020): 16-bit
+  weights and gradients (2 + 2 bytes) and K = 12 bytes of fp32 master + Adam states.
+
+The peak per device is::
+
+    total = persistent + max(activations + weight copies + backward transient,
+                             gradients + step transient)
+    persistent = weights + master weights + master gradients + optimizer states
+                 + compensation + other state
+
+Sharding across ``world_size`` (ZeRO / FSDP): stage 1 divides master weights, optimizer
+states and compensation buffers by the world size; stage 2 also gradients; stage 3 (FSDP
+full shard) also weights and their compute copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mixprec.memory.specs import ModelSpec, get_spec, load_config, spec_from_config
+from mixprec.recipes import Recipe, get_recipe
+
+__all__ = ["OPTIMIZERS", "MemoryEstimate", "estimate"]
+
+Optimizer = Literal["adamw", "adam", "sgd", "sgd-momentum", "adafactor"]
+OPTIMIZERS: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1, "adafactor": 1}
+Accounting = Literal["mixprec", "zero"]
+_ZERO_STAGES = {0: 0, 1: 1, 2: 2, 3: 3, "fsdp": 3, "full_shard": 3, "shard_grad_op": 2}
+PARTS = (
+    "weights", "gradients", "master_weights", "master_gradients", "optimizer_states",
+    "compensation", "other_state", "weight_copies", "fp8_copies", "activations",
+    "backward_transient", "step_transient",
+)  # fmt: skip
+_STATE_PARTS = ("weights", "gradients", "master_weights", "optimizer_states")
+
+
+def _nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Predicted bytes per device for one training setup.
+
+    Every part is in bytes on one device after sharding; ``formulas`` gives the formula
+    each part was computed with. ``bytes_per_param`` is the unsharded model-state bytes
+    (weights + gradients + master weights + optimizer states) over the parameter count.
+
+    Example:
+        >>> e = estimate(7_000_000_000, "fp32", accounting="zero")
+        >>> e.weights / 1e9, e.bytes_per_param, e.model_states / 1e9
+        (28.0, 16.0, 112.0)
+    """
+
+    model: str
+    recipe: str
+    optimizer: str
+    num_params: int
+    batch_size: int
+    seq_len: int | None
+    world_size: int
+    zero_stage: int
+    activation_checkpointing: bool
+    accounting: str
+    weights: int
+    gradients: int
+    master_weights: int
+    master_gradients: int
+    optimizer_states: int
+    compensation: int
+    other_state: int
+    weight_copies: int
+    fp8_copies: int
+    activations: int
+    backward_transient: int
+    step_transient: int
+    bytes_per_param: float
+    formulas: tuple[tuple[str, str], ...]
+
+    @property
+    def parts(self) -> dict[str, int]:
+        """Part name -> bytes per device, in table order."""
+        return {name: getattr(self, name) for name in PARTS}
+
+    @property
+    def model_states(self) -> int:
+        """weights + gradients + master weights + optimizer states, per device."""
+        return sum(getattr(self, name) for name in _STATE_PARTS)
+
+    @property
+    def persistent(self) -> int:
+        """Bytes held across steps (everything but gradients and per-step memory)."""
+        return (
+            self.weights
+            + self.master_weights
+            + self.master_gradients
+            + self.optimizer_states
+            + self.compensation
+            + self.other_state
+        )
+
+    @property
+    def peak_phase(self) -> str:
+        """``"backward"`` or ``"step"``: where the larger of the two sides of the peak is."""
+        return "backward" if self._forward_side >= self._step_side else "step"
+
+    @property
+    def _forward_side(self) -> int:
+        return self.activations + self.weight_copies + self.fp8_copies + self.backward_transient
+
+    @property
+    def _step_side(self) -> int:
+        return self.gradients + self.step_transient
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per device: ``persistent + max(forward side, step side)``."""
+        return self.persistent + max(self._forward_side, self._step_side)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: settings, parts, total and formulas."""
+        return {
+            "model": self.model, "recipe": self.recipe, "optimizer": self.optimizer,
+            "num_params": self.num_params, "batch_size": self.batch_size,
+            "seq_len": self.seq_len, "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+            "activation_checkpointing": self.activation_checkpointing,
+            "accounting": self.accounting, "parts": self.parts,
+            "model_states": self.model_states, "total": self.total,
+            "peak_phase": self.peak_phase, "bytes_per_param": self.bytes_per_param,
+            "formulas": dict(self.formulas),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Params:
+    """Parameter counts that decide the model states."""
+
+    total: int
+    norm: int  # parameters of normalisation layers
+    matmul: int  # read by matmuls (get autocast copies)
+    linear_weights: int  # Linear weight matrices (get fp8 copies)
+    linear_layers: int
+    largest: int  # elements of the largest parameter tensor
+    tensors: int  # parameter tensors (one Adam step counter each)
+    factored: int | None  # Adafactor state elements (None: shapes unknown)
+    foreach: bool = True  # optimizer steps all tensors at once (torch's CUDA default)
+    buffers: int = 0  # bytes of module buffers
+
+
+def _params_of_module(model: nn.Module) -> _Params:
+    from mixprec.master import is_norm_module
+
+    params = list(model.parameters())
+    norm = matmul = lin_w = lin_n = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if is_norm_module(module):
+            norm += sum(p.numel() for p in own)
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            matmul += sum(p.numel() for p in module.parameters(recurse=False))
+        if isinstance(module, nn.Linear):
+            lin_w += module.weight.numel()
+            lin_n += 1
+        seen.update(id(p) for p in own)
+    factored = sum(
+        (p.shape[-2] + p.shape[-1]) * math.prod(p.shape[:-2]) if p.dim() >= 2 else p.numel()
+        for p in params
+    )
+    return _Params(
+        total=sum(p.numel() for p in params), norm=norm, matmul=matmul,
+        linear_weights=lin_w, linear_layers=lin_n,
+        largest=max((p.numel() for p in params), default=0), tensors=len(params),
+        factored=factored, foreach=bool(params) and params[0].device.type == "cuda",
+        buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
+    )  # fmt: skip
+
+
+def _params_of_spec(spec: ModelSpec) -> _Params:
+    c = spec.param_counts()
+    h, big = spec.hidden_size, spec.vocab_size * spec.hidden_size
+    per_layer = {"gpt2": 12, "bert": 16, "llama": 9}[spec.family]
+    return _Params(
+        c.total,
+        c.norm,
+        c.matmul,
+        c.linear_weights,
+        c.linear_layers,
+        max(big, h * spec.intermediate_size),
+        per_layer * spec.num_layers + 4,
+        None,
+    )
+
+
+def _resolve(model_or_spec) -> tuple[str, _Params, ModelSpec | None, nn.Module | None]:
+    if isinstance(model_or_spec, nn.Module):
+        return type(model_or_spec).__name__, _params_of_module(model_or_spec), None, model_or_spec
+    if isinstance(model_or_spec, bool) or not isinstance(
+        model_or_spec, (int, str, Path, dict, ModelSpec)
+    ):
+        raise TypeError(
+            "model_or_spec must be an nn.Module, a ModelSpec, a preset name, a config.json "
+            f"path, a config dict or a parameter count, got {type(model_or_spec).__name__}"
+        )
+    if isinstance(model_or_spec, int):
+        if model_or_spec <= 0:
+            raise ValueError(f"parameter count {model_or_spec} must be positive")
+        n = model_or_spec
+        return f"{n:,} params", _Params(n, 0, n, n, 0, 0, 0, None), None, None
+    if isinstance(model_or_spec, dict):
+        spec = spec_from_config(model_or_spec)
+    elif isinstance(model_or_spec, ModelSpec):
+        spec = model_or_spec
+    else:
+        text = str(model_or_spec)
+        is_path = isinstance(model_or_spec, Path) or text.endswith(".json") or "/" in text
+        spec = load_config(text) if is_path or Path(text).is_file() else get_spec(text)
+    return spec.name, _params_of_spec(spec), spec, None
+
+
+def _positive(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def estimate(
+    model_or_spec,
+    recipe: str | Recipe,
+    *,
+    optimizer: str = "adamw",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    zero_stage: int | str = 0,
+    world_size: int = 1,
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_fn=None,
+    accounting: Accounting = "mixprec",
+) -> MemoryEstimate:
+    """Predict the training memory per device of a model under a recipe.
+
+    Args:
+        model_or_spec: an ``nn.Module`` (counted as is; on the meta device nothing is
+            allocated), a preset name (see :func:`~mixprec.memory.specs.preset_names`),
+            a path to a Hugging Face ``config.json``, its parsed dict, a
+            :class:`~mixprec.memory.specs.ModelSpec`, or a bare parameter count.
+        recipe: recipe name or :class:`~mixprec.Recipe`.
+        optimizer: ``"adamw"``/``"adam"`` (2 states), ``"sgd"`` (none), ``"sgd-momentum"``
+            (1), ``"adafactor"`` (factored second moment: rows + columns of each matrix;
+            needs an nn.Module).
+        batch_size: micro-batch per device (default 1, or the size of ``batch``).
+        seq_len: tokens per sequence (transformer specs; default the model's maximum).
+        activation_checkpointing: keep only each layer's input, recompute the rest.
+        zero_stage: 0-3 (or ``"fsdp"`` = 3, ``"shard_grad_op"`` = 2).
+        world_size: devices the states are sharded over.
+        batch: ``(inputs, targets)`` micro-batch to trace an nn.Module's activations
+            (scaled linearly to ``batch_size``); without it a module's activations are 0.
+        loss_fn: ``loss_fn(outputs, targets)`` for the trace (default cross-entropy / MSE).
+        accounting: ``"mixprec"`` (what Precision allocates) or ``"zero"`` (the ZeRO
+            paper's 2 + 2 + K model-state accounting).
+
+    Returns:
+        :class:`MemoryEstimate`.
+
+    Raises:
+        ValueError: unknown optimizer, ZeRO stage, preset or accounting; sizes <= 0.
+
+    Example:
+        >>> e = estimate("llama-2-7b", "bf16-mixed", batch_size=1, seq_len=4096)
+        >>> round(e.weights / 1e9, 2)  # 6.74e9 fp32 params
+        26.95
+    """
+    recipe = get_recipe(recipe)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if zero_stage not in _ZERO_STAGES:
+        raise ValueError(
+            f"zero_stage={zero_stage!r} is not one of {', '.join(map(str, _ZERO_STAGES))}"
+        )
+    if accounting not in ("mixprec", "zero"):
+        raise ValueError(f"accounting={accounting!r} is not one of 'mixprec', 'zero'")
+    _positive("batch_size", batch_size)
+    _positive("seq_len", seq_len)
+    _positive("world_size", world_size)
+    stage = _ZERO_STAGES[zero_stage]
+    name, P, spec, module = _resolve(model_or_spec)
+    if optimizer == "adafactor" and P.factored is None:
+        raise ValueError("optimizer='adafactor' needs parameter shapes: pass an nn.Module")
+    if batch_size is None:
+        batch_size = int(batch[0].shape[0]) if batch is not None else 1
+    if spec is not None and seq_len is None:
+        seq_len = spec.max_position_embeddings
+
+    from mixprec.memory import parts as _p
+
+    states = _p.model_states(P, recipe, optimizer, accounting)
+    acts = _p.activation_parts(
+        recipe,
+        P,
+        spec,
+        module,
+        batch,
+        loss_fn,
+        batch_size,
+        seq_len,
+        activation_checkpointing,
+        states,
+    )
+    merged = {**states, **acts}
+    if "batch" in merged:  # the micro-batch is alive for the whole step
+        nbytes, text = merged.pop("batch")
+        other, other_text = merged["other_state"]
+        merged["other_state"] = (other + nbytes, f"{other_text} + {nbytes:,} B ({text})")
+    per_param = sum(merged[k][0] for k in _STATE_PARTS) / P.total
+    sharded = _p.shard(merged, stage, world_size)
+    return MemoryEstimate(
+        model=name, recipe=str(recipe), optimizer=optimizer, num_params=P.total,
+        batch_size=batch_size, seq_len=seq_len, world_size=world_size, zero_stage=stage,
+        activation_checkpointing=activation_checkpointing, accounting=accounting,
+        **{k: sharded[k][0] for k in PARTS}, bytes_per_param=per_param,
+        formulas=tuple((k, sharded[k][1]) for k in PARTS),
+    )  # fmt: skip

@@ -1,0 +1,256 @@
+"""The formulas behind each part of a :class:`~mixprec.memory.estimate.MemoryEstimate`.
+
+Each function returns ``{part: (bytes, formula)}``; bytes are unsharded until :func:`shard`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixprec.recipes import Recipe
+
+_F32 = torch.float32
+Part = tuple[int, str]
+
+
+def _b(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _n(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+def _terms(terms: list[tuple[int, int, str]]) -> Part:
+    """Sum of ``count x bytes`` terms and the formula that says so."""
+    terms = [t for t in terms if t[0] and t[1]]
+    total = sum(c * b for c, b, _ in terms)
+    text = " + ".join(f"{c:,} x {b} B ({label})" for c, b, label in terms) or "0"
+    return total, text
+
+
+def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str, Part]:
+    """Weights, gradients, masters, optimizer states, compensation, other state, step temps."""
+    from mixprec.memory.estimate import OPTIMIZERS
+
+    p16 = recipe.param_dtype
+    low = p16 != _F32
+    n_norm = P.norm if (low and recipe.keep_norms_fp32 and accounting == "mixprec") else 0
+    n_main = P.total - n_norm  # params stored in param_dtype (all of them when fp32)
+    w = _terms([(n_main, _b(p16), f"params {_n(p16)}"), (n_norm, 4, "norm params fp32")])
+    out: dict[str, Part] = {"weights": w}
+
+    master = recipe.master_dtype
+    n_master = n_main if (master is not None and master != p16) else 0
+    mixprec = accounting == "mixprec"
+    # Gradients on the model's parameters (same dtype as the parameter, as torch requires).
+    # bf16-master (grad_dtype fp32) accumulates them into the fp32 master-gradient buffer
+    # as they arrive, so only the fp32 parameters' gradients remain.
+    direct = mixprec and n_master and recipe.grad_dtype == _F32 and _F32 != p16
+    out["gradients"] = _terms(
+        [
+            (0 if direct else n_main, _b(p16), f"grads {_n(p16)}"),
+            (n_norm, 4, "norm grads fp32"),
+        ]
+    )
+    out["master_weights"] = _terms(
+        [(n_master, _b(master) if master else 0, f"master {_n(master) if master else ''}")]
+    )
+    out["master_gradients"] = _terms([(n_master if mixprec else 0, 4, "fp32 master-grad buffer")])
+    k = OPTIMIZERS[optimizer]
+    state_dtype = recipe.optimizer_state_dtype
+    if mixprec and recipe.update != "plain":
+        state_dtype = _F32  # Precision steps fp32 views of p + c: states follow them
+    n_states = P.factored if optimizer == "adafactor" else P.total
+    label = f"{k} state{'s' if k != 1 else ''} {_n(state_dtype)}"
+    if optimizer == "adafactor":
+        label = "factored 2nd moment (rows + cols) " + _n(state_dtype)
+    counters = P.tensors if (mixprec and optimizer in ("adam", "adamw", "adafactor")) else 0
+    out["optimizer_states"] = _terms(
+        [(n_states, k * _b(state_dtype), label), (counters, 4, "step counters")]
+    )
+    n_comp = n_main if (low and recipe.update == "kahan") else 0
+    out["compensation"] = _terms([(n_comp, _b(p16), f"Kahan buffer {_n(p16)}")])
+    out["other_state"] = _terms(
+        [
+            (1, _scaler_bytes(recipe) if mixprec else 0, "loss-scaler state and history"),
+            (1, P.buffers, "module buffers"),
+        ]
+    )
+    # Optimizer step temporaries (mixprec accounting only).
+    opt_temp, text = 0, "0"
+    if mixprec and optimizer in ("adam", "adamw", "adafactor"):
+        b = _b(state_dtype)
+        if not P.foreach:
+            opt_temp, text = 2 * P.largest * b, f"2 x {P.largest:,} x {b} B (single-tensor Adam)"
+        else:
+            opt_temp, text = P.total * b, f"{P.total:,} x {b} B (foreach Adam sqrt(v); 0 if fused)"
+    if mixprec and low and recipe.update != "plain" and master is None:
+        n16 = n_main
+        tail = 8 * n16 if recipe.update == "kahan" else 12 * n16
+        opt_temp = max(8 * n16 + opt_temp, 8 * n16 + tail) - 2 * n16
+        text = (
+            f"max(8 B x {n16:,} (fp32 value and grad) + optimizer temps, "
+            f"{(8 * n16 + tail) // n16} B x {n16:,} ({recipe.update} rounding)) "
+            f"- 2 B x {n16:,} (16-bit grads released)"
+        )
+    out["step_transient"] = (opt_temp, text)
+    return out
+
+
+def _scaler_bytes(recipe: Recipe) -> int:
+    if recipe.loss_scaling == "none":
+        return 0
+    try:
+        from mixprec.precision import Precision
+
+        scaler = Precision(recipe).scaler
+        scaler._ensure_state(torch.device("meta"))
+    except Exception:  # scaling not available in this build
+        return 0
+    total, seen = 0, set()
+    for obj in (scaler, getattr(scaler, "_log", None)):
+        for value in getattr(obj, "__dict__", {}).values():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+    return total
+
+
+def fp8_state_per_linear(recipe: Recipe) -> int:
+    """Bytes of the amax histories and scales one Float8Linear keeps (built on meta)."""
+    from torch import nn
+
+    from mixprec.float8 import Float8Config, Float8Linear
+
+    layer = Float8Linear.from_linear(
+        nn.Linear(16, 16, device="meta"), Float8Config(scaling=recipe.fp8)
+    )
+    return sum(b.numel() * b.element_size() for b in layer.buffers())
+
+
+def activation_parts(
+    recipe, P, spec, module, batch, loss_fn, batch_size, seq_len, ckpt, states
+) -> dict[str, Part]:
+    """Weight copies, fp8 copies, activations and the backward transient."""
+    compute = recipe.compute_dtype or recipe.param_dtype
+    if module is not None and batch is not None:
+        return _traced(recipe, module, batch, loss_fn, batch_size)
+    out: dict[str, Part] = {}
+    fp8 = recipe.fp8 != "off"
+    copies = P.matmul if recipe.uses_autocast and not fp8 else 0
+    out["weight_copies"] = _terms([(copies, _b(compute), f"{_n(compute)} autocast copies")])
+    fp8_state = P.linear_layers * fp8_state_per_linear(recipe) if fp8 else 0
+    out["fp8_copies"] = _terms(
+        [
+            (P.linear_weights if fp8 else 0, 1, "fp8 weight copies"),
+            (1 if fp8_state else 0, fp8_state, "amax/scale state"),
+        ]
+    )
+    if spec is None:
+        out["activations"] = (0, "0 (pass a transformer spec or a batch to trace)")
+        out["backward_transient"] = (0, "0")
+        return out
+    out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt)
+    out["batch"] = (16 * batch_size * seq_len, "token ids and labels: 2 x s*b x 8 B")
+    out["backward_transient"] = (
+        states["gradients"][0],
+        "= gradients (all may be alive before activations are freed)",
+    )
+    return out
+
+
+def korthikanti(spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: bool) -> Part:
+    """Activation bytes of a transformer, after Korthikanti et al. 2022 (Sec. 4.1).
+
+    Per layer, with e bytes per activation element (2 for 16-bit compute), f bytes per
+    saved Linear input (1 with fp8, else e) and m = 1 byte dropout masks (0 without
+    dropout)::
+
+        attention: 2sbh*f (QKV and output-projection inputs) + 3sbh*e (Q, K, V)
+                   + as^2b*e (softmax) [+ as^2b*(m + e) dropout mask and output] + sbh*m
+        MLP (GELU, width ff): sbh*f + sbI*e (GELU input) + sbI*f + sbh*m
+        MLP (SwiGLU):        sbh*f + 3sbI*e (gate, SiLU, up) + sbI*f
+        norms: 2sbh*e
+
+    which for 16-bit GPT-2/BERT shapes (ff = 4h, dropout) is the paper's sbh(34 + 5as/h).
+    The LM head adds sbh*(e + f) + 4sbV (fp32 log-softmax). With full activation
+    checkpointing only each layer's input (sbh*e) is kept, plus one layer recomputed.
+    """
+    e = _b(compute)
+    f = 1 if fp8 else e
+    m = 1 if spec.dropout else 0
+    h, a, L, ff, V = (
+        spec.hidden_size,
+        spec.num_heads,
+        spec.num_layers,
+        spec.intermediate_size,
+        spec.vocab_size,
+    )
+    sbh, sb = s * b * h, s * b
+    attn = sbh * (2 * f + 3 * e + m) + a * s * s * b * (e + (m + e if m else 0))
+    if spec.family == "llama":
+        mlp = sbh * f + sb * ff * (3 * e + f)
+    else:
+        mlp = sbh * (f + m) + sb * ff * (e + f)
+    layer = attn + mlp + 2 * sbh * e
+    head = sbh * (e + f) + 4 * sb * V if spec.has_lm_head else 0
+    embed = sbh * m
+    if ckpt:
+        total = L * sbh * e + layer + head + embed
+        text = f"L*sbh*{e} (layer inputs) + 1 layer recomputed ({layer:,} B)"
+    else:
+        total = L * layer + head + embed
+        c1 = (layer - a * s * s * b * (e + (m + e if m else 0))) / sbh
+        c2 = e + (m + e if m else 0)
+        text = f"L*sbh*({c1:g} + {c2:g}*as/h)"
+    text += f" + head {head:,} B; s={s}, b={b}, h={h}, a={a}, L={L} [Korthikanti et al. 2022]"
+    return total, text
+
+
+def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
+    from mixprec.memory.measure import default_loss
+    from mixprec.memory.trace import trace_step
+
+    t = trace_step(module, recipe, batch, loss_fn or default_loss)
+    own_buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    scale = batch_size / t.batch_items
+    copies = t.weight_copies + t.fp8_copies
+    acts = round((t.forward_end - copies) * scale)
+    bwd = max(t.forward_peak - t.forward_end, t.backward_extra - t.backward_grads)
+    return {
+        "weight_copies": (t.weight_copies, "traced: saved copies derived from weights only"),
+        "fp8_copies": (
+            t.fp8_copies + max(t.buffer_bytes - own_buffers, 0),
+            "traced: saved fp8 copies of weights + buffers added by setup",
+        ),
+        "activations": (
+            acts,
+            f"traced saved tensors ({t.batch_items} items) x {batch_size}/{t.batch_items}",
+        ),
+        "batch": (round(t.batch_bytes * scale), "the micro-batch tensors"),
+        "backward_transient": (
+            round(bwd * scale) + t.backward_grads,
+            "traced: backward peak above the end of the forward",
+        ),
+    }
+
+
+_SHARD_STAGE = {
+    "master_weights": 1, "master_gradients": 1, "optimizer_states": 1, "compensation": 1,
+    "step_transient": 1, "gradients": 2, "weights": 3, "weight_copies": 3, "fp8_copies": 3,
+}  # fmt: skip
+
+
+def shard(parts: dict[str, Part], stage: int, world: int) -> dict[str, Part]:
+    """Divide each part sharded at this ZeRO stage by the world size (ceiling)."""
+    out = {}
+    for name, (nbytes, text) in parts.items():
+        if world > 1 and stage >= _SHARD_STAGE.get(name, 99) and nbytes:
+            nbytes, text = -(-nbytes // world), f"({text}) / {world} (ZeRO-{stage})"
+        out[name] = (nbytes, text)
+    if "= gradients" in out.get("backward_transient", (0, ""))[1]:
+        out["backward_transient"] = (out["gradients"][0], parts["backward_transient"][1])
+    return out
