@@ -4,7 +4,7 @@ Number formats, training recipes, loss scaling, fp8 Linear layers, a memory plan
 numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 """
 
-from mixprec import float8
+from mixprec import float8, memory
 from mixprec.formats import (
     FORMATS,
     FloatFormat,
@@ -42,4 +42,6 @@ __all__ = [
     "LossScaler",
     # fp8 training (subpackage)
     "float8",
+    # memory planner (subpackage)
+    "memory",
 ]
