@@ -18,13 +18,132 @@ class CliError(Exception):
 
 
 def _add_formats(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("formats", help="number formats: table, explain a value, plots")
-    p.set_defaults(func=_not_yet, command_name="formats")
+    p = sub.add_parser(
+        "formats",
+        help="number formats: table, explain a value, plots",
+        description="Without an action: a table of every format's layout and limits.",
+    )
+    p.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
+                   help="only these formats (name, alias, or layout like e3m4)")  # fmt: skip
+    p.set_defaults(func=_formats_table, command_name="formats")
+    actions = p.add_subparsers(dest="formats_action", metavar="ACTION")
+    e = actions.add_parser("explain", help="what one value becomes in each format")
+    e.add_argument("value", help="a number: 0.001, 1e-8, inf, nan, 0x1p-14")
+    e.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
+                   help="format to explain in (repeatable; default: fp32 to fp8)")  # fmt: skip
+    e.set_defaults(func=_formats_explain)
+    pl = actions.add_parser("plot", help="PNG bit layouts and a rounding-error chart")
+    pl.add_argument("--out", required=True, help="directory to write the PNG files to")
+    pl.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
+                    help="formats to draw (repeatable; default fp16 bf16 fp8 fp6 fp4)")  # fmt: skip
+    pl.set_defaults(func=_formats_plot)
+
+
+def _format_list(names: list[str] | None, default: Sequence[str]) -> list:
+    from mixprec.formats import get_format
+
+    try:
+        return [get_format(n) for n in (names or default)]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # files and pipes: wide enough for every column
+        console = Console(width=max(console.width, 160))
+    return console
+
+
+def _formats_table(args: argparse.Namespace) -> int:
+    from mixprec.formats import FORMATS
+    from mixprec.formats_report import format_table
+
+    _console().print(format_table(_format_list(args.formats, list(FORMATS))))
+    return 0
+
+
+def _formats_explain(args: argparse.Namespace) -> int:
+    from mixprec.formats_report import explain_table
+
+    text = args.value.strip()
+    try:
+        value = float.fromhex(text) if "0x" in text.lower() else float(text)
+    except ValueError:
+        raise CliError(
+            f"value {args.value!r} is not a number (e.g. 0.001, 1e-8, 0x1p-14)"
+        ) from None
+    default = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+    _console().print(explain_table(value, _format_list(args.formats, default)))
+    return 0
+
+
+def _formats_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixprec.formats_report import DEFAULT_PLOT_FORMATS, plot_layouts, plot_rounding_error
+
+    fmts = _format_list(args.formats, DEFAULT_PLOT_FORMATS)
+    out = Path(args.out)
+    paths = plot_layouts(fmts, out)
+    paths.append(plot_rounding_error(fmts, out / "rounding_error.png"))
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _add_estimate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("estimate", help="predict training memory for a model and recipe")
-    p.set_defaults(func=_not_yet, command_name="estimate")
+    p = sub.add_parser(
+        "estimate",
+        help="predict training memory for a model and recipe",
+        description="Memory per device: weights, gradients, masters, optimizer states, "
+        "copies, activations; and whether it fits a device.",
+    )
+    p.add_argument("model", help="preset name (e.g. llama-2-7b) or a config.json path")
+    p.add_argument("--recipe", default="bf16-mixed", help="recipe name (default bf16-mixed)")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd, sgd-momentum")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch per device")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: max)")
+    p.add_argument("--gpus", type=int, default=1, help="devices the states are sharded over")
+    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--device", help="known device, e.g. h100-80gb, a100-40gb, l4")
+    dev.add_argument("--device-memory", help="device memory, e.g. 80GiB or 24GB")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_estimate, command_name="estimate")
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from mixprec.memory import device_memory, estimate, parse_size
+    from mixprec.memory.report import render, verdict
+
+    try:
+        e = estimate(
+            args.model, args.recipe, optimizer=args.optimizer, batch_size=args.batch,
+            seq_len=args.seq, activation_checkpointing=args.checkpointing,
+            zero_stage=args.zero, world_size=args.gpus,
+        )  # fmt: skip
+        capacity = None
+        if args.device:
+            capacity = device_memory(args.device)
+        elif args.device_memory:
+            capacity = parse_size(args.device_memory)
+        v = verdict(args.model, e, capacity) if capacity is not None else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        out = e.to_dict()
+        if v is not None:
+            out["verdict"] = v.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(e, v), end="")
+    return 0
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:

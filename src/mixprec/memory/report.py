@@ -1,0 +1,158 @@
+"""Rendering of memory estimates: the breakdown table, and the verdict against a device.
+
+:func:`verdict` answers "does it fit?" and, when it does not, tries the changes below in
+order of cost and names the first that fits::
+
+    1. activation checkpointing       (one more forward pass of compute)
+    2. a higher ZeRO stage            (more communication; needs world_size > 1)
+    3. a smaller micro-batch          (halved down to 1; more accumulation steps)
+    4. a recipe with fewer bytes      (the smallest total among the built-in recipes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mixprec.memory.estimate import PARTS, MemoryEstimate, estimate
+
+__all__ = ["Verdict", "render", "verdict"]
+
+_LABELS = {
+    "weights": "weights",
+    "gradients": "gradients",
+    "master_weights": "master weights",
+    "master_gradients": "master gradients",
+    "optimizer_states": "optimizer states",
+    "compensation": "compensation buffers",
+    "other_state": "other state (scaler, buffers, batch)",
+    "weight_copies": "weight copies (autocast)",
+    "fp8_copies": "fp8 copies and scale state",
+    "activations": "activations",
+    "backward_transient": "backward transient",
+    "step_transient": "optimizer-step transient",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether an estimate fits a device, and the cheapest single change that makes it fit.
+
+    Args:
+        fits: ``total <= capacity``.
+        capacity: device memory in bytes.
+        change: a description of the change (``None`` when it fits or nothing helps).
+        changed: the estimate after the change.
+    """
+
+    fits: bool
+    capacity: int
+    change: str | None = None
+    changed: MemoryEstimate | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "fits": self.fits,
+            "capacity": self.capacity,
+            "change": self.change,
+            "total_after_change": self.changed.total if self.changed else None,
+        }
+
+
+def gb(n: int | float) -> str:
+    """Bytes as GiB with two decimals."""
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdict:
+    """Does ``e`` fit in ``capacity`` bytes; if not, the cheapest change that fits.
+
+    ``kwargs`` are the extra arguments ``e`` was made with (e.g. ``batch=``).
+
+    Example:
+        >>> e = estimate("gpt2", "bf16-mixed", seq_len=1024)
+        >>> verdict("gpt2", e, 80 * 2**30).fits
+        True
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity={capacity} must be positive")
+    if e.total <= capacity:
+        return Verdict(True, capacity)
+    base = dict(
+        optimizer=e.optimizer, batch_size=e.batch_size, seq_len=e.seq_len,
+        activation_checkpointing=e.activation_checkpointing, zero_stage=e.zero_stage,
+        world_size=e.world_size, accounting=e.accounting, **kwargs,
+    )  # fmt: skip
+    tries: list[tuple[str, dict]] = []
+    if not e.activation_checkpointing:
+        tries.append(("turn on activation checkpointing", {"activation_checkpointing": True}))
+    if e.world_size > 1:
+        for stage in range(e.zero_stage + 1, 4):
+            tries.append((f"use ZeRO stage {stage}", {"zero_stage": stage}))
+    size = e.batch_size // 2
+    while size >= 1:
+        tries.append((f"micro-batch {size} (accumulate gradients)", {"batch_size": size}))
+        size //= 2
+    for desc, change in tries:
+        changed = estimate(model_or_spec, e.recipe, **{**base, **change})
+        if changed.total <= capacity:
+            return Verdict(False, capacity, desc, changed)
+    from mixprec.recipes import RECIPES
+
+    best = None
+    for name in RECIPES:
+        if name == e.recipe:
+            continue
+        changed = estimate(model_or_spec, name, **base)
+        if changed.total <= capacity and (best is None or changed.total < best[1].total):
+            best = (f"recipe {name} ({changed.bytes_per_param:g} B/param of model states)", changed)
+    if best is not None:
+        return Verdict(False, capacity, *best)
+    return Verdict(False, capacity)
+
+
+def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True) -> str:
+    """The breakdown as a rich table (text), and the verdict below it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"{e.model} · {e.recipe} · {e.optimizer} · batch {e.batch_size}"
+        + (f" · seq {e.seq_len}" if e.seq_len else "")
+        + (f" · {e.world_size} devices ZeRO-{e.zero_stage}" if e.world_size > 1 else "")
+        + (" · checkpointing" if e.activation_checkpointing else "")
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("per device", justify="right")
+    if formulas:
+        table.add_column("formula", overflow="fold")
+    formula = dict(e.formulas)
+    for name in PARTS:
+        row = [_LABELS[name], gb(getattr(e, name))]
+        table.add_row(*([*row, formula[name]] if formulas else row))
+    table.add_section()
+    extra = ["persistent + max(forward side, step side)"] if formulas else []
+    table.add_row("peak per device", gb(e.total), *extra)
+    console = Console(record=True, width=160 if formulas else 80, force_terminal=False)
+    with console.capture() as cap:
+        console.print(table)
+        console.print(
+            f"{e.num_params:,} parameters; model states {e.bytes_per_param:.2f} B/param; "
+            f"peak in the {e.peak_phase} phase"
+        )
+        if v is not None:
+            if v.fits:
+                console.print(f"fits: {gb(e.total)} of {gb(v.capacity)}")
+            elif v.change:
+                console.print(
+                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; cheapest fix: "
+                    f"{v.change} -> {gb(v.changed.total)}"
+                )
+            else:
+                console.print(
+                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; no single change "
+                    "makes it fit (more devices, or a smaller model)"
+                )
+    return cap.get()
