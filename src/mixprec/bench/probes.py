@@ -13,6 +13,7 @@ slow the steps being timed:
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from collections.abc import Iterator
 from typing import Any
@@ -40,24 +41,18 @@ def measure_memory(
     return {"peak": int(m.peak), "source": m.source, "breakdown": dict(m.breakdown)}
 
 
-def estimate_memory(model: nn.Module, recipe: str, batch) -> dict[str, Any] | None:
-    """The :func:`mixprec.memory.estimate` prediction for ``model`` and ``recipe``, or None."""
+def estimate_memory(model: nn.Module, recipe: str, batch, loss_fn) -> dict[str, Any] | None:
+    """The :func:`mixprec.memory.estimate` peak for ``model``, ``recipe`` and ``batch``, or None.
+
+    The estimate traces one forward and backward pass of a copy of ``model`` on ``batch``
+    for the activations. Returns ``{"peak": bytes, "parts": {part: bytes}}``.
+    """
     try:
-        memory = importlib.import_module("mixprec.memory")
-        estimate = memory.estimate
-    except (ImportError, AttributeError):
-        return None
-    inputs = batch[0]
-    batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 1
-    seq_len = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 else 1
-    try:
-        e = estimate(model, recipe=recipe, batch_size=batch_size, seq_len=seq_len)
+        estimate = importlib.import_module("mixprec.memory").estimate
+        e = estimate(copy.deepcopy(model), recipe, batch=batch, loss_fn=loss_fn)
     except Exception:  # the estimate does not cover this model: leave it out
         return None
-    total = getattr(e, "total", None) or getattr(e, "peak", None)
-    if total is None and isinstance(e, (int, float)):
-        total = e
-    return {"peak": int(total)} if total else None
+    return {"peak": int(e.total), "parts": dict(e.parts)}
 
 
 @contextlib.contextmanager

@@ -258,14 +258,13 @@ def _synchronize(device: torch.device) -> None:
 def _probe_memory(name, base_model, task, batch, config, device, result) -> None:
     model = copy.deepcopy(base_model).to(device)
     batch = to_device(batch, device)
-    measured = measure_memory(
-        model, task.build_optimizer(model), name, batch, task.loss, steps=config.memory_steps
-    )
-    if measured:
-        result.peak_memory_bytes, result.memory_source = measured["peak"], measured["source"]
-    estimated = estimate_memory(base_model, name, batch)
+    estimated = estimate_memory(model, name, batch, task.loss)  # traces a copy of model
     if estimated:
         result.estimated_memory_bytes = estimated["peak"]
+    steps = config.memory_steps
+    measured = measure_memory(model, task.build_optimizer(model), name, batch, task.loss, steps)
+    if measured:
+        result.peak_memory_bytes, result.memory_source = measured["peak"], measured["source"]
 
 
 def _train_recipe(

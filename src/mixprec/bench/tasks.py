@@ -121,6 +121,11 @@ class Task(ABC):
         """True when ``|value - reference| <= tolerance`` (same quality as the reference)."""
         return abs(value - reference) <= self.tolerance
 
+    @property
+    def tolerance_text(self) -> str:
+        """The tolerance as printed in reports, e.g. ``"0.1"``."""
+        return f"{self.tolerance:g}"
+
     # -- the interface ---------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         """A fresh fp32 model on the CPU; the same weights for the same seed."""

@@ -139,7 +139,12 @@ class UserTask(Task):
         return float("nan")
 
     def within_tolerance(self, value: float, reference: float) -> bool:
+        """True when ``|value - reference| <= 5% of |reference|``."""
         return abs(value - reference) <= self.tolerance * abs(reference)
+
+    @property
+    def tolerance_text(self) -> str:
+        return f"{self.tolerance:.0%} of fp32"
 
     def build_model(self) -> nn.Module:
         model = copy.deepcopy(self._model)

@@ -1,0 +1,112 @@
+"""PNG plots of a bench: loss curves overlaid, throughput bars, memory bars, numerics histogram."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mixprec.bench.runner import BenchResult
+
+__all__ = ["write_plots"]
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _loss_curves(result: BenchResult, path: Path) -> Path:
+    plt, fig, ax = _figure()
+    for r in result.recipes:
+        steps = range(1, len(r.losses) + 1)
+        finite = [v if math.isfinite(v) else float("nan") for v in r.losses]
+        (line,) = ax.plot(steps, finite, label=r.recipe, linewidth=1.2)
+        if r.status == "diverged" and r.diverged_at:
+            last = next((v for v in reversed(finite) if math.isfinite(v)), 0.0)
+            ax.plot([r.diverged_at], [last], "x", color=line.get_color(), markersize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{result.task.name} ({result.task.size}): loss per step (x = diverged)")
+    if result.recipes:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _throughput(result: BenchResult, path: Path) -> Path:
+    plt, fig, ax = _figure()
+    names = [r.recipe for r in result.recipes]
+    values = [result.items_per_s(r) or 0.0 for r in result.recipes]
+    bars = ax.bar(names, values, color="tab:blue")
+    for bar, r in zip(bars, result.recipes):
+        s = result.speedup(r)
+        if s:
+            ax.annotate(
+                f"{s:.2f}x",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_ylabel(f"{result.task.item_unit}/s (median step)")
+    ax.set_title("throughput (label: speed-up over fp32)")
+    ax.tick_params(axis="x", rotation=30)
+    return _save(plt, fig, path)
+
+
+def _memory(result: BenchResult, path: Path) -> Path:
+    plt, fig, ax = _figure()
+    names = [r.recipe for r in result.recipes]
+    x = range(len(names))
+    mib = 2**20
+    measured = [(r.peak_memory_bytes or 0) / mib for r in result.recipes]
+    estimated = [(r.estimated_memory_bytes or 0) / mib for r in result.recipes]
+    ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured peak")
+    ax.bar([i + 0.2 for i in x], estimated, width=0.4, label="estimated", alpha=0.7)
+    ax.set_xticks(list(x), names, rotation=30)
+    ax.set_ylabel("MiB")
+    ax.set_title("peak training memory (0 = not available)")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _numerics(result: BenchResult, path: Path) -> Path | None:
+    data = result.numerics or {}
+    hist = data.get("histogram")
+    if not hist or not hist.get("counts"):
+        return None
+    plt, fig, ax = _figure()
+    edges, counts = hist["edges"], hist["counts"]
+    ax.stairs(counts, edges, fill=True, alpha=0.6)
+    for label, value in (data.get("markers") or {}).items():
+        ax.axvline(value, linestyle="--", linewidth=0.8)
+        ax.annotate(label, (value, max(counts) * 0.9), rotation=90, fontsize=7)
+    ax.set_xlabel("log2 |value|")
+    ax.set_ylabel("count")
+    ax.set_title(data.get("title", "numerics: magnitudes"))
+    return _save(plt, fig, path)
+
+
+def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
+    """Write the plots into ``out``; returns ``{name: path}`` (numerics only when measured)."""
+    files = {
+        "loss_curves": _loss_curves(result, out / "loss_curves.png"),
+        "throughput": _throughput(result, out / "throughput.png"),
+        "memory": _memory(result, out / "memory.png"),
+    }
+    numerics = _numerics(result, out / "numerics.png")
+    if numerics is not None:
+        files["numerics"] = numerics
+    return files
