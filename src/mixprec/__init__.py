@@ -4,7 +4,7 @@ Number formats, training recipes, loss scaling, fp8 Linear layers, a memory plan
 numerics monitor and a benchmark, behind one small API (see DESIGN.md).
 """
 
-from mixprec import float8, memory
+from mixprec import float8, memory, numerics
 from mixprec.formats import (
     FORMATS,
     FloatFormat,
@@ -44,4 +44,6 @@ __all__ = [
     "float8",
     # memory planner (subpackage)
     "memory",
+    # numerics monitor (subpackage)
+    "numerics",
 ]

@@ -1,0 +1,533 @@
+"""The numerics monitor: hooks that measure every module's tensors, forward and backward.
+
+What is measured, and where:
+
+============  ==============  ===================================================  ===========
+phase         kind            tensor                                               hook
+============  ==============  ===================================================  ===========
+forward       ``output``      every floating tensor a module returns               forward
+backward      ``grad_output`` gradient of a module's output                        tensor hook
+backward      ``grad_input``  gradient of the tensor a module received              tensor hook
+backward      ``param_grad``  a parameter's ``.grad`` after it is accumulated      post-accum.
+update        ``weight``      a parameter after the step                           ``step()``
+update        ``update``      ``parameter after - parameter before`` the step      ``step()``
+============  ==============  ===================================================  ===========
+
+Gradient hooks are tensor hooks registered in the forward pass, not
+``register_full_backward_hook`` (which breaks modules whose output is later changed in
+place). A hook registered on the input before the module runs sees the gradient of that
+version of the tensor, so in-place activations (``ReLU(inplace=True)``) are measured
+correctly. ``grad_input`` is the gradient autograd computes for that tensor: the sum over
+all its uses, as in ``tensor.grad``. A tensor seen by several modules (a module's output is
+the next one's input, or a container returns its child's output) is measured once and
+filed under every ``(module, kind)`` it belongs to.
+
+Each measurement is one int64 vector on the tensor's device (:mod:`.stats`); the vectors
+are read out in one transfer per reporting interval (``report_every`` steps, or when a
+result is asked for). Under loss scaling the gradients are the scaled ones; pass the
+scale to :meth:`Monitor.step` and it is recorded with the step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixprec.numerics.stats import StatsLayout, TensorStats
+
+__all__ = ["KINDS", "TRACK", "FirstNonFinite", "Monitor", "NonFiniteError"]
+
+TRACK = ("activations", "gradients", "weights", "updates")
+KINDS = ("output", "grad_output", "grad_input", "param_grad", "weight", "update")
+_KINDS_OF_TRACK = {
+    "activations": ("output",),
+    "gradients": ("grad_output", "grad_input", "param_grad"),
+    "weights": ("weight",),
+    "updates": ("update",),
+}
+_PHASE = {
+    "output": "forward",
+    "grad_output": "backward",
+    "grad_input": "backward",
+    "param_grad": "backward",
+    "weight": "update",
+    "update": "update",
+}
+DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+
+
+def describe(path: str, kind: str) -> str:
+    """Words for a tensor: ``describe("fc2", "grad_output") == "the gradient of fc2's output"``."""
+    name = path or "the model"
+    return {
+        "output": f"the output of {name}",
+        "grad_output": f"the gradient of {name}'s output",
+        "grad_input": f"the gradient of {name}'s input",
+        "param_grad": f"the gradient of parameter {name}",
+        "weight": f"parameter {name}",
+        "update": f"the update of parameter {name}",
+    }[kind]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised at the first inf or NaN when the monitor runs with ``raise_on_nonfinite``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirstNonFinite:
+    """Where an inf or NaN first appeared in one step, in execution order.
+
+    Attributes:
+        step: the monitor's step number.
+        phase: ``"forward"``, ``"backward"`` or ``"update"`` (after the optimizer step).
+        path: module path (``""`` for the model itself) or parameter name.
+        kind: one of :data:`KINDS`.
+        what: ``"inf"``, ``"nan"`` or ``"inf and nan"``.
+        fraction: fraction of that tensor's values that are not finite.
+        also: other ``(path, kind)`` the same tensor belongs to.
+    """
+
+    step: int
+    phase: str
+    path: str
+    kind: str
+    what: str
+    fraction: float
+    also: tuple[tuple[str, str], ...] = ()
+
+    def message(self) -> str:
+        """One sentence: ``"step 3, backward: first inf in the gradient of fc2's output"``."""
+        text = (
+            f"step {self.step}, {self.phase}: first {self.what} in {describe(self.path, self.kind)}"
+        )
+        if self.also:
+            text += " (also " + ", ".join(describe(p, k) for p, k in self.also) + ")"
+        return text
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "phase": self.phase,
+            "path": self.path,
+            "kind": self.kind,
+            "what": self.what,
+            "fraction": self.fraction,
+            "also": [list(x) for x in self.also],
+            "message": self.message(),
+        }
+
+
+class _Record:
+    """One measured tensor: its vector on the device and the keys it is filed under."""
+
+    __slots__ = ("seq", "step", "dtype", "keys", "vec")
+
+    def __init__(self, seq: int, step: int, dtype: torch.dtype, key, vec: torch.Tensor) -> None:
+        self.seq, self.step, self.dtype, self.keys, self.vec = seq, step, dtype, [key], vec
+
+
+class _Seen:
+    """A tensor met in this forward pass (by identity and version)."""
+
+    __slots__ = ("ref", "record", "grad_keys", "handle")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.record: _Record | None = None
+        self.grad_keys: list | None = None
+        self.handle = None
+
+
+def _tensors(obj) -> Iterable[torch.Tensor]:
+    """Floating-point tensors in a (nested) tuple / list / dict output."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class Monitor:
+    """Per-module, per-format statistics of activations, gradients, weights and updates.
+
+    Args:
+        model: the module to watch (every submodule and parameter is watched).
+        formats: target format names; for each, the fractions of every tensor that would
+            overflow, be subnormal or flush to zero if cast to it.
+        every: measure one step in ``every`` (steps ``0, every, 2 * every, ...``).
+        track: any of ``"activations"``, ``"gradients"``, ``"weights"``, ``"updates"``.
+        report_every: read the device-side results out every this many steps.
+        raise_on_nonfinite: raise :class:`NonFiniteError` at the first inf/NaN (this
+            synchronises with the device after every measured tensor).
+        loss_threshold: the lost fraction (overflow + flush) a format may have and still
+            "fit" a module in :meth:`verdicts`.
+
+    Call :meth:`step` once per training step, after the optimizer step (it measures weights
+    and updates and advances the step count). With a loss scaler pass ``scale=``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Monitor(model, formats=["fp16", "fp8_e5m2"]) as monitor:
+        ...     for _ in range(2):
+        ...         model(torch.randn(8, 4)).square().mean().backward()
+        ...         opt.step(); opt.zero_grad(); monitor.step()
+        >>> monitor.stats("0", "output").numel
+        64
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        formats: Iterable[str] = DEFAULT_FORMATS,
+        every: int = 1,
+        track: Iterable[str] = TRACK,
+        report_every: int = 50,
+        raise_on_nonfinite: bool = False,
+        loss_threshold: float = 0.01,
+    ) -> None:
+        from mixprec.formats import get_format
+
+        if isinstance(formats, str):
+            formats = (formats,)
+        self.formats = tuple(get_format(f) for f in formats)  # ValueError lists the names
+        self.format_names = tuple(f.name for f in self.formats)
+        if not self.formats:
+            raise ValueError("formats is empty; give at least one format name")
+        if isinstance(track, str):
+            track = (track,)
+        track = tuple(track)
+        for t in track:
+            if t not in TRACK:
+                raise ValueError(f"track={t!r} is not one of {', '.join(map(repr, TRACK))}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be a positive integer")
+        if not isinstance(report_every, int) or report_every < 1:
+            raise ValueError(f"report_every={report_every!r} must be a positive integer")
+        if not 0.0 <= loss_threshold < 1.0:
+            raise ValueError(f"loss_threshold={loss_threshold!r} must be in [0, 1)")
+        self.model = model
+        self.every = every
+        self.track = track
+        self.kinds = tuple(k for t in track for k in _KINDS_OF_TRACK[t])
+        self.report_every = report_every
+        self.raise_on_nonfinite = raise_on_nonfinite
+        self.loss_threshold = loss_threshold
+        self.layout = StatsLayout(self.formats)
+        self.module_paths = [name for name, _ in model.named_modules()]
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self._handles: list = []
+        self._attached = False
+        self._step = 0
+        self._seq = 0
+        self._pending: list[_Record] = []
+        self._seen: dict[tuple[int, int], _Seen] = {}
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._scales: dict[int, object] = {}
+        # host side results
+        self.results: dict[int, dict[tuple[str, str], TensorStats]] = {}
+        self.scales: dict[int, float] = {}
+        self._first: dict[int, FirstNonFinite] = {}
+        self._last_readout_step = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """The step being measured now (the number of :meth:`step` calls so far)."""
+        return self._step
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the current step is measured."""
+        return self._attached and self._step % self.every == 0
+
+    def attach(self) -> Monitor:
+        """Register the hooks (idempotent). Returns ``self``."""
+        if self._attached:
+            return self
+        want = set(self.kinds)
+        for path, module in self.model.named_modules():
+            if want & {"grad_input"}:
+                self._handles.append(
+                    module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True)
+                )
+            if want & {"output", "grad_output"}:
+                self._handles.append(module.register_forward_hook(self._post_hook(path, module)))
+        if "param_grad" in want:
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    self._handles.append(
+                        p.register_post_accumulate_grad_hook(self._param_hook(name))
+                    )
+        self._attached = True
+        self._maybe_snapshot()
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook (module, parameter and pending tensor hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._clear_seen()
+        self._snapshot.clear()
+        self._attached = False
+
+    def __enter__(self) -> Monitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- recording ----------------------------------------------------------------------
+    def _record(self, tensor: torch.Tensor, key: tuple[str, str]) -> _Record:
+        self._seq += 1
+        rec = _Record(self._seq, self._step, tensor.dtype, key, self.layout.compute(tensor))
+        self._pending.append(rec)
+        if self.raise_on_nonfinite:
+            self._check_now(rec)
+        return rec
+
+    def _check_now(self, rec: _Record) -> None:
+        bad = rec.vec[self.layout.nonfinite_start : self.layout.n_intervals].sum()
+        if bad.item():  # syncs: only with raise_on_nonfinite
+            self.readout()
+            first = self._first.get(rec.step)
+            raise NonFiniteError(first.message() if first else f"non-finite at step {rec.step}")
+
+    def _seen_entry(self, tensor: torch.Tensor) -> _Seen:
+        key = (id(tensor), tensor._version)
+        entry = self._seen.get(key)
+        if entry is None or entry.ref() is not tensor:
+            entry = _Seen(tensor)
+            self._seen[key] = entry
+        return entry
+
+    def _hook_grad(self, tensor: torch.Tensor, key: tuple[str, str]) -> None:
+        if not tensor.requires_grad:
+            return
+        entry = self._seen_entry(tensor)
+        if entry.grad_keys is None:
+            entry.grad_keys = [key]
+            keys = entry.grad_keys
+
+            def hook(grad: torch.Tensor) -> None:
+                if self._attached and grad is not None:
+                    rec = None
+                    for k in keys:
+                        if rec is None:
+                            rec = self._record(grad, k)
+                        else:
+                            rec.keys.append(k)
+
+            try:
+                entry.handle = tensor.register_hook(hook)
+            except RuntimeError:  # e.g. a tensor that cannot take hooks
+                entry.grad_keys = None
+        elif key not in entry.grad_keys:
+            entry.grad_keys.append(key)
+
+    def _pre_hook(self, path: str):
+        def pre_hook(module, args, kwargs):
+            if not self.sampling or not torch.is_grad_enabled():
+                return None
+            for t in _tensors((args, kwargs)):
+                self._hook_grad(t, (path, "grad_input"))
+            return None
+
+        return pre_hook
+
+    def _post_hook(self, path: str, module: nn.Module):
+        is_root = module is self.model
+        want_out = "output" in self.kinds
+        want_grad = "grad_output" in self.kinds
+
+        def post_hook(module, args, output):
+            if not self.sampling:
+                return None
+            key = (path, "output")
+            for t in _tensors(output):
+                if want_out:
+                    entry = self._seen_entry(t)
+                    if entry.record is None:
+                        entry.record = self._record(t, key)
+                    elif key not in entry.record.keys:
+                        entry.record.keys.append(key)
+                if want_grad and torch.is_grad_enabled():
+                    self._hook_grad(t, (path, "grad_output"))
+            if is_root:  # end of the forward pass: forget identities, keep the hooks
+                self._seen = {k: v for k, v in self._seen.items() if v.handle is not None}
+            return None
+
+        return post_hook
+
+    def _param_hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if self.sampling and p.grad is not None:
+                self._record(p.grad, (name, "param_grad"))
+
+        return hook
+
+    def _clear_seen(self) -> None:
+        for entry in self._seen.values():
+            if entry.handle is not None:
+                entry.handle.remove()
+        self._seen.clear()
+
+    def _maybe_snapshot(self) -> None:
+        self._snapshot.clear()
+        if self.sampling and "update" in self.kinds:
+            with torch.no_grad():
+                self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def step(self, *, scale: float | torch.Tensor | None = None) -> None:
+        """End the current step: measure weights and updates, then advance the step count.
+
+        Args:
+            scale: the loss scale this step's backward used (a float or a 0-dim tensor,
+                kept on the device until the readout); recorded with the step's statistics.
+        """
+        if self.sampling:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if "weight" in self.kinds:
+                        self._record(p, (name, "weight"))
+                    old = self._snapshot.get(name)
+                    if old is not None and old.shape == p.shape:
+                        self._record(p.detach().float() - old.float(), (name, "update"))
+            if scale is not None:
+                self._scales[self._step] = (
+                    scale.detach().clone() if isinstance(scale, torch.Tensor) else float(scale)
+                )
+        self._clear_seen()
+        self._step += 1
+        self._maybe_snapshot()
+        if self._step - self._last_readout_step >= self.report_every:
+            self.readout()
+
+    # -- readout ------------------------------------------------------------------------
+    def readout(self) -> None:
+        """Copy every pending measurement to the host (one transfer) and file it."""
+        self._last_readout_step = self._step
+        if self._scales:
+            for s, v in self._scales.items():
+                self.scales[s] = float(v.item() if isinstance(v, torch.Tensor) else v)
+            self._scales = {}
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        vecs = torch.stack([r.vec.to("cpu", non_blocking=False) for r in pending]).numpy()
+        for rec, vec in zip(pending, vecs):
+            stats = self.layout.summarize(vec, rec.dtype)
+            table = self.results.setdefault(rec.step, {})
+            for key in rec.keys:
+                old = table.get(key)
+                table[key] = stats if old is None else old.merge(stats)
+            if stats.nonfinite and rec.step not in self._first:
+                infs = stats.nonfinite - stats.nans
+                kinds = [w for w, c in (("inf", infs), ("nan", stats.nans)) if c]
+                path, kind = rec.keys[0]
+                self._first[rec.step] = FirstNonFinite(
+                    step=rec.step,
+                    phase=_PHASE[kind],
+                    path=path,
+                    kind=kind,
+                    what=" and ".join(kinds),
+                    fraction=stats.nonfinite_fraction,
+                    also=tuple(rec.keys[1:]),
+                )
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def steps(self) -> list[int]:
+        """Measured steps with results, in order (reads out pending results)."""
+        self.readout()
+        return sorted(self.results)
+
+    @property
+    def first_nonfinite(self) -> FirstNonFinite | None:
+        """The earliest inf/NaN seen in any measured step, or ``None``."""
+        self.readout()
+        return self._first[min(self._first)] if self._first else None
+
+    def first_nonfinite_in(self, step: int) -> FirstNonFinite | None:
+        """The first inf/NaN of one step, or ``None`` (also when the step was not measured)."""
+        self.readout()
+        return self._first.get(step)
+
+    def explain_step(self, step: int) -> str | None:
+        """Why a step went non-finite, e.g. for a skipped loss-scaled step.
+
+        Returns ``"first inf in the gradient of blocks.3.fc's output (backward)"`` or
+        ``None`` when the step was not measured or had no inf/NaN. ``Precision`` can print
+        ``f"step {step} skipped: {monitor.explain_step(step)}"``.
+        """
+        first = self.first_nonfinite_in(step)
+        if first is None:
+            return None
+        return f"first {first.what} in {describe(first.path, first.kind)} ({first.phase})"
+
+    def _check_path(self, path: str) -> None:
+        names = self.module_paths + self.param_names
+        if path not in names:
+            close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+            hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
+            raise KeyError(f"no module or parameter {path!r} in the model{hint}")
+
+    def stats(self, path: str, kind: str = "output", step: int | None = None) -> TensorStats:
+        """Statistics of one module's (or parameter's) tensor, merged over measured steps.
+
+        Args:
+            path: module path as in ``named_modules()`` (``""`` for the model) or a
+                parameter name as in ``named_parameters()``.
+            kind: one of :data:`KINDS`.
+            step: one measured step; ``None`` merges all of them.
+
+        Raises:
+            KeyError: unknown path (with close matches), or no statistics of that kind.
+            ValueError: unknown kind.
+        """
+        self._check_path(path)
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {', '.join(map(repr, KINDS))}")
+        self.readout()
+        steps = [step] if step is not None else sorted(self.results)
+        found = [
+            self.results[s][(path, kind)] for s in steps if (path, kind) in self.results.get(s, {})
+        ]
+        if not found:
+            raise KeyError(f"no {kind} statistics for {path!r} (measured steps: {self.steps})")
+        out = found[0]
+        for s in found[1:]:
+            out = out.merge(s)
+        return out
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Every ``(path, kind)`` with statistics, modules in model order."""
+        self.readout()
+        order = {p: i for i, p in enumerate(self.module_paths + self.param_names)}
+        seen = {k for table in self.results.values() for k in table}
+        return sorted(seen, key=lambda k: (order.get(k[0], math.inf), KINDS.index(k[1])))
+
+    # -- reports (rendering lives in .report) -------------------------------------------
+    def verdicts(self, loss_threshold: float | None = None):
+        """Per-module format verdicts; see :func:`mixprec.numerics.report.verdicts`."""
+        from mixprec.numerics.report import verdicts
+
+        return verdicts(self, self.loss_threshold if loss_threshold is None else loss_threshold)
+
+    def to_dict(self) -> dict:
+        """Everything measured, JSON-ready; see :func:`mixprec.numerics.report.to_dict`."""
+        from mixprec.numerics.report import to_dict
+
+        return to_dict(self)

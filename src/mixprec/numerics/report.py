@@ -1,0 +1,417 @@
+"""Rendering a :class:`~mixprec.numerics.Monitor`: verdicts, a rich table, JSON and PNG plots.
+
+Verdict rule (per module, per format ``F``, over every measured step merged):
+
+* ``lost(F) = (overflow_F + flush_F) / numel`` for the module's activations (``output``)
+  and, separately, its gradients (``grad_output`` and ``grad_input`` merged);
+* the module *fits* ``F`` when both are at most ``loss_threshold`` (default 1%).
+
+A module that does not fit some monitored format gets a recommendation: keep it in the
+narrowest monitored format it fits (fewest bits), citing the worst loss among the formats
+it does not fit, e.g. ``"keep head in bf16: 9.0% of its output gradients underflow in
+fp8_e5m2"``; ``fp32`` when it fits none.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixprec.numerics.stats import HIST_LOW, TensorStats
+
+__all__ = [
+    "LayerVerdict",
+    "plot_gradient_histogram",
+    "plot_underflow_heatmap",
+    "print_table",
+    "to_dict",
+    "verdicts",
+    "write_json",
+    "write_report",
+]
+
+_WORDS = {"output": "outputs", "grad_output": "output gradients", "grad_input": "input gradients"}
+
+
+@dataclass(frozen=True, slots=True)
+class LayerVerdict:
+    """Which monitored formats one module's activations and gradients fit in.
+
+    Attributes:
+        path: module path.
+        fits: ``{format: True/False}`` under the threshold.
+        lost: ``{format: {"activations": fraction, "gradients": fraction}}``.
+        recommendation: a sentence, or ``None`` when the module fits every format.
+    """
+
+    path: str
+    fits: dict[str, bool]
+    lost: dict[str, dict[str, float]] = field(repr=False)
+    recommendation: str | None
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "fits": self.fits,
+            "lost": self.lost,
+            "recommendation": self.recommendation,
+        }
+
+
+def _merged(monitor, path: str, kinds: tuple[str, ...]) -> TensorStats | None:
+    out = None
+    for kind in kinds:
+        for table in monitor.results.values():
+            s = table.get((path, kind))
+            if s is not None:
+                out = s if out is None else out.merge(s)
+    return out
+
+
+def _loss_reason(stats: TensorStats, fmt: str, what: str) -> tuple[float, str]:
+    over, flush = stats.overflow_fraction(fmt), stats.flush_fraction(fmt)
+    verb = "overflow" if over >= flush else "underflow"
+    return over + flush, f"{100 * (over + flush):.1f}% of its {what} {verb} in {fmt}"
+
+
+def verdicts(monitor, loss_threshold: float = 0.01) -> list[LayerVerdict]:
+    """Per-module verdicts (see the module docstring for the rule).
+
+    Example:
+        >>> v = monitor.verdicts()  # doctest: +SKIP
+        >>> v[0].recommendation     # doctest: +SKIP
+        "keep head in bf16: 9.0% of its output gradients underflow in fp8_e5m2"
+    """
+    monitor.readout()
+    bits = {f.name: f.bits for f in monitor.formats}
+    by_width = sorted(monitor.format_names, key=lambda n: (bits[n], n))
+    out = []
+    for path in monitor.module_paths:
+        groups = {
+            "activations": _merged(monitor, path, ("output",)),
+            "gradients": _merged(monitor, path, ("grad_output", "grad_input")),
+        }
+        if all(g is None for g in groups.values()):
+            continue
+        fits, lost, reasons = {}, {}, []
+        for fmt in monitor.format_names:
+            lost[fmt] = {}
+            ok = True
+            for group, stats in groups.items():
+                if stats is None:
+                    continue
+                frac = stats.lost_fraction(fmt)
+                lost[fmt][group] = frac
+                if frac > loss_threshold:
+                    ok = False
+                    for kind in (
+                        ("output",) if group == "activations" else ("grad_output", "grad_input")
+                    ):
+                        s = _merged(monitor, path, (kind,))
+                        if s is not None:
+                            reasons.append(_loss_reason(s, fmt, _WORDS[kind]))
+            fits[fmt] = ok
+        rec = None
+        if not all(fits.values()):
+            keep = next((f for f in by_width if fits[f]), "fp32")
+            worst = max(reasons)[1] if reasons else ""
+            rec = f"keep {path or 'the model'} in {keep}: {worst}"
+        out.append(LayerVerdict(path, fits, lost, rec))
+    return out
+
+
+# -- JSON ----------------------------------------------------------------------------------
+def _num(x: float) -> float | str:
+    """Finite floats as they are; inf / nan as strings, so the JSON stays standard."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _stats_dict(stats: TensorStats, names, *, histogram: bool) -> dict:
+    d = {
+        "numel": stats.numel,
+        "max_abs": _num(stats.max_abs),
+        "min_nonzero_abs": _num(stats.min_nonzero_abs),
+        "zero_fraction": stats.zero_fraction,
+        "nonfinite_fraction": stats.nonfinite_fraction,
+        "formats": {
+            f: {
+                "overflow": stats.overflow_fraction(f),
+                "subnormal": stats.subnormal_fraction(f),
+                "flush": stats.flush_fraction(f),
+            }
+            for f in names
+        },
+    }
+    if histogram:
+        nz = np.flatnonzero(stats.histogram)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+        d["histogram"] = {
+            "lowest_binade": HIST_LOW + lo,
+            "counts": stats.histogram[lo:hi].tolist(),
+            "zeros": stats.zeros,
+            "nonfinite": stats.nonfinite,
+        }
+    return d
+
+
+def to_dict(monitor) -> dict:
+    """Everything measured as plain data (JSON-ready).
+
+    Keys: ``formats``, ``every``, ``loss_threshold``, ``steps`` (per measured step: its loss
+    scale, first non-finite and per-tensor statistics), ``summary`` (per ``(path, kind)``
+    merged over steps, with a log2 histogram: ``counts[i]`` values in binade
+    ``lowest_binade + i``), ``first_nonfinite`` and ``verdicts``. Fractions are of all
+    values of the tensor; inf/nan numbers are written as the strings ``"inf"``/``"nan"``.
+    """
+    names = monitor.format_names
+    steps = []
+    for step in monitor.steps:
+        first = monitor.first_nonfinite_in(step)
+        steps.append(
+            {
+                "step": step,
+                "scale": monitor.scales.get(step),
+                "first_nonfinite": first.to_dict() if first else None,
+                "tensors": [
+                    {"path": p, "kind": k, **_stats_dict(s, names, histogram=False)}
+                    for (p, k), s in monitor.results[step].items()
+                ],
+            }
+        )
+    summary = []
+    for path, kind in monitor.keys():
+        s = monitor.stats(path, kind)
+        summary.append({"path": path, "kind": kind, **_stats_dict(s, names, histogram=True)})
+    first = monitor.first_nonfinite
+    return {
+        "formats": list(names),
+        "every": monitor.every,
+        "track": list(monitor.track),
+        "loss_threshold": monitor.loss_threshold,
+        "steps": steps,
+        "summary": summary,
+        "first_nonfinite": first.to_dict() if first else None,
+        "verdicts": [v.to_dict() for v in monitor.verdicts()],
+    }
+
+
+def write_json(monitor, path: str | Path) -> Path:
+    """Write :func:`to_dict` as JSON; returns the path."""
+    path = Path(path)
+    path.write_text(json.dumps(to_dict(monitor), indent=1, allow_nan=False))
+    return path
+
+
+# -- terminal table ------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return "0" if x == 0 else f"{100 * x:.2g}%"
+
+
+def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param_grad")) -> None:
+    """Print a rich table: one row per (module, kind), lost fraction per format, verdicts.
+
+    Columns: ``max|x|``, ``min|x|>0``, ``zeros`` (fraction), ``inf/nan`` (fraction) and per
+    format ``overflow / subnormal / flush`` fractions (``%`` of the tensor's values).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"numerics over steps {monitor.steps} (every {monitor.every})")
+    for col in ("module", "tensor", "max|x|", "min|x|>0", "zeros", "inf/nan"):
+        table.add_column(col, justify="left" if col in ("module", "tensor") else "right")
+    for f in monitor.format_names:
+        table.add_column(f"{f}\novf/sub/ftz", justify="right")
+    for path, kind in monitor.keys():
+        if kind not in kinds:
+            continue
+        s = monitor.stats(path, kind)
+        row = [
+            path or "(model)",
+            kind,
+            f"{s.max_abs:.3g}",
+            f"{s.min_nonzero_abs:.3g}",
+            _pct(s.zero_fraction),
+            _pct(s.nonfinite_fraction),
+        ]
+        for f in monitor.format_names:
+            cells = [
+                _pct(s.overflow_fraction(f)),
+                _pct(s.subnormal_fraction(f)),
+                _pct(s.flush_fraction(f)),
+            ]
+            bad = s.lost_fraction(f) > monitor.loss_threshold
+            text = "/".join(cells)
+            row.append(f"[red]{text}[/red]" if bad else text)
+        table.add_row(*row)
+    console.print(table)
+    first = monitor.first_nonfinite
+    if first is not None:
+        console.print(f"[bold red]{first.message()}[/bold red]")
+    recs = [v.recommendation for v in monitor.verdicts() if v.recommendation]
+    console.print(
+        f"verdicts (a format fits when at most {100 * monitor.loss_threshold:g}% of a "
+        "module's activations or gradients overflow or flush to zero):"
+    )
+    for rec in recs or ["every module fits every monitored format"]:
+        console.print(f"  - {rec}")
+
+
+# -- plots ---------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gradient_histogram(monitor, path: str | Path, *, kind: str = "grad_output") -> Path:
+    """Histogram of gradient magnitudes in the style of Micikevicius et al. (2017), fig. 3.
+
+    x: ``log2 |g|`` (one bar per binade, all modules and steps merged), y: percent of the
+    values (zeros as a separate count in the title). Below it, each monitored format's
+    subnormal range (light) and normal range (dark). When a loss scale ``S`` was recorded,
+    the histogram of the unscaled values is outlined ``log2 S`` binades to the left and
+    the shift is marked with an arrow.
+    """
+    plt = _pyplot()
+    merged = None
+    for p, k in monitor.keys():
+        if k == kind:
+            s = monitor.stats(p, k)
+            merged = s if merged is None else merged.merge(s)
+    fig, (ax, band) = plt.subplots(
+        2, 1, figsize=(9, 5), sharex=True, gridspec_kw={"height_ratios": [4, 1.2]}
+    )
+    binades = np.arange(HIST_LOW, HIST_LOW + len(merged.histogram)) if merged else np.array([])
+    if merged is not None and merged.numel:
+        pct = 100.0 * merged.histogram / merged.numel
+        nz = np.flatnonzero(pct)
+        ax.bar(binades[nz] + 0.5, pct[nz], width=1.0, color="tab:blue", label="measured")
+        scales = [v for v in monitor.scales.values() if v and v > 0]
+        if scales:
+            shift = float(np.median(np.log2(scales)))
+            if shift:
+                ax.step(
+                    binades[nz] + 0.5 - shift,
+                    pct[nz],
+                    where="mid",
+                    color="tab:gray",
+                    linestyle="--",
+                    label=f"unscaled (÷ 2^{shift:g})",
+                )
+                peak = binades[nz][np.argmax(pct[nz])] + 0.5
+                top = pct[nz].max()
+                ax.annotate(
+                    "",
+                    xy=(peak, top * 1.1),
+                    xytext=(peak - shift, top * 1.1),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red"},
+                )
+                ax.text(
+                    peak - shift / 2,
+                    top * 1.2,
+                    f"loss scale 2^{shift:g}",
+                    ha="center",
+                    color="tab:red",
+                    fontsize=8,
+                )
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        lo, hi = binades[nz].min() if len(nz) else -30, binades[nz].max() + 1 if len(nz) else 20
+    else:
+        lo, hi = -30, 20
+    ax.set_ylabel("% of values")
+    zeros = merged.zero_fraction if merged else 0.0
+    ax.set_title(f"{kind} magnitudes, all modules and measured steps ({100 * zeros:.2g}% zeros)")
+    for i, fmt in enumerate(monitor.formats):
+        sub_lo, norm_lo, top = (
+            math.log2(fmt.min_subnormal),
+            math.log2(fmt.min_normal),
+            math.log2(fmt.max),
+        )
+        band.broken_barh(
+            [(sub_lo, norm_lo - sub_lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.35
+        )
+        band.broken_barh([(norm_lo, top - norm_lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.8)
+        for ax_ in (ax,):
+            ax_.axvline(sub_lo - 1, color="tab:orange", linewidth=0.5, alpha=0.4)
+        lo, hi = min(lo, sub_lo - 2), max(hi, min(top + 2, hi + 20))
+    band.set_yticks(range(len(monitor.formats)), monitor.format_names, fontsize=8)
+    band.set_xlabel("log2 |value|  (light: subnormal range, dark: normal range)")
+    band.set_xlim(max(lo, -150), min(hi, 130))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_underflow_heatmap(monitor, path: str | Path, *, kind: str = "grad_output") -> Path:
+    """Heat map per format: rows = modules, columns = measured steps, colour = flush fraction.
+
+    The value is ``flush_F / numel`` of the module's ``kind`` tensor at that step (blank
+    where the module has no such tensor).
+    """
+    plt = _pyplot()
+    steps = monitor.steps
+    paths = [p for p, k in monitor.keys() if k == kind]
+    n = len(monitor.formats)
+    fig, axes = plt.subplots(
+        1, n, figsize=(3.2 * n + 1, 0.22 * max(len(paths), 4) + 1.8), squeeze=False, sharey=True
+    )
+    for ax, fmt in zip(axes[0], monitor.format_names):
+        grid = np.full((len(paths), len(steps)), np.nan)
+        for j, step in enumerate(steps):
+            table = monitor.results[step]
+            for i, p in enumerate(paths):
+                s = table.get((p, kind))
+                if s is not None:
+                    grid[i, j] = s.flush_fraction(fmt)
+        im = ax.imshow(
+            grid,
+            aspect="auto",
+            interpolation="nearest",
+            vmin=0.0,
+            vmax=max(
+                1e-6, float(np.nanmax(grid)) if grid.size and not np.isnan(grid).all() else 1.0
+            ),
+            cmap="viridis",
+        )
+        ax.set_title(f"{fmt}", fontsize=9)
+        ax.set_xlabel("step")
+        if steps:
+            ticks = np.linspace(0, len(steps) - 1, min(len(steps), 6)).astype(int)
+            ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    axes[0][0].set_yticks(range(len(paths)), [p or "(model)" for p in paths], fontsize=6)
+    fig.suptitle(f"fraction of each module's {kind} that flushes to zero", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(monitor, out: str | Path, *, console=None) -> dict[str, Path]:
+    """Table (printed and saved as ``table.txt``), ``numerics.json`` and the two PNGs."""
+    from rich.console import Console
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": write_json(monitor, out / "numerics.json")}
+    recorder = Console(record=True, width=200, file=io.StringIO())
+    print_table(monitor, console=recorder)
+    (out / "table.txt").write_text(recorder.export_text())
+    files["table"] = out / "table.txt"
+    print_table(monitor, console=console or Console())
+    files["histogram"] = plot_gradient_histogram(monitor, out / "gradient_histogram.png")
+    files["heatmap"] = plot_underflow_heatmap(monitor, out / "underflow_heatmap.png")
+    return files
