@@ -152,8 +152,26 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run recipes side by side, recommend one, write a report")
-    p.set_defaults(func=_not_yet, command_name="bench")
+    from mixprec.bench.command import add_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="run recipes side by side, recommend one, write a report",
+        description="Train a task (or your model) with several recipes from the same weights "
+        "on the same batches; compare speed, memory and quality; recommend one; write "
+        "OUT/report.md, OUT/results.json and PNG plots.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_bench, command_name="bench")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mixprec.bench.command import run
+
+    try:
+        return run(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _not_yet(args: argparse.Namespace) -> int:
