@@ -68,15 +68,14 @@ def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str
     if optimizer == "adafactor":
         label = "factored 2nd moment (rows + cols) " + _n(state_dtype)
     counters = P.tensors if (mixprec and optimizer in ("adam", "adamw", "adafactor")) else 0
-    out["optimizer_states"] = _terms(
-        [(n_states, k * _b(state_dtype), label), (counters, 4, "step counters")]
-    )
+    out["optimizer_states"] = _terms([(n_states, k * _b(state_dtype), label)])
     n_comp = n_main if (low and recipe.update == "kahan") else 0
     out["compensation"] = _terms([(n_comp, _b(p16), f"Kahan buffer {_n(p16)}")])
     out["other_state"] = _terms(
         [
             (1, _scaler_bytes(recipe) if mixprec else 0, "loss-scaler state and history"),
             (1, P.buffers, "module buffers"),
+            (counters, 4, "optimizer step counters"),
         ]
     )
     # Optimizer step temporaries (mixprec accounting only).
