@@ -24,6 +24,7 @@ is the number 2^-bias (the OCP MX E8M0 scale convention).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -200,10 +201,18 @@ class FloatFormat:
     @property
     def max(self) -> float:
         """Largest finite value: ``(2^(m+1) - 1 - [fn]) · 2^(emax - m)``, where ``[fn]`` is 1
-        when the all-ones pattern of the top binade is NaN (``fn`` with mantissa bits)."""
+        when the all-ones pattern of the top binade is NaN (``fn`` with mantissa bits).
+        Limits beyond float64 read as ``inf`` (max) and ``0.0`` (min_normal, min_subnormal)."""
         m = self.mantissa_bits
-        top = 2 ** (m + 1) - 1 - (self.nan == "fn" and m > 0)
-        return math.ldexp(float(top), self.max_exponent - m)
+        try:
+            return math.ldexp(float(self._max_significand), self.max_exponent - m)
+        except OverflowError:  # beyond float64 (custom formats with > 11 exponent bits)
+            return math.inf
+
+    @property
+    def _max_significand(self) -> int:
+        m = self.mantissa_bits
+        return 2 ** (m + 1) - 1 - (self.nan == "fn" and m > 0)
 
     @property
     def min_normal(self) -> float:
@@ -228,7 +237,7 @@ class FloatFormat:
     @property
     def dynamic_range_binades(self) -> float:
         """``log2(max / min_subnormal)``: how many powers of two the finite values span."""
-        return math.log2(self.max) - (self.min_exponent - self.mantissa_bits)
+        return math.log2(self._max_significand) + self.max_exponent - self.min_exponent
 
     @property
     def layout(self) -> str:
@@ -320,6 +329,9 @@ def format_names() -> list[str]:
 def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     """Look up a format by name, alias (``"half"``, ``"e4m3"``...) or torch dtype.
 
+    A name ``e{E}m{M}`` with an optional ``fn``/``fnuz`` suffix that is not an alias gives
+    :meth:`FloatFormat.custom` (``"e3m4"`` is IEEE-style with infinities).
+
     Raises:
         ValueError: for an unknown name, listing the known names and aliases.
 
@@ -339,9 +351,13 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
         key = FORMAT_ALIASES.get(key, key)
         if key in FORMATS:
             return FORMATS[key]
+        spec = re.fullmatch(r"e(\d+)m(\d+)(fnuz|fn)?", key)
+        if spec:  # a custom layout spelled like ml_dtypes: e3m4, e2m5fn, e4m3fnuz
+            nan = {None: "ieee", "fn": "fn", "fnuz": "fnuz"}[spec[3]]
+            return FloatFormat.custom(int(spec[1]), int(spec[2]), nan=nan)
     raise ValueError(
         f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)} "
-        f"(aliases: {', '.join(FORMAT_ALIASES)}) or FloatFormat.custom(e, m)"
+        f"(aliases: {', '.join(FORMAT_ALIASES)}), or a layout such as e3m4"
     )
 
 
@@ -465,8 +481,8 @@ def decode(value: float, fmt: str | FloatFormat) -> Decoded:
             ef, mf = 2**e_bits - 1, 1 << (m - 1)
         elif f.nan == "fnuz":
             sign, ef, mf = 1, 0, 0
-        else:  # fn: all ones
-            sign, ef, mf = int(f.signed), 2**e_bits - 1, 2**m - 1
+        else:  # fn: all ones but the sign
+            ef, mf = 2**e_bits - 1, 2**m - 1
     elif math.isinf(v):
         cls, ef, mf = "inf", 2**e_bits - 1, 0
     elif v == 0.0:
@@ -500,7 +516,7 @@ class Explanation:
     rel_error: float  # |nearest - value| / |value| (0 for value 0)
     below: float  # largest representable <= value (-inf past -max)
     above: float  # smallest representable >= value (inf past max)
-    gap: float  # spacing of the format at |value|: 2^(max(floor(log2|value|), emin) - m)
+    gap: float  # spacing at |value|: 2^(clamp(floor(log2|value|), emin, emax) - m)
     status: Status
     decoded: Decoded = field(repr=False)
 
@@ -510,7 +526,7 @@ def explain(value: float, formats: str | FloatFormat | list | tuple) -> list[Exp
 
     Per format: the nearest representable value, absolute and relative error
     (``|q - x|`` and ``|q - x| / |x|``), the neighbours ``below <= x <= above`` and the
-    spacing ``gap = 2^(max(floor(log2|x|), emin) - m)`` there, and a status: ``exact``,
+    spacing ``gap = 2^(clamp(floor(log2|x|), emin, emax) - m)`` there, and a status: ``exact``,
     ``rounded``, ``subnormal`` (lands in the subnormal range), ``underflow`` (nonzero value
     rounds to 0), ``overflow`` (beyond max) or ``nan``.
 
@@ -527,7 +543,7 @@ def explain(value: float, formats: str | FloatFormat | list | tuple) -> list[Exp
         tz = _scalar_quantize(x, f, "toward_zero")
         mag = abs(x)
         if math.isfinite(x) and mag > 0:
-            e = max(math.frexp(mag)[1] - 1, f.min_exponent)
+            e = min(max(math.frexp(mag)[1] - 1, f.min_exponent), f.max_exponent)
             gap = math.ldexp(1.0, e - f.mantissa_bits)
         else:
             gap = f.min_subnormal if x == 0 else math.nan
