@@ -128,8 +128,8 @@ class _Record:
 
     __slots__ = ("seq", "step", "dtype", "keys", "vec")
 
-    def __init__(self, seq: int, step: int, dtype: torch.dtype, key, vec: torch.Tensor) -> None:
-        self.seq, self.step, self.dtype, self.keys, self.vec = seq, step, dtype, [key], vec
+    def __init__(self, seq: int, step: int, dtype: torch.dtype, keys, vec: torch.Tensor) -> None:
+        self.seq, self.step, self.dtype, self.keys, self.vec = seq, step, dtype, list(keys), vec
 
 
 class _Seen:
@@ -237,7 +237,7 @@ class Monitor:
         self._scales: dict[int, object] = {}
         # host side results
         self.results: dict[int, dict[tuple[str, str], TensorStats]] = {}
-        self.scales: dict[int, float] = {}
+        self._host_scales: dict[int, float] = {}
         self._first: dict[int, FirstNonFinite] = {}
         self._last_readout_step = 0
 
@@ -290,9 +290,9 @@ class Monitor:
         self.detach()
 
     # -- recording ----------------------------------------------------------------------
-    def _record(self, tensor: torch.Tensor, key: tuple[str, str]) -> _Record:
+    def _record(self, tensor: torch.Tensor, *keys: tuple[str, str]) -> _Record:
         self._seq += 1
-        rec = _Record(self._seq, self._step, tensor.dtype, key, self.layout.compute(tensor))
+        rec = _Record(self._seq, self._step, tensor.dtype, keys, self.layout.compute(tensor))
         self._pending.append(rec)
         if self.raise_on_nonfinite:
             self._check_now(rec)
@@ -323,12 +323,7 @@ class Monitor:
 
             def hook(grad: torch.Tensor) -> None:
                 if self._attached and grad is not None:
-                    rec = None
-                    for k in keys:
-                        if rec is None:
-                            rec = self._record(grad, k)
-                        else:
-                            rec.keys.append(k)
+                    self._record(grad, *keys)
 
             try:
                 entry.handle = tensor.register_hook(hook)
@@ -421,7 +416,7 @@ class Monitor:
         self._last_readout_step = self._step
         if self._scales:
             for s, v in self._scales.items():
-                self.scales[s] = float(v.item() if isinstance(v, torch.Tensor) else v)
+                self._host_scales[s] = float(v.item() if isinstance(v, torch.Tensor) else v)
             self._scales = {}
         if not self._pending:
             return
@@ -436,7 +431,10 @@ class Monitor:
             if stats.nonfinite and rec.step not in self._first:
                 infs = stats.nonfinite - stats.nans
                 kinds = [w for w, c in (("inf", infs), ("nan", stats.nans)) if c]
-                path, kind = rec.keys[0]
+                # A gradient is best explained by the module whose backward produced it:
+                # the one that received the tensor (its "grad_input"), when there is one.
+                keys = sorted(rec.keys, key=lambda k: k[1] != "grad_input")
+                path, kind = keys[0]
                 self._first[rec.step] = FirstNonFinite(
                     step=rec.step,
                     phase=_PHASE[kind],
@@ -444,7 +442,7 @@ class Monitor:
                     kind=kind,
                     what=" and ".join(kinds),
                     fraction=stats.nonfinite_fraction,
-                    also=tuple(rec.keys[1:]),
+                    also=tuple(keys[1:]),
                 )
 
     # -- queries ------------------------------------------------------------------------
@@ -453,6 +451,12 @@ class Monitor:
         """Measured steps with results, in order (reads out pending results)."""
         self.readout()
         return sorted(self.results)
+
+    @property
+    def scales(self) -> dict[int, float]:
+        """``{step: loss scale}`` for the measured steps given a ``scale`` (reads out)."""
+        self.readout()
+        return dict(self._host_scales)
 
     @property
     def first_nonfinite(self) -> FirstNonFinite | None:

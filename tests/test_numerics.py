@@ -1,0 +1,298 @@
+"""Tests for mixprec.numerics: exact per-format counts, hooks, first non-finite, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mixprec.formats import FORMATS, FloatFormat, get_format, quantize
+from mixprec.numerics import Monitor, NonFiniteError, StatsLayout
+from mixprec.numerics.report import to_dict, verdicts, write_report
+
+# Formats whose values include zero and which have mantissa bits (e8m0 has neither a zero
+# nor a mantissa: "flush" means something else there).
+EXACT_FORMATS = [n for n, f in FORMATS.items() if f.has_zero and f.mantissa_bits > 0]
+
+
+def _known_tensor() -> torch.Tensor:
+    """Random magnitudes over the whole fp32 range, plus every threshold and its neighbours."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, generator=g) * torch.exp2(
+        torch.randint(-150, 128, (4000,), generator=g).float()
+    )
+    special = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45]
+    for f in FORMATS.values():
+        top = math.floor(math.log2(f.max))
+        half_ulp = 2.0 ** (top - f.mantissa_bits - 1)
+        for v in (f.min_subnormal / 2, f.min_normal - f.min_subnormal / 2, f.max + half_ulp):
+            if v < 3.4e38:
+                v32 = np.float32(v)
+                special += [float(v32), float(np.nextafter(v32, np.float32(np.inf)))]
+                special += [float(np.nextafter(v32, np.float32(0)))]
+    return torch.cat([x, torch.tensor(special, dtype=torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_counts_equal_quantize(dtype):
+    """Overflow / subnormal / flush counts equal those of mixprec.quantize, for every format."""
+    layout = StatsLayout([get_format(n) for n in EXACT_FORMATS])
+    x = _known_tensor().to(dtype)
+    s = layout.summarize(layout.compute(x).numpy(), dtype)
+    x64 = x.double()
+    finite = torch.isfinite(x64)
+    a = x64.abs()
+    assert s.numel == x.numel()
+    assert s.nonfinite == int((~finite).sum()) and s.nans == int(x64.isnan().sum())
+    assert s.zeros == int((a == 0).sum())
+    assert s.max_abs == math.inf  # the tensor holds an inf
+    assert s.min_nonzero_abs == float(a[finite & (a > 0)].min())
+    for name in EXACT_FORMATS:
+        f = get_format(name)
+        q = quantize(x64[finite], f).abs()
+        xf = a[finite]
+        got = s.formats[name]
+        assert got.flush == int(((q == 0) & (xf != 0)).sum()), name
+        assert got.subnormal == int(((q != 0) & (q < f.min_normal)).sum()), name
+        if f.has_inf or f.has_nan:  # otherwise quantize saturates and cannot tell
+            assert got.overflow == int((~torch.isfinite(q)).sum()), name
+
+
+def test_histogram_and_max_by_hand():
+    layout = StatsLayout([get_format("fp16")])
+    x = torch.tensor([0.0, 1.0, 1.5, -3.0, 2.0**-130, 2.0**-20, 65520.0])
+    s = layout.summarize(layout.compute(x).numpy(), torch.float32)
+    assert s.max_abs == 65520.0 and s.min_nonzero_abs == 2.0**-130
+    assert s.zero_fraction == 1 / 7
+    hist = {i - 127: int(c) for i, c in enumerate(s.histogram) if c}
+    assert hist == {-127: 1, -20: 1, 0: 2, 1: 1, 15: 1}
+    assert (s.formats["fp16"].overflow, s.formats["fp16"].subnormal) == (1, 1)
+    assert s.formats["fp16"].flush == 1  # 2**-130
+
+
+def test_formats_with_wide_mantissa_use_the_exact_fallback():
+    wide = FloatFormat.custom(6, 14)  # thresholds off the 12-bit grid: compared one by one
+    layout = StatsLayout([wide, get_format("fp16")])
+    assert not layout.fine_exact
+    x = _known_tensor()
+    s = layout.summarize(layout.compute(x).numpy(), torch.float32)
+    finite = torch.isfinite(x)
+    q = quantize(x.double()[finite], wide).abs()
+    assert s.formats[wide.name].flush == int(((q == 0) & (x[finite] != 0)).sum())
+    assert s.formats[wide.name].overflow == int((~torch.isfinite(q)).sum())
+
+
+# -- hooks -----------------------------------------------------------------------------------
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor, self.active = factor, False
+
+    def forward(self, x):
+        return x * self.factor if self.active else x
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NanInBackward(nn.Module):
+    def forward(self, x):
+        return _NanGrad.apply(x)
+
+
+def _train(model, monitor, steps, x, *, before=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(steps):
+        if before:
+            before(step)
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step()
+
+
+def test_planted_overflow_found_in_forward_under_fp16_autocast():
+    torch.manual_seed(0)
+    scale = Scale(1e5)
+    model = nn.Sequential(nn.Linear(4, 4), scale, nn.Linear(4, 2))
+    x = torch.full((2, 4), 3.0)
+
+    def before(step):
+        scale.active = step == 2
+
+    with Monitor(model, formats=["fp16"]) as monitor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            _train(model, monitor, 4, x, before=before)
+    first = monitor.first_nonfinite
+    assert (first.step, first.phase, first.path, first.kind) == (2, "forward", "1", "output")
+    assert "inf" in first.what
+    assert monitor.first_nonfinite_in(1) is None
+    assert monitor.stats("0", "output", step=2).nonfinite == 0  # the Linear before it is fine
+    assert monitor.explain_step(2) == "first inf in the output of 1 (forward)"
+
+
+def test_planted_nan_in_backward_found_in_backward():
+    model = nn.Sequential(nn.Linear(3, 3), NanInBackward(), nn.Linear(3, 1))
+    with Monitor(model, formats=["bf16"]) as monitor:
+        _train(model, monitor, 2, torch.randn(4, 3))
+    first = monitor.first_nonfinite
+    assert (first.step, first.phase, first.path, first.kind) == (0, "backward", "1", "grad_input")
+    assert first.what == "nan"
+    assert monitor.stats("2", "grad_output", step=0).nonfinite == 0  # downstream: fine
+    assert "step 0, backward: first nan in the gradient of 1's input" in first.message()
+
+
+def test_raise_on_nonfinite_raises_at_that_moment():
+    model = nn.Sequential(nn.Linear(3, 3), NanInBackward(), nn.Linear(3, 1))
+    with Monitor(model, formats=["fp16"], raise_on_nonfinite=True):
+        loss = model(torch.randn(2, 3)).sum()
+        with pytest.raises(NonFiniteError, match="backward: first nan in the gradient of 1"):
+            loss.backward()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, 2 * y  # a tuple output
+
+
+def test_tuple_outputs_and_weight_sharing():
+    shared = nn.Linear(4, 4)
+    heads = TwoHeads()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads, self.shared = heads, shared
+
+        def forward(self, x):
+            a, b = self.heads(x)
+            return self.shared(self.shared(a + b))  # called twice in one forward
+
+    model = Net()
+    with Monitor(model, formats=["fp16"]) as monitor:
+        _train(model, monitor, 1, torch.randn(5, 3))
+    out = monitor.stats("heads", "output")
+    assert out.numel == 2 * 5 * 4 and out.count == 2
+    twice = monitor.stats("shared", "output")
+    assert twice.count == 2 and twice.numel == 2 * 5 * 4
+    assert monitor.stats("shared", "grad_output").count == 2
+    assert monitor.stats("shared.weight", "param_grad").numel == 16
+
+
+def test_inplace_activation_gradients():
+    lin, relu = nn.Linear(3, 6), nn.ReLU(inplace=True)
+    model = nn.Sequential(lin, relu)
+    x = torch.randn(8, 3)
+    pre = lin(x).detach()
+    with Monitor(model, formats=["fp16"]) as monitor:
+        (model(x) * 3.0).sum().backward()  # d/d(relu out) = 3 everywhere
+        monitor.step()
+    # gradient of the Linear's output (before the in-place ReLU) is 3 * (pre > 0)
+    g_lin = monitor.stats("0", "grad_output")
+    assert g_lin.zeros == int((pre <= 0).sum()) and g_lin.max_abs == 3.0
+    assert monitor.stats("1", "grad_output").zeros == 0  # after the ReLU: all 3s
+    assert monitor.stats("1", "grad_input").zeros == int((pre <= 0).sum())
+    assert monitor.stats("0", "output").zeros == 0  # measured before the ReLU changed it
+    assert monitor.stats("1", "output").zeros == int((pre <= 0).sum())
+
+
+def test_no_grad_evaluation_and_every():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    with Monitor(model, formats=["fp16"], every=2) as monitor:
+        for _ in range(5):
+            with torch.no_grad():
+                model(torch.randn(2, 3))
+            monitor.step()
+    assert monitor.steps == [0, 2, 4]
+    assert monitor.stats("1", "output", step=2).numel == 6
+    assert ("1", "grad_output") not in monitor.keys()
+
+
+def _hook_count(model) -> int:
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    for p in model.parameters():
+        n += len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+    return n
+
+
+def test_detach_removes_every_hook():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    assert _hook_count(model) == 0
+    monitor = Monitor(model).attach()
+    assert _hook_count(model) > 0
+    loss = model(torch.randn(2, 3)).sum()  # tensor hooks now pending on this graph
+    monitor.detach()
+    assert _hook_count(model) == 0
+    loss.backward()  # the pending tensor hooks were removed too
+    assert {kind for _, kind in monitor.keys()} == {"output"}  # no gradient was measured
+
+
+def test_loss_scale_recorded_and_verdict_recommends():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    x = torch.randn(16, 8)
+    with Monitor(model, formats=["fp8_e5m2", "bf16"]) as monitor:
+        loss = model(x).square().mean() * 1e-6  # gradients around 1e-7: e5m2 flushes them
+        loss.backward()
+        monitor.step(scale=torch.tensor(1.0))
+    assert monitor.scales == {0: 1.0}
+    v = {v.path: v for v in verdicts(monitor, 0.01)}
+    assert v["1"].fits == {"fp8_e5m2": False, "bf16": True}
+    lost = monitor.stats("1", "grad_output").flush_fraction("fp8_e5m2")
+    assert lost > 0.01
+    assert v["1"].recommendation.startswith(f"keep 1 in bf16: {100 * lost:.1f}% of its output")
+    assert "underflow in fp8_e5m2" in v["1"].recommendation
+
+
+def test_report_files(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with Monitor(model, formats=["fp16", "fp8_e4m3fn"]) as monitor:
+        _train(model, monitor, 3, torch.randn(6, 4))
+        monitor.step(scale=1024.0)
+    files = write_report(monitor, tmp_path)
+    data = json.loads(files["json"].read_text())
+    assert data["formats"] == ["fp16", "fp8_e4m3fn"] and [s["step"] for s in data["steps"]] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    first = next(e for e in data["summary"] if e["path"] == "0" and e["kind"] == "output")
+    assert sum(first["histogram"]["counts"]) + first["histogram"]["zeros"] == 3 * 24
+    for name in ("histogram", "heatmap"):
+        assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "numerics over steps" in files["table"].read_text()
+    assert to_dict(monitor)["verdicts"]
+
+
+def test_bad_input():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fp16"):
+        Monitor(model, formats=["fp7"])
+    with pytest.raises(ValueError, match="activations"):
+        Monitor(model, track=["activation"])
+    with pytest.raises(ValueError, match="every"):
+        Monitor(model, every=0)
+    monitor = Monitor(model)
+    with pytest.raises(KeyError, match="'0.weight'"):
+        monitor.stats("0.weigth")
+    with pytest.raises(ValueError, match="grad_output"):
+        monitor.stats("0", "gradient")
