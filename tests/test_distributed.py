@@ -96,7 +96,14 @@ def _data(steps: int, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
+    """This rank's parameters (its shards under FSDP2), as one fp32 vector."""
     return torch.cat([mpd.local_tensor(p.detach()).float().flatten() for p in model.parameters()])
+
+
+def _full(model: nn.Module) -> torch.Tensor:
+    """All parameters in full (FSDP2 shards gathered: every rank must call it)."""
+    full = [p.full_tensor() if mpd.is_sharded(p) else p for p in model.parameters()]
+    return torch.cat([p.detach().float().flatten() for p in full])
 
 
 def _scaler(recipe: str):
@@ -119,8 +126,9 @@ def _train(model, precision, opt, batches, rank=None):
 
 
 # -- scenarios (each runs on both ranks; results go back to the parent) ---------------------
-def _inf_on_rank1(rank: int, fused: bool):
-    model = DDP(_tiny_model())
+def _inf_on_rank1(rank: int, fused: bool, strategy: str = "ddp"):
+    model = _tiny_model()
+    model = DDP(model) if strategy == "ddp" else mpd.shard_model(model, "fp16-mixed")
     opt = (
         torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
         if fused
@@ -133,11 +141,11 @@ def _inf_on_rank1(rank: int, fused: bool):
         with precision.autocast():
             loss = (model(x.chunk(WORLD)[rank]).float() - y.chunk(WORLD)[rank]).square().mean()
         precision.backward(loss)
-        if i == 2 and rank == 1:  # after DDP's all-reduce: only rank 1 sees it
-            next(model.parameters()).grad[0, 0] = float("inf")
+        if i == 2 and rank == 1:  # after the all-reduce / in rank 1's shard only
+            mpd.local_tensor(next(model.parameters()).grad)[0, 0] = float("inf")
         stepped.append(bool(precision.step(opt)))
         scales.append(precision.scaler.get_scale())
-    return {"stepped": stepped, "scales": scales, "params": _flat(model)}
+    return {"stepped": stepped, "scales": scales, "params": _full(model)}
 
 
 def _ddp_run(rank: int, recipe: str, comm: torch.dtype | None = None):
@@ -145,6 +153,25 @@ def _ddp_run(rank: int, recipe: str, comm: torch.dtype | None = None):
     precision = Precision(recipe, scaler=_scaler(recipe), grad_comm_dtype=comm)
     model, opt = precision.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
     return _flat(_train(model, precision, opt, _data(4), rank))
+
+
+def _ddp_fp8(rank: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))  # fp8 GEMM shapes
+    start = _flat(model)
+    precision = Precision("fp8-mixed")
+    model, opt = precision.setup(DDP(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    g = torch.Generator().manual_seed(rank)  # different data on each rank
+    for _ in range(3):
+        with precision.autocast():
+            loss = model(torch.randn(16, 32, generator=g)).float().square().mean()
+        precision.backward(loss)
+        precision.step(opt)
+    return {
+        "start": start,
+        "params": _flat(model),
+        "kinds": [type(m).__name__ for m in model.modules()],
+    }
 
 
 def _single_process(recipe: str) -> torch.Tensor:
@@ -254,8 +281,10 @@ _BATTERIES = {
         ("comm_fp16", _ddp_run, {"recipe": "fp16-mixed", "comm": torch.float16}),
         ("comm_fp32", _ddp_run, {"recipe": "bf16-mixed", "comm": torch.float32}),
         ("ckpt", _resume, {"strategy": "ddp", "recipe": "fp16-master"}),
+        ("fp8", _ddp_fp8, {}),
     ],
     "fsdp2": [
+        ("inf_sharded", _inf_on_rank1, {"fused": False, "strategy": "fsdp2"}),
         ("gpt_bf16-mixed", _fsdp_gpt, {"recipe": "bf16-mixed"}),
         ("gpt_bf16-master", _fsdp_gpt, {"recipe": "bf16-master"}),
         ("ckpt", _resume, {"strategy": "fsdp2", "recipe": "bf16-master"}),
@@ -320,7 +349,14 @@ def _both(battery: list[dict], key: str) -> tuple:
 # -- rank-consistent loss scaling ---------------------------------------------------------
 @pytest.mark.parametrize("key", ["inf_sgd", "inf_fused"])
 def test_inf_on_one_rank_skips_on_both(ddp_battery, key):
-    r0, r1 = _both(ddp_battery, key)
+    _check_inf_on_one_rank(*_both(ddp_battery, key))
+
+
+def test_inf_in_one_shard_skips_on_both(fsdp2_battery):
+    _check_inf_on_one_rank(*_both(fsdp2_battery, "inf_sharded"))
+
+
+def _check_inf_on_one_rank(r0: dict, r1: dict) -> None:
     assert r0["stepped"] == r1["stepped"] == [True, True, False, True, True]
     assert r0["scales"] == r1["scales"]
     assert r0["scales"][2] == r0["scales"][1] * 0.5  # torch preset backs off by 1/2
@@ -362,6 +398,13 @@ def test_fp32_communication_hook_equals_builtin_allreduce(ddp_battery):
     hooked, _ = _both(ddp_battery, "comm_fp32")
     builtin, _ = _both(ddp_battery, "ddp_bf16-mixed")
     assert torch.allclose(hooked, builtin, rtol=0, atol=1e-6)
+
+
+def test_ddp_with_fp8_linear_keeps_ranks_identical(ddp_battery):
+    r0, r1 = _both(ddp_battery, "fp8")
+    assert "Float8Linear" in r0["kinds"]
+    assert torch.equal(r0["params"], r1["params"])  # different data, all-reduced gradients
+    assert not torch.equal(r0["params"], r0["start"])
 
 
 # -- FSDP2 --------------------------------------------------------------------------------
