@@ -109,6 +109,12 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, default=1, help="devices the states are sharded over")
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument(
+        "--attention",
+        choices=["eager", "flash"],
+        default="eager",
+        help="eager keeps the attention scores (default); flash keeps only log-sum-exp",
+    )
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--device", help="known device, e.g. h100-80gb, a100-40gb, l4")
     dev.add_argument("--device-memory", help="device memory, e.g. 80GiB or 24GB")
@@ -126,7 +132,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
         e = estimate(
             args.model, args.recipe, optimizer=args.optimizer, batch_size=args.batch,
             seq_len=args.seq, activation_checkpointing=args.checkpointing,
-            zero_stage=args.zero, world_size=args.gpus,
+            zero_stage=args.zero, world_size=args.gpus, attention=args.attention,
         )  # fmt: skip
         capacity = None
         if args.device:
@@ -147,8 +153,50 @@ def _run_estimate(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="train with the numerics monitor and report")
-    p.set_defaults(func=_not_yet, command_name="diagnose")
+    p = sub.add_parser(
+        "diagnose",
+        help="train with the numerics monitor and report",
+        description="Train a task (or a user model) with a recipe under the numerics monitor; "
+        "print the per-layer table and write numerics.json, table.txt and PNG plots.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default="gpt", help="built-in task: mlp, unet, gpt, bert")
+    src.add_argument("--model", help="user model as package.module:factory")
+    p.add_argument("--size", default="small", help="task size: tiny, small, base")
+    p.add_argument("--recipe", default="fp16-mixed", help="recipe name (default fp16-mixed)")
+    p.add_argument("--steps", type=int, default=50, help="training steps (default 50)")
+    p.add_argument("--every", type=int, default=1, help="measure one step in N (default 1)")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        help="target format (repeatable; default fp16, bf16, fp8_e4m3fn, fp8_e5m2)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="diagnose-report", help="output folder")
+    p.set_defaults(func=_diagnose, command_name="diagnose")
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from mixprec.numerics.diagnose import diagnose
+    from mixprec.numerics.monitor import DEFAULT_FORMATS
+
+    try:
+        diagnose(
+            args.model or args.task,
+            recipe=args.recipe,
+            steps=args.steps,
+            out=args.out,
+            size=args.size,
+            formats=args.formats or DEFAULT_FORMATS,
+            every=args.every,
+            seed=args.seed,
+            device=args.device,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return 0
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

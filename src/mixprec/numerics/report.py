@@ -6,10 +6,13 @@ Verdict rule (per module, per format ``F``, over every measured step merged):
   and, separately, its gradients (``grad_output`` and ``grad_input`` merged);
 * the module *fits* ``F`` when both are at most ``loss_threshold`` (default 1%).
 
-A module that does not fit some monitored format gets a recommendation: keep it in the
-narrowest monitored format it fits (fewest bits), citing the worst loss among the formats
-it does not fit, e.g. ``"keep head in bf16: 9.0% of its output gradients underflow in
-fp8_e5m2"``; ``fp32`` when it fits none.
+Formats are grouped by width (bits). A width *works* for a module when, for activations
+and for gradients separately, its least lossy format of that width fits (so fp8 works
+with e4m3 activations and e5m2 gradients). When the narrowest monitored width does not
+work, the module gets a recommendation: keep it in the narrowest width that works (the
+format names that fit), citing the loss of the narrowest width's best format, e.g.
+``"keep head in bf16: 9.0% of its output gradients underflow in fp8_e5m2"``; ``fp32``
+when no width works.
 """
 
 from __future__ import annotations
@@ -88,41 +91,47 @@ def verdicts(monitor, loss_threshold: float = 0.01) -> list[LayerVerdict]:
         "keep head in bf16: 9.0% of its output gradients underflow in fp8_e5m2"
     """
     monitor.readout()
-    bits = {f.name: f.bits for f in monitor.formats}
-    by_width = sorted(monitor.format_names, key=lambda n: (bits[n], n))
     out = []
     for path in monitor.module_paths:
         groups = {
             "activations": _merged(monitor, path, ("output",)),
             "gradients": _merged(monitor, path, ("grad_output", "grad_input")),
         }
-        if all(g is None for g in groups.values()):
-            continue
-        fits, lost, reasons = {}, {}, []
-        for fmt in monitor.format_names:
-            lost[fmt] = {}
-            ok = True
-            for group, stats in groups.items():
-                if stats is None:
-                    continue
-                frac = stats.lost_fraction(fmt)
-                lost[fmt][group] = frac
-                if frac > loss_threshold:
-                    ok = False
-                    for kind in (
-                        ("output",) if group == "activations" else ("grad_output", "grad_input")
-                    ):
-                        s = _merged(monitor, path, (kind,))
-                        if s is not None:
-                            reasons.append(_loss_reason(s, fmt, _WORDS[kind]))
-            fits[fmt] = ok
-        rec = None
-        if not all(fits.values()):
-            keep = next((f for f in by_width if fits[f]), "fp32")
-            worst = max(reasons)[1] if reasons else ""
-            rec = f"keep {path or 'the model'} in {keep}: {worst}"
-        out.append(LayerVerdict(path, fits, lost, rec))
+        groups = {g: s for g, s in groups.items() if s is not None}
+        if groups:
+            out.append(_verdict(monitor, path, groups, loss_threshold))
     return out
+
+
+def _verdict(monitor, path: str, groups: dict, threshold: float) -> LayerVerdict:
+    bits = {f.name: f.bits for f in monitor.formats}
+    widths = sorted(set(bits.values()))
+    lost = {f: {g: s.lost_fraction(f) for g, s in groups.items()} for f in bits}
+    fits = {f: all(v <= threshold for v in lost[f].values()) for f in bits}
+
+    def best(group: str, width: int) -> str:  # least lossy format of a width for a group
+        return min((f for f in bits if bits[f] == width), key=lambda f: lost[f][group])
+
+    def width_ok(width: int) -> bool:
+        return all(lost[best(g, width)][g] <= threshold for g in groups)
+
+    rec = None
+    if not width_ok(widths[0]):
+        # The narrowest width fails even with its best format per group: say why.
+        group = max(groups, key=lambda g: lost[best(g, widths[0])][g])
+        fmt = best(group, widths[0])
+        kinds = ("output",) if group == "activations" else ("grad_output", "grad_input")
+        reasons = [
+            _loss_reason(s, fmt, _WORDS[k])
+            for k in kinds
+            if (s := _merged(monitor, path, (k,))) is not None
+        ]
+        keep_width = next((w for w in widths if width_ok(w)), None)
+        keep = "fp32"
+        if keep_width is not None:
+            keep = " / ".join(sorted({best(g, keep_width) for g in groups}))
+        rec = f"keep {path or 'the model'} in {keep}: {max(reasons)[1]}"
+    return LayerVerdict(path, fits, lost, rec)
 
 
 # -- JSON ----------------------------------------------------------------------------------
