@@ -165,6 +165,14 @@ def test_korthikanti_per_layer_formula():
     assert fp32 > acts
 
 
+def test_flash_attention_drops_the_score_matrix():
+    spec = get_spec("bert-base-uncased")
+    s, b, a, L = 512, 4, 12, 12
+    eager, _ = korthikanti(spec, torch.bfloat16, False, b, s, False)
+    flash, _ = korthikanti(spec, torch.bfloat16, False, b, s, False, flash=True)
+    assert eager - flash == L * (5 * a * s * s * b - 4 * a * s * b)
+
+
 def test_activations_scale_with_batch_and_sequence():
     one = estimate("gpt2", "bf16-mixed", seq_len=512, batch_size=1).activations
     two = estimate("gpt2", "bf16-mixed", seq_len=512, batch_size=2).activations
@@ -194,6 +202,19 @@ def test_estimate_within_10_percent_of_measured_peak(task_name, recipe):
         model, task.build_optimizer(model), recipe, batch, steps=2, loss_fn=task.loss
     )
     assert measured.peak == sum(n for _, n in measured.breakdown)
+    assert abs(predicted.total - measured.peak) <= 0.10 * measured.peak
+
+
+def test_traced_activations_scale_to_a_larger_batch():
+    from mixprec.bench.tasks import get_task
+
+    task = get_task("gpt", "tiny")
+    model, (x, y) = task.build_model(), task.example_batch()
+    half = (x[: len(x) // 2].clone(), y[: len(y) // 2].clone())
+    predicted = estimate(model, "bf16-mixed", batch=half, batch_size=len(x), loss_fn=task.loss)
+    measured = measure(
+        model, task.build_optimizer(model), "bf16-mixed", (x, y), steps=2, loss_fn=task.loss
+    )
     assert abs(predicted.total - measured.peak) <= 0.10 * measured.peak
 
 
@@ -280,6 +301,13 @@ def test_cli_suggests_the_cheapest_fix(capsys):
     assert main(["estimate", "gpt2", "--batch", "64", "--seq", "1024", "--device", "l4"]) == 0
     out = capsys.readouterr().out
     assert "does not fit" in out and "activation checkpointing" in out
+
+
+def test_cli_combines_changes_when_one_is_not_enough(capsys):
+    argv = ["estimate", "llama-2-13b", "--seq", "4096", "--gpus", "8", "--device", "a100-40gb"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "activation checkpointing + ZeRO stage" in out
 
 
 def test_cli_json_and_config_path(tmp_path, capsys):

@@ -85,6 +85,7 @@ class MemoryEstimate:
     zero_stage: int
     activation_checkpointing: bool
     accounting: str
+    attention: str
     weights: int
     gradients: int
     master_weights: int
@@ -148,7 +149,7 @@ class MemoryEstimate:
             "seq_len": self.seq_len, "world_size": self.world_size,
             "zero_stage": self.zero_stage,
             "activation_checkpointing": self.activation_checkpointing,
-            "accounting": self.accounting, "parts": self.parts,
+            "accounting": self.accounting, "attention": self.attention, "parts": self.parts,
             "model_states": self.model_states, "total": self.total,
             "peak_phase": self.peak_phase, "bytes_per_param": self.bytes_per_param,
             "formulas": dict(self.formulas),
@@ -262,6 +263,7 @@ def estimate(
     batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     loss_fn=None,
     accounting: Accounting = "mixprec",
+    attention: Literal["eager", "flash"] = "eager",
 ) -> MemoryEstimate:
     """Predict the training memory per device of a model under a recipe.
 
@@ -284,6 +286,8 @@ def estimate(
         loss_fn: ``loss_fn(outputs, targets)`` for the trace (default cross-entropy / MSE).
         accounting: ``"mixprec"`` (what Precision allocates) or ``"zero"`` (the ZeRO
             paper's 2 + 2 + K model-state accounting).
+        attention: for transformer specs, ``"eager"`` (the score matrix is kept, as in
+            Korthikanti et al.) or ``"flash"`` (a fused kernel keeps only log-sum-exp).
 
     Returns:
         :class:`MemoryEstimate`.
@@ -303,6 +307,8 @@ def estimate(
         raise ValueError(
             f"zero_stage={zero_stage!r} is not one of {', '.join(map(str, _ZERO_STAGES))}"
         )
+    if attention not in ("eager", "flash"):
+        raise ValueError(f"attention={attention!r} is not one of 'eager', 'flash'")
     if accounting not in ("mixprec", "zero"):
         raise ValueError(f"accounting={accounting!r} is not one of 'mixprec', 'zero'")
     _positive("batch_size", batch_size)
@@ -331,6 +337,7 @@ def estimate(
         seq_len,
         activation_checkpointing,
         states,
+        flash=attention == "flash",
     )
     merged = {**states, **acts}
     if "batch" in merged:  # the micro-batch is alive for the whole step
@@ -343,6 +350,7 @@ def estimate(
         model=name, recipe=str(recipe), optimizer=optimizer, num_params=P.total,
         batch_size=batch_size, seq_len=seq_len, world_size=world_size, zero_stage=stage,
         activation_checkpointing=activation_checkpointing, accounting=accounting,
+        attention=attention,
         **{k: sharded[k][0] for k in PARTS}, bytes_per_param=per_param,
         formulas=tuple((k, sharded[k][1]) for k in PARTS),
     )  # fmt: skip

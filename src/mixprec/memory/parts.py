@@ -131,7 +131,7 @@ def fp8_state_per_linear(recipe: Recipe) -> int:
 
 
 def activation_parts(
-    recipe, P, spec, module, batch, loss_fn, batch_size, seq_len, ckpt, states
+    recipe, P, spec, module, batch, loss_fn, batch_size, seq_len, ckpt, states, flash=False
 ) -> dict[str, Part]:
     """Weight copies, fp8 copies, activations and the backward transient."""
     compute = recipe.compute_dtype or recipe.param_dtype
@@ -152,7 +152,7 @@ def activation_parts(
         out["activations"] = (0, "0 (pass a transformer spec or a batch to trace)")
         out["backward_transient"] = (0, "0")
         return out
-    out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt)
+    out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt, flash)
     out["batch"] = (16 * batch_size * seq_len, "token ids and labels: 2 x s*b x 8 B")
     out["backward_transient"] = (
         states["gradients"][0],
@@ -161,7 +161,9 @@ def activation_parts(
     return out
 
 
-def korthikanti(spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: bool) -> Part:
+def korthikanti(
+    spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: bool, flash: bool = False
+) -> Part:
     """Activation bytes of a transformer, after Korthikanti et al. 2022 (Sec. 4.1).
 
     Per layer, with e bytes per activation element (2 for 16-bit compute), f bytes per
@@ -175,6 +177,8 @@ def korthikanti(spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: boo
         norms: 2sbh*e
 
     which for 16-bit GPT-2/BERT shapes (ff = 4h, dropout) is the paper's sbh(34 + 5as/h).
+    With a fused (flash) attention kernel the as^2b terms are replaced by the kernel's
+    fp32 log-sum-exp, 4asb bytes (its dropout mask is regenerated, not stored).
     The LM head adds sbh*(e + f) + 4sbV (fp32 log-softmax). With full activation
     checkpointing only each layer's input (sbh*e) is kept, plus one layer recomputed.
     """
@@ -189,7 +193,8 @@ def korthikanti(spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: boo
         spec.vocab_size,
     )
     sbh, sb = s * b * h, s * b
-    attn = sbh * (2 * f + 3 * e + m) + a * s * s * b * (e + (m + e if m else 0))
+    scores = 4 * a * s * b if flash else a * s * s * b * (e + (m + e if m else 0))
+    attn = sbh * (2 * f + 3 * e + m) + scores
     if spec.family == "llama":
         mlp = sbh * f + sb * ff * (3 * e + f)
     else:
@@ -202,9 +207,9 @@ def korthikanti(spec, compute: torch.dtype, fp8: bool, b: int, s: int, ckpt: boo
         text = f"L*sbh*{e} (layer inputs) + 1 layer recomputed ({layer:,} B)"
     else:
         total = L * layer + head + embed
-        c1 = (layer - a * s * s * b * (e + (m + e if m else 0))) / sbh
+        c1 = (layer - scores) / sbh
         c2 = e + (m + e if m else 0)
-        text = f"L*sbh*({c1:g} + {c2:g}*as/h)"
+        text = f"L*sbh*{c1:g} + L*4asb (flash)" if flash else f"L*sbh*({c1:g} + {c2:g}*as/h)"
     text += f" + head {head:,} B; s={s}, b={b}, h={h}, a={a}, L={L} [Korthikanti et al. 2022]"
     return total, text
 

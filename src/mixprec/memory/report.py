@@ -82,33 +82,44 @@ def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdic
     base = dict(
         optimizer=e.optimizer, batch_size=e.batch_size, seq_len=e.seq_len,
         activation_checkpointing=e.activation_checkpointing, zero_stage=e.zero_stage,
-        world_size=e.world_size, accounting=e.accounting, **kwargs,
+        world_size=e.world_size, accounting=e.accounting, attention=e.attention, **kwargs,
     )  # fmt: skip
-    tries: list[tuple[str, dict]] = []
-    if not e.activation_checkpointing:
-        tries.append(("turn on activation checkpointing", {"activation_checkpointing": True}))
-    if e.world_size > 1:
-        for stage in range(e.zero_stage + 1, 4):
-            tries.append((f"use ZeRO stage {stage}", {"zero_stage": stage}))
-    size = e.batch_size // 2
-    while size >= 1:
-        tries.append((f"micro-batch {size} (accumulate gradients)", {"batch_size": size}))
-        size //= 2
-    for desc, change in tries:
-        changed = estimate(model_or_spec, e.recipe, **{**base, **change})
-        if changed.total <= capacity:
-            return Verdict(False, capacity, desc, changed)
     from mixprec.recipes import RECIPES
 
-    best = None
-    for name in RECIPES:
-        if name == e.recipe:
-            continue
-        changed = estimate(model_or_spec, name, **base)
-        if changed.total <= capacity and (best is None or changed.total < best[1].total):
-            best = (f"recipe {name} ({changed.bytes_per_param:g} B/param of model states)", changed)
-    if best is not None:
-        return Verdict(False, capacity, *best)
+    ckpt = [] if e.activation_checkpointing else [
+        ("activation checkpointing", {"activation_checkpointing": True})
+    ]  # fmt: skip
+    others: list[tuple[str, dict]] = []
+    if e.world_size > 1:
+        others += [(f"ZeRO stage {z}", {"zero_stage": z}) for z in range(e.zero_stage + 1, 4)]
+    size = e.batch_size // 2
+    while size >= 1:
+        others.append((f"micro-batch {size} (accumulate gradients)", {"batch_size": size}))
+        size //= 2
+    recipes = [(f"recipe {r}", {"recipe": r}) for r in RECIPES if r != e.recipe]
+    # Single changes in order of cost, then activation checkpointing with each of the others.
+    for tries in (
+        ckpt + others,
+        recipes,
+        [
+            (f"{c[0][0]} + {d}", {**c[0][1], **ch})
+            for c in [ckpt]
+            if c
+            for d, ch in others + recipes
+        ],
+    ):
+        fitting = []
+        for desc, change in tries:
+            change = dict(change)
+            recipe = change.pop("recipe", e.recipe)
+            changed = estimate(model_or_spec, recipe, **{**base, **change})
+            if changed.total <= capacity:
+                fitting.append((desc, changed))
+                if "recipe" not in desc:
+                    break  # cheaper than any recipe change: take the first that fits
+        if fitting:  # among recipe changes, the one with the smallest total
+            desc, changed = min(fitting, key=lambda x: x[1].total if "recipe" in x[0] else 0)
+            return Verdict(False, capacity, desc, changed)
     return Verdict(False, capacity)
 
 
@@ -152,7 +163,7 @@ def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True
                 )
             else:
                 console.print(
-                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; no single change "
-                    "makes it fit (more devices, or a smaller model)"
+                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; no change tried makes "
+                    "it fit (more devices, or a smaller model)"
                 )
     return cap.get()
