@@ -296,3 +296,19 @@ def test_bad_input():
         monitor.stats("0.weigth")
     with pytest.raises(ValueError, match="grad_output"):
         monitor.stats("0", "gradient")
+
+
+def test_diagnose_command_writes_reports(tmp_path, capsys):
+    from mixprec.cli import main
+
+    out = tmp_path / "d"
+    args = "diagnose --task mlp --size tiny --recipe fp16-mixed --steps 2"
+    rc = main([*args.split(), "--format", "fp16", "--format", "fp8_e5m2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "numerics.json").read_text())
+    assert data["run"]["recipe"] == "fp16-mixed" and len(data["run"]["losses"]) == 2
+    assert [s["step"] for s in data["steps"]] == [0, 1]
+    assert data["steps"][0]["scale"] == 65536.0  # fp16-mixed: gradients measured scaled
+    assert (out / "gradient_histogram.png").exists() and (out / "underflow_heatmap.png").exists()
+    assert main(["diagnose", "--task", "mlp", "--recipe", "nope", "--out", str(out)]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
