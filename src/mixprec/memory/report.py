@@ -6,7 +6,8 @@ order of cost and names the first that fits::
     1. activation checkpointing       (one more forward pass of compute)
     2. a higher ZeRO stage            (more communication; needs world_size > 1)
     3. a smaller micro-batch          (halved down to 1; more accumulation steps)
-    4. a recipe with fewer bytes      (the smallest total among the built-in recipes)
+    4. a recipe with fewer bytes per parameter of model states (fewest first)
+    5. activation checkpointing together with one of 2-4
 """
 
 from __future__ import annotations
@@ -84,43 +85,45 @@ def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdic
         activation_checkpointing=e.activation_checkpointing, zero_stage=e.zero_stage,
         world_size=e.world_size, accounting=e.accounting, attention=e.attention, **kwargs,
     )  # fmt: skip
+    for desc, changes in _candidates(e):
+        recipe = changes.pop("recipe", e.recipe)
+        changed = estimate(model_or_spec, recipe, **{**base, **changes})
+        if changed.total <= capacity:
+            return Verdict(False, capacity, desc, changed)
+    return Verdict(False, capacity)
+
+
+def _candidates(e: MemoryEstimate):
+    """(description, estimate() changes), cheapest first.
+
+    Single changes in order of cost (checkpointing, ZeRO stages, halved micro-batches),
+    then the other recipes from fewest bytes per parameter, then activation checkpointing
+    combined with each of those.
+    """
     from mixprec.recipes import RECIPES
 
-    ckpt = [] if e.activation_checkpointing else [
-        ("activation checkpointing", {"activation_checkpointing": True})
-    ]  # fmt: skip
-    others: list[tuple[str, dict]] = []
-    if e.world_size > 1:
-        others += [(f"ZeRO stage {z}", {"zero_stage": z}) for z in range(e.zero_stage + 1, 4)]
+    ckpt = ("activation checkpointing", {"activation_checkpointing": True})
+    others = [(f"ZeRO stage {z}", {"zero_stage": z}) for z in range(e.zero_stage + 1, 4)]
+    if e.world_size == 1:
+        others = []
     size = e.batch_size // 2
     while size >= 1:
         others.append((f"micro-batch {size} (accumulate gradients)", {"batch_size": size}))
         size //= 2
-    recipes = [(f"recipe {r}", {"recipe": r}) for r in RECIPES if r != e.recipe]
-    # Single changes in order of cost, then activation checkpointing with each of the others.
-    for tries in (
-        ckpt + others,
-        recipes,
-        [
-            (f"{c[0][0]} + {d}", {**c[0][1], **ch})
-            for c in [ckpt]
-            if c
-            for d, ch in others + recipes
-        ],
-    ):
-        fitting = []
-        for desc, change in tries:
-            change = dict(change)
-            recipe = change.pop("recipe", e.recipe)
-            changed = estimate(model_or_spec, recipe, **{**base, **change})
-            if changed.total <= capacity:
-                fitting.append((desc, changed))
-                if "recipe" not in desc:
-                    break  # cheaper than any recipe change: take the first that fits
-        if fitting:  # among recipe changes, the one with the smallest total
-            desc, changed = min(fitting, key=lambda x: x[1].total if "recipe" in x[0] else 0)
-            return Verdict(False, capacity, desc, changed)
-    return Verdict(False, capacity)
+    per_param = {r: estimate(1000, r, optimizer=e.optimizer).bytes_per_param for r in RECIPES}
+    recipes = [
+        (f"recipe {r} ({per_param[r]:g} B/param of model states)", {"recipe": r})
+        for r in sorted(RECIPES, key=per_param.__getitem__)
+        if r != e.recipe and per_param[r] < e.bytes_per_param
+    ]
+    singles = others + recipes
+    if not e.activation_checkpointing:
+        singles = [ckpt, *singles]
+    for desc, changes in singles:
+        yield desc, dict(changes)
+    if not e.activation_checkpointing:
+        for desc, changes in others + recipes:
+            yield f"{ckpt[0]} + {desc}", {**ckpt[1], **changes}
 
 
 def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True) -> str:
