@@ -189,7 +189,7 @@ def _fsdp_gpt(rank: int, recipe: str):
     precision = Precision(recipe)
     model, opt = precision.setup(model, task.build_optimizer(model))
     # every rank takes every other batch of the same stream
-    batches = list(itertools.islice(task.train_batches(2 * 30), rank, None, WORLD))
+    batches = list(itertools.islice(task.train_batches(WORLD * 20), rank, None, WORLD))
     losses = []
     for x, y in batches:
         with precision.autocast():
@@ -259,7 +259,20 @@ def _refusals(rank: int):
             model, sgd(model.parameters(), lr=0.1)
         )
 
-    cases = (bf16_storage, wrong_policy, root_not_sharded, bf16_true, fp16_wire_unscaled)
+    def comm_after_sharding():
+        model = mpd.shard_model(_tiny_model(), "bf16-mixed")  # reduces in fp32
+        Precision("bf16-mixed", grad_comm_dtype=torch.bfloat16).setup(
+            model, sgd(model.parameters(), lr=0.1)
+        )
+
+    cases = (
+        bf16_storage,
+        wrong_policy,
+        root_not_sharded,
+        bf16_true,
+        fp16_wire_unscaled,
+        comm_after_sharding,
+    )
     out = {case.__name__: attempt(case) for case in cases}
     ddp = DDP(_tiny_model())
     dist.destroy_process_group()
@@ -439,6 +452,7 @@ def test_refused_combinations_and_missing_process_group(fsdp2_battery):
         "root_not_sharded": ("ValueError", "is not sharded"),
         "bf16_true": ("ValueError", "update='kahan'"),
         "fp16_wire_unscaled": ("ValueError", "flushed to zero"),
+        "comm_after_sharding": ("ValueError", "pass grad_comm_dtype to"),
         "no_process_group": ("RuntimeError", "not initialised"),
     }
     assert set(out) == set(expected)

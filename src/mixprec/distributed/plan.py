@@ -132,7 +132,13 @@ def check_fsdp_model(model: nn.Module, recipe: Recipe, grad_comm_dtype=None) -> 
                 f"{' or '.join(_NAMES[d] for d in allowed)}: use "
                 "mixprec.distributed.fsdp_policy(recipe)"
             )
-        wire = policy.reduce_dtype or policy.param_dtype
+        wire = policy.reduce_dtype or policy.param_dtype or torch.float32
+        if grad_comm_dtype is not None and wire != grad_comm_dtype:
+            raise ValueError(
+                f"grad_comm_dtype={grad_comm_dtype} but module {name or '<root>'!r} reduces "
+                f"gradients in {wire}: FSDP2 fixes reduce_dtype when fully_shard is applied, so "
+                "pass grad_comm_dtype to mixprec.distributed.shard_model instead"
+            )
         if wire == torch.float16 and recipe.loss_scaling == "none":
             raise ValueError(
                 f"module {name or '<root>'!r} reduces gradients in fp16 but recipe "
