@@ -316,6 +316,9 @@ def estimate(
     _positive("world_size", world_size)
     stage = _ZERO_STAGES[zero_stage]
     name, P, spec, module = _resolve(model_or_spec)
+    if module is not None and batch is not None:
+        if any(p.device.type == "meta" for p in module.parameters()):
+            raise ValueError("a module on the meta device cannot run a batch: pass batch=None")
     if optimizer == "adafactor" and P.factored is None:
         raise ValueError("optimizer='adafactor' needs parameter shapes: pass an nn.Module")
     if batch_size is None:
@@ -343,7 +346,8 @@ def estimate(
     if "batch" in merged:  # the micro-batch is alive for the whole step
         nbytes, text = merged.pop("batch")
         other, other_text = merged["other_state"]
-        merged["other_state"] = (other + nbytes, f"{other_text} + {nbytes:,} B ({text})")
+        text = f"{nbytes:,} B ({text})"
+        merged["other_state"] = (other + nbytes, f"{other_text} + {text}" if other else text)
     per_param = sum(merged[k][0] for k in _STATE_PARTS) / P.total
     sharded = _p.shard(merged, stage, world_size)
     return MemoryEstimate(

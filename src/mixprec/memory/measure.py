@@ -10,7 +10,8 @@ autocast), ``backward`` and ``step`` (unscale, check, optimizer step, zero grads
 start of each phase the live memory is split by owner; the breakdown of the peak is that
 split at the start of the peak's phase plus what the phase added::
 
-    peak = weights + gradients + optimizer (states and masters) + other + phase transient
+    peak = weights + gradients + optimizer (states and masters) + activations + other
+           + phase transient
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class MeasuredMemory:
         peak: largest live tensor memory during the training steps, in bytes.
         peak_phase: ``"forward"``, ``"backward"`` or ``"step"``, where the peak happened.
         breakdown: ``(part, bytes)`` pairs summing to ``peak``: weights, gradients,
-            optimizer (states and master copies), other (live before the phase, e.g. the
-            batch and compensation buffers) and ``"<phase> transient"``.
+            optimizer (states and master copies), activations (what the forward pass
+            left for backward, when the peak is in backward), other (the batch, loss
+            scaler, compensation buffers, ...) and ``"<phase> transient"``.
         phase_peaks: ``(phase, bytes)``, the peak of each phase over all steps.
         setup: live bytes right after ``Precision.setup`` (before the first step).
         device: the device the model ran on.
@@ -184,7 +186,12 @@ def measure(
                 owners = {
                     k: sum(s.nbytes() for s in v) for k, v in _owners(model, optimizer).items()
                 }
-                owners["other"] = start - sum(owners.values())
+                rest = start - sum(owners.values())
+                if phase == "forward":
+                    other_before = rest  # the batch, scaler, buffers: alive across steps
+                # What the forward pass left for backward is its activations (and loss).
+                owners["activations"] = max(rest - other_before, 0) if phase == "backward" else 0
+                owners["other"] = rest - owners["activations"]
                 reset()
                 if phase == "forward":
                     with precision.autocast():
