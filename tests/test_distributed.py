@@ -512,3 +512,30 @@ def test_single_process_checkpoint_and_world_size_mismatch(tmp_path):
     path.rename(tmp_path / "rank-00000-of-00002.pt")
     with pytest.raises(FileNotFoundError, match="same number of ranks"):
         mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    """examples/train_distributed.py, unchanged, on two gloo ranks launched by torchrun."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:  # a free port on the loopback interface
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parents[1] / "examples" / "train_distributed.py"
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        *("--master-addr", "127.0.0.1", "--master-port", str(port), str(script)),
+        *("--strategy", "fsdp2", "--recipe", "bf16-master", "--grad-comm", "bf16"),
+        *("--steps", "3", "--log-every", "1", "--checkpoint", str(tmp_path / "ckpt")),
+    ]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "fsdp2 on 2 rank(s)" in done.stdout and "val_loss:" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "rank-00000-of-00002.pt",
+        "rank-00001-of-00002.pt",
+    ]
