@@ -379,3 +379,44 @@ def test_custom_scaler_overrides_recipe():
     scaler = LossScaler.static(8.0)
     precision = Precision("bf16-mixed", scaler=scaler)
     assert precision.scaler is scaler
+
+
+# -- fp8 and device handling --------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_FLOAT8, reason="mixprec.float8 not in this build")
+def test_fp8_recipe_swaps_linear_layers():
+    from mixprec.float8 import Float8Linear
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    model, opt = Precision("fp8-mixed").setup(model, opt)
+    assert isinstance(model[0], Float8Linear) and isinstance(model[2], Float8Linear)
+    assert list(model.parameters()) == params  # the optimizer's params are still the model's
+
+
+def test_fp8_recipe_without_float8_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mixprec.float8", None)  # as if not in the build
+    model = nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="not available in this build"):
+        Precision("fp8-mixed").setup(model, opt)
+
+
+def test_cuda_context_sets_and_restores_tf32():
+    from mixprec.precision import _CudaContext
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for allow in (True, False):
+        with _CudaContext(None, allow):
+            assert torch.backends.cuda.matmul.allow_tf32 is allow
+            assert torch.backends.cudnn.allow_tf32 is allow
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_load_state_dict_rejects_another_recipe():
+    _, _, saved = _tiny("fp16-mixed", fused=False)
+    _, _, other = _tiny("bf16-mixed", fused=False)
+    with pytest.raises(ValueError, match="fp16-mixed"):
+        other.load_state_dict(saved.state_dict())
