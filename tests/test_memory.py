@@ -228,6 +228,30 @@ def test_tracker_counts_storages_once_and_frees():
     assert tracker.peak == 4000
 
 
+def test_tracker_agrees_with_torch_memtracker():
+    # torch's own MemTracker (private API; skipped where it is missing) as the oracle.
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(32, 64), torch.randint(10, (32,))
+
+    def step():
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # create the optimizer states
+    reference = mem_tracker.MemTracker()
+    reference.track_external(model, opt, x, y)
+    with reference:
+        step()
+    ours = StorageTracker()
+    ours.track([list(model.parameters()), list(opt.state.values()), x, y])
+    with ours:
+        step()
+    assert ours.peak == reference.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
 def test_measured_fp32_adam_states_are_16_bytes_per_param():
     model = nn.Linear(256, 256, bias=False)
     batch = (torch.randn(2, 256), torch.randn(2, 256))
