@@ -436,3 +436,13 @@ def test_docstring_examples_run(module):
     name = "mixprec.float8" + ("" if module == "__init__" else f".{module}")
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_layer_used_twice_before_backward(scaling):
+    layer = Float8Linear(16, 16, config=Float8Config(scaling=scaling))
+    x1, x2 = torch.randn(4, 16), torch.randn(4, 16) * 4
+    (layer(x1).sum() + layer(x2).pow(2).sum()).backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    n = 2 if scaling == "delayed" else 1
+    assert int((layer.grad_output_amax_history != 0).sum()) == n  # two backward casts

@@ -108,16 +108,19 @@ class _Float8LinearFn(torch.autograd.Function):
             w8 if fp8_grads[0] else weight,
             sx,
             sw,
-            state[4],
-            state[5],
         )
+        # The grad_output state is updated in place by every backward, so it is held as a
+        # plain attribute: saved tensors would trip autograd's version check when the layer
+        # runs twice before one backward (shared weights, two micro-batches summed).
+        ctx.g_state = (state[4], state[5])
         ctx.kw, ctx.cfg, ctx.fp8_grads = kw, cfg, fp8_grads
         ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.dtype, weight.dtype, out_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: (M, N)
-        x_saved, w_saved, sx, sw, g_hist, g_scale = ctx.saved_tensors
+        x_saved, w_saved, sx, sw = ctx.saved_tensors
+        g_hist, g_scale = ctx.g_state
         cfg: Float8Config = ctx.cfg
         with torch.autocast(grad_out.device.type, enabled=False):
             g8, sg = cast_to_float8(grad_out, g_hist, g_scale, cfg.backward_dtype, **ctx.kw)
