@@ -204,7 +204,9 @@ def _params_of_module(model: nn.Module) -> _Params:
 def _params_of_spec(spec: ModelSpec) -> _Params:
     c = spec.param_counts()
     h, big = spec.hidden_size, spec.vocab_size * spec.hidden_size
+    # parameter tensors: per layer, and outside the layers (embeddings, final norm, head)
     per_layer = {"gpt2": 12, "bert": 16, "llama": 9}[spec.family]
+    outside = {"gpt2": 4, "bert": 7, "llama": 2 if spec.tie_word_embeddings else 3}[spec.family]
     return _Params(
         c.total,
         c.norm,
@@ -212,7 +214,7 @@ def _params_of_spec(spec: ModelSpec) -> _Params:
         c.linear_weights,
         c.linear_layers,
         max(big, h * spec.intermediate_size),
-        per_layer * spec.num_layers + 4,
+        per_layer * spec.num_layers + outside,
         None,
     )
 
@@ -239,7 +241,8 @@ def _resolve(model_or_spec) -> tuple[str, _Params, ModelSpec | None, nn.Module |
     else:
         text = str(model_or_spec)
         is_path = isinstance(model_or_spec, Path) or text.endswith(".json") or "/" in text
-        spec = load_config(text) if is_path or Path(text).is_file() else get_spec(text)
+        is_path = is_path or Path(text).is_file() or Path(text).is_dir()
+        spec = load_config(text) if is_path else get_spec(text)
     return spec.name, _params_of_spec(spec), spec, None
 
 
