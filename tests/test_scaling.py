@@ -134,6 +134,31 @@ def test_torch_rule_kernel_and_tensor_path_agree():
         assert states[0] == states[1]
 
 
+@pytest.mark.parametrize("method", ["flags", "amax"])
+@pytest.mark.parametrize("bad", [None, (1, -INF), (4, NAN), (3, INF)])
+def test_locate_methods_match_torch_kernel(method, bad):
+    # Mixed dtypes and a None gradient; the torch kernel on the same data is the oracle.
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.bfloat16, None, torch.float16, torch.float32, torch.bfloat16]
+    grads = [None if d is None else torch.randn(5, generator=gen).to(d) for d in dtypes]
+    if bad is not None:
+        grads[bad[0]][2] = bad[1]
+    expected = [None if g is None else g.clone() for g in grads]
+    expected_found = torch.zeros(())
+    for g in expected:
+        if g is not None:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [g], expected_found, torch.tensor(0.25)
+            )
+    scaler = LossScaler(init_scale=4.0, locate_method=method)
+    found = scaler.unscale_(grads, names=[f"p{i}" for i in range(len(grads))])
+    scaler.update(found)
+    assert found.item() == expected_found.item() == (bad is not None)
+    for got, want in zip(grads, expected):
+        assert (got is None and want is None) or torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert scaler.first_nonfinite(0) == (None if bad is None else f"p{bad[0]}")
+
+
 # -- the other frameworks' rules, re-implemented from their published source -------------------
 class ApexReference:
     """apex.amp.scaler.LossScaler.update_scale (dynamic)."""

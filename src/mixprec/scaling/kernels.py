@@ -1,26 +1,41 @@
 """The gradient pass of a loss scaler: grouped inf/NaN check, unscale, first non-finite.
 
-One pass per (device, dtype) group with ``torch._amp_foreach_non_finite_check_and_unscale_``
-(torch.amp.GradScaler's kernel); optionally a foreach max-abs before it to find which
-gradient was the first non-finite one. Nothing is read back to the host.
+Without locating, one ``torch._amp_foreach_non_finite_check_and_unscale_`` call per
+(device, dtype) group (torch.amp.GradScaler's kernel and grouping). To also find *which*
+gradient was the first non-finite one, with no host read and at low cost:
+
+* ``"flags"`` (default on CPU): the same kernel once per gradient, each writing its own
+  slot of a flag vector, so ``found_inf = max(flags)`` and ``first = min{i : flags[i]}``.
+  No extra pass over the data; costs one dispatch per gradient instead of one per group.
+* ``"amax"`` (default elsewhere): one extra fused read of the gradients,
+  ``torch._foreach_norm(grads, inf)`` (max |g| is non-finite iff ``g`` holds an inf or a
+  NaN), before the grouped kernel; a constant number of launches per group.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["NONE_INDEX", "GradChecker"]
+__all__ = ["NONE_INDEX", "GradChecker", "LocateMethod"]
 
 # Marks "no non-finite gradient" in int64 index tensors (above any real index).
 NONE_INDEX = 2**62
 
+LocateMethod = Literal["auto", "flags", "amax"]
+_METHODS = ("auto", "flags", "amax")
+
 
 class GradChecker:
     """Checks (and unscales) gradient lists; caches the index tensors it builds.
+
+    Args:
+        method: how the first non-finite gradient is located (see the module docstring).
 
     Example:
         >>> grads = [torch.tensor([2.0, 4.0]), torch.tensor([float("nan")])]
@@ -29,7 +44,10 @@ class GradChecker:
         (1.0, 1, [1.0, 2.0])
     """
 
-    def __init__(self) -> None:
+    def __init__(self, method: LocateMethod = "auto") -> None:
+        if method not in _METHODS:
+            raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, _METHODS))}")
+        self.method = method
         self._positions: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -54,37 +72,68 @@ class GradChecker:
             inv_scale = scale.double().reciprocal().float()
         else:
             inv_scale = torch.ones((), dtype=torch.float32, device=scale.device)
-        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
-        per_device = {scale.device: (found_inf, inv_scale)}
-        first = None
+        by_device: dict[torch.device, list] = defaultdict(list)
         grouped = _group_tensors_by_device_and_dtype([[g for _, g in present]], True)
         for (device, _), ((group,), indices) in grouped.items():
-            if device not in per_device:
-                per_device[device] = (
-                    torch.zeros((), dtype=torch.float32, device=device),
-                    inv_scale.to(device, non_blocking=True),
-                )
-            dev_found, dev_inv = per_device[device]
-            if locate:
-                original = tuple(present[k][0] for k in indices)
-                candidate = self._first_nonfinite(group, original).to(scale.device, None, True)
-                first = candidate if first is None else torch.minimum(first, candidate)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, dev_inv)
-        for device, (dev_found, _) in per_device.items():
-            if device != scale.device:
-                found_inf += dev_found.to(scale.device, non_blocking=True)
-        if locate and first is None:
-            first = torch.full((), NONE_INDEX, dtype=torch.int64, device=scale.device)
+            by_device[device].append((group, indices))
+        found_parts, first_parts = [], []
+        for device, groups in by_device.items():
+            dev_inv = inv_scale if device == scale.device else inv_scale.to(device, None, True)
+            if not locate:
+                dev_found = torch.zeros((), dtype=torch.float32, device=device)
+                for group, _ in groups:
+                    torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, dev_inv)
+            elif self._method(device) == "flags":
+                dev_found, first = self._flags_pass(groups, present, device, dev_inv)
+                first_parts.append(first)
+            else:
+                dev_found, first = self._amax_pass(groups, present, device, dev_inv)
+                first_parts.append(first)
+            found_parts.append(dev_found.to(scale.device, None, True))
+        if not found_parts:
+            found_parts.append(torch.zeros((), dtype=torch.float32, device=scale.device))
+        found_inf = found_parts[0]
+        for part in found_parts[1:]:
+            found_inf = found_inf + part
+        if not locate:
+            return found_inf, None
+        first = torch.full((), NONE_INDEX, dtype=torch.int64, device=scale.device)
+        for part in first_parts:
+            first = torch.minimum(first, part.to(scale.device, None, True))
         return found_inf, first
 
-    def _first_nonfinite(self, group: list[torch.Tensor], original: tuple[int, ...]):
-        # max |g| of a tensor is non-finite iff the tensor holds an inf or NaN.
-        amax = torch.stack(torch._foreach_norm(group, math.inf))
-        key = (amax.device, original)
+    def _method(self, device: torch.device) -> str:
+        if self.method != "auto":
+            return self.method
+        return "flags" if device.type == "cpu" else "amax"
+
+    def _flags_pass(self, groups, present, device, inv_scale):
+        flags = torch.zeros(len(present), dtype=torch.float32, device=device)
+        slots = flags.unbind()
+        for group, indices in groups:
+            for k, grad in zip(indices, group):
+                torch._amp_foreach_non_finite_check_and_unscale_([grad], slots[k], inv_scale)
+        positions = self._positions_of(device, tuple(i for i, _ in present))
+        first = torch.where(flags != 0, positions, NONE_INDEX).amin()
+        return flags.amax(), first
+
+    def _amax_pass(self, groups, present, device, inv_scale):
+        dev_found = torch.zeros((), dtype=torch.float32, device=device)
+        first = None
+        for group, indices in groups:
+            amax = torch.stack(torch._foreach_norm(group, math.inf))
+            positions = self._positions_of(device, tuple(present[k][0] for k in indices))
+            candidate = torch.where(torch.isfinite(amax), NONE_INDEX, positions).amin()
+            first = candidate if first is None else torch.minimum(first, candidate)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, inv_scale)
+        return dev_found, first
+
+    def _positions_of(self, device: torch.device, original: tuple[int, ...]) -> torch.Tensor:
+        key = (device, original)
         positions = self._positions.get(key)
         if positions is None:
-            positions = torch.tensor(original, dtype=torch.int64, device=amax.device)
+            positions = torch.tensor(original, dtype=torch.int64, device=device)
             if len(self._positions) > 64:
                 self._positions.clear()
             self._positions[key] = positions
-        return torch.where(torch.isfinite(amax), NONE_INDEX, positions).amin()
+        return positions

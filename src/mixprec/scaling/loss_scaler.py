@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mixprec.scaling.kernels import NONE_INDEX, GradChecker
+from mixprec.scaling.kernels import NONE_INDEX, GradChecker, LocateMethod
 from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
 from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, StepLog
 
@@ -40,11 +40,12 @@ class LossScaler:
     the scale state machine runs as tensor ops.
 
     Telemetry is recorded on the device and read out by :meth:`telemetry` (one sync).
-    With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records which
-    gradient was the first non-finite one. Cost: one extra read of every gradient per step
-    (a foreach max-abs, ``torch._foreach_norm(grads, inf)``, before unscaling; unscaling
-    itself reads and writes them once) and ~4 tiny kernels; ``locate_nonfinite=False``
-    removes it. The name is looked up only when read.
+    With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records, on the
+    device, which gradient was the first non-finite one; its name is looked up only when
+    read. Cost (see :mod:`mixprec.scaling.kernels`): on CPU one kernel dispatch per
+    gradient instead of one per (device, dtype) group, and no extra pass over the data;
+    on accelerators one extra fused read of the gradients (a foreach max-abs). Plus ~4
+    tiny kernels either way. ``locate_nonfinite=False`` removes it.
 
     Floor check: when ``min_scale > 0`` and ``floor_patience`` consecutive steps overflow
     with the scale already at ``min_scale``, :meth:`check` raises :class:`ScaleFloorError`
@@ -62,6 +63,7 @@ class LossScaler:
         preset: framework rule to follow.
         device: device of the scale state; ``None`` = that of the first loss or grads.
         locate_nonfinite: record the first non-finite gradient of each step.
+        locate_method: ``"flags"``, ``"amax"`` or ``"auto"`` (flags on CPU, amax elsewhere).
         floor_patience: consecutive overflowing steps at the floor before the error.
         check_interval: steps between periodic floor checks (0 = only when asked).
         history_len: steps kept in the scale/skip record (a ring buffer).
@@ -95,6 +97,7 @@ class LossScaler:
         preset: str = "torch",
         device: torch.device | str | None = None,
         locate_nonfinite: bool = True,
+        locate_method: LocateMethod = "auto",
         floor_patience: int = 10,
         check_interval: int = 100,
         history_len: int = 4096,
@@ -143,7 +146,7 @@ class LossScaler:
         self._init_skipped = 0
         self._steps = 0
         self._pending: list[tuple[torch.Tensor, Sequence[str] | None, int]] = []
-        self._checker = GradChecker()
+        self._checker = GradChecker(locate_method)
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
