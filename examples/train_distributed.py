@@ -48,7 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint", default=None, help="directory for per-rank checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint DIR")
+    return args
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -203,6 +203,21 @@ def _fsdp_gpt(rank: int, recipe: str):
     return {"losses": losses, "policies": policies, "norm": precision.last_grad_norm.item()}
 
 
+def _sharded_norm(rank: int):
+    model = mpd.shard_model(_tiny_model(), "bf16-mixed")
+    x, y = _data(1)[0]
+    (model(x.chunk(WORLD)[rank]).float() - y.chunk(WORLD)[rank]).square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    full = torch.cat([g.full_tensor().double().flatten() for g in grads])
+    return {
+        "global": mpd.global_grad_norm(grads).item(),
+        "global_inf": mpd.global_grad_norm(grads, float("inf")).item(),
+        "full": full.norm().item(),
+        "full_inf": full.abs().max().item(),
+        "local": torch.cat([mpd.local_tensor(g).double().flatten() for g in grads]).norm().item(),
+    }
+
+
 def _resume(rank: int, strategy: str, recipe: str, directory: str):
     def build():
         model = _tiny_model()
@@ -298,6 +313,7 @@ _BATTERIES = {
     ],
     "fsdp2": [
         ("inf_sharded", _inf_on_rank1, {"fused": False, "strategy": "fsdp2"}),
+        ("norm", _sharded_norm, {}),
         ("gpt_bf16-mixed", _fsdp_gpt, {"recipe": "bf16-mixed"}),
         ("gpt_bf16-master", _fsdp_gpt, {"recipe": "bf16-master"}),
         ("ckpt", _resume, {"strategy": "fsdp2", "recipe": "bf16-master"}),
@@ -539,3 +555,17 @@ def test_example_runs_under_torchrun(tmp_path):
         "rank-00000-of-00002.pt",
         "rank-00001-of-00002.pt",
     ]
+
+
+def test_global_grad_norm_matches_float64_norm():
+    grads = [torch.randn(3, 4), torch.randn(0), torch.randn(5)]
+    flat = torch.cat([g.flatten() for g in grads]).double()
+    assert torch.allclose(mpd.global_grad_norm(grads).double(), flat.norm(), rtol=1e-6)
+    assert mpd.global_grad_norm(grads, float("inf")).item() == flat.abs().max().item()
+
+
+def test_global_grad_norm_spans_fsdp2_shards(fsdp2_battery):
+    for result in _both(fsdp2_battery, "norm"):
+        assert result["global"] == pytest.approx(result["full"], rel=1e-6)
+        assert result["global_inf"] == pytest.approx(result["full_inf"], rel=1e-6)
+        assert result["local"] < result["full"]  # one shard alone would under-clip

@@ -192,9 +192,10 @@ def global_grad_norm(grads: Iterable[torch.Tensor], norm_type: float = 2.0) -> t
                 mesh.get_group(dim) for dim, p in enumerate(grad.placements) if p.is_shard()
             )
         local = local_tensor(grad).detach().float()
-        part = local.abs().amax() if is_inf else local.abs().pow(norm_type).sum()
-        if local.numel() == 0:
+        if local.numel() == 0:  # an uneven split can leave a rank an empty shard
             part = torch.zeros((), device=local.device)
+        else:
+            part = local.abs().amax() if is_inf else local.abs().pow(norm_type).sum()
         prev = totals.get(groups)
         if prev is None:
             totals[groups] = part
