@@ -59,14 +59,14 @@ def _console():
 
 def _formats_table(args: argparse.Namespace) -> int:
     from mixprec.formats import FORMATS
-    from mixprec.formats_report import format_table
+    from mixprec.formats.report import format_table
 
     _console().print(format_table(_format_list(args.formats, list(FORMATS))))
     return 0
 
 
 def _formats_explain(args: argparse.Namespace) -> int:
-    from mixprec.formats_report import explain_table
+    from mixprec.formats.report import explain_table
 
     text = args.value.strip()
     try:
@@ -83,7 +83,7 @@ def _formats_explain(args: argparse.Namespace) -> int:
 def _formats_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixprec.formats_report import DEFAULT_PLOT_FORMATS, plot_layouts, plot_rounding_error
+    from mixprec.formats.report import DEFAULT_PLOT_FORMATS, plot_layouts, plot_rounding_error
 
     fmts = _format_list(args.formats, DEFAULT_PLOT_FORMATS)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Rendering for number formats: rich tables and matplotlib pictures (imported lazily).
 
-Kept apart from :mod:`mixprec.formats` so that ``import mixprec`` never pulls in rich or
+Kept apart from the numerics so that ``import mixprec`` never pulls in rich or
 matplotlib; the numbers shown all come from :class:`~mixprec.formats.FloatFormat`'s derived
 properties and :func:`~mixprec.formats.explain`.
 """

@@ -1,4 +1,4 @@
-"""The rounding engine behind :func:`mixprec.formats.quantize` (validated inputs only).
+"""Rounding into any format: :func:`quantize` and the engine behind it.
 
 One algorithm, driven by the format's fields, rounds magnitudes ``a = |x|`` to ``m``
 mantissa bits with a per-element "magic number" (the classic add-and-subtract trick):
@@ -19,8 +19,7 @@ the spacing ``q = c · 2^-p`` where the nearest value lies above ``a``.
 
 The work is done in cache-sized chunks with in-place ops (about 8 passes over L2-resident
 data instead of 8 trips through main memory; see ``_CHUNK``); on CUDA the whole tensor is
-one chunk. bf16
-and fp16 with their IEEE overflow go through torch's own (bit-exact) casts instead.
+one chunk. bf16 and fp16 with their IEEE overflow go through torch's own (bit-exact) casts.
 """
 
 from __future__ import annotations
@@ -28,12 +27,76 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mixprec.formats import FloatFormat
+from mixprec.formats.layout import FloatFormat, get_format
+
+__all__ = ["Overflow", "Rounding", "quantize"]
+
+Rounding = Literal["nearest", "stochastic", "toward_zero"]
+Overflow = Literal["saturate", "inf", "nan"]
+_ROUNDINGS = ("nearest", "stochastic", "toward_zero")
+_OVERFLOWS = ("saturate", "inf", "nan")
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    rounding: Rounding = "nearest",
+    overflow: Overflow | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round every element of ``x`` to a value representable in ``fmt``; keep x's dtype.
+
+    ``nearest`` is round-to-nearest, ties to even (ties away from zero when the format has
+    no mantissa bits, as ml_dtypes does). ``toward_zero`` truncates. ``stochastic`` picks
+    the lower or upper neighbour ``lo <= |x| <= hi`` with ``P(hi) = (|x| - lo) / (hi - lo)``
+    (drawn from ``generator``; reproducible with it), so ``E[quantize(x)] = x``.
+
+    Overflow (a rounded magnitude above ``fmt.max``) follows ``overflow``: ``"inf"``,
+    ``"nan"`` or ``"saturate"`` (±max; infinities too, like ``torch.clamp``). The default is
+    the format's own convention, as in ml_dtypes: IEEE formats -> inf, ``fn``/``fnuz`` ->
+    NaN, formats with neither -> saturate. NaN inputs stay NaN (also for fp6/fp4, which
+    have no NaN; ml_dtypes turns them into ±0). Formats without -0 return +0; unsigned
+    formats map negatives (and, with no zero, 0) to NaN.
+
+    Works on CPU and CUDA tensors of dtype float64, float32, bfloat16 or float16; only
+    vectorized tensor ops. A value representable in ``fmt`` but not in x's dtype (e8m0's
+    2^-127 in a float16 tensor) is rounded to x's dtype by torch's cast.
+
+    Raises:
+        TypeError: for a non-tensor, or an integer, complex or other dtype.
+        ValueError: for an unknown format, rounding or overflow mode, or an overflow mode
+            the format cannot express (``"inf"`` without infinities, ``"nan"`` without NaN).
+
+    Example:
+        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn")
+        tensor([0.1016,    nan])
+        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn", overflow="saturate")
+        tensor([  0.1016, 448.0000])
+    """
+    f = get_format(fmt)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize takes a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"quantize takes float64, float32, bfloat16 or float16 tensors, got {x.dtype}"
+        )
+    if rounding not in _ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: choose one of {_ROUNDINGS}")
+    if overflow is None:
+        overflow = "inf" if f.has_inf else ("nan" if f.has_nan else "saturate")
+    if overflow not in _OVERFLOWS:
+        raise ValueError(f"overflow={overflow!r}: choose one of {_OVERFLOWS} or None")
+    if overflow == "inf" and not f.has_inf:
+        raise ValueError(f"overflow='inf': {f.name} has no infinities; use 'nan' or 'saturate'")
+    if overflow == "nan" and not f.has_nan:
+        raise ValueError(f"overflow='nan': {f.name} has no NaN; use 'saturate'")
+    return _quantize_tensor(x, f, rounding, overflow, generator)
+
 
 # Elements per chunk on CPU: the chunk's buffers stay in L2, and it is below torch's
 # parallel grain size (32768), so each op runs inline in the calling thread. Larger chunks
@@ -145,7 +208,7 @@ def _finish(y, x, a, f: FloatFormat, overflow: str, mask) -> None:
         y.masked_fill_(bad, fill)
 
 
-def quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: str, generator):
+def _quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: str, generator):
     plan = _plan(f, x.dtype, rounding, overflow)
     if plan.native is not None:
         return x.to(plan.native).to(x.dtype)

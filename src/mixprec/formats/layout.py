@@ -1,57 +1,30 @@
-"""Number formats: bit layouts, derived limits, rounding into any format, explanations.
+"""Bit layouts: :class:`FloatFormat`, the built-in formats, their aliases, lookup.
 
-A :class:`FloatFormat` is the bit layout of a binary floating-point format (sign, exponent and
-mantissa fields, exponent bias, how infinity and NaN are encoded). Every limit users look up
-in ``torch.finfo`` (max, smallest normal, smallest subnormal, eps) is *derived* from those
-fields, never typed in. :func:`quantize` rounds a tensor into any format (the built-in ones
-in :data:`FORMATS` or a :meth:`FloatFormat.custom` layout); :func:`decode` and
-:func:`explain` show what a single value becomes.
-
-Special encodings (the names follow ml_dtypes / LLVM):
-
-* ``ieee``: the all-ones exponent holds ±inf (mantissa 0) and NaN (mantissa ≠ 0).
-* ``fn`` ("finite, NaN"): no infinities; only the all-ones bit pattern is NaN, so the
-  top binade is usable except its largest mantissa (fp8_e4m3fn max = 1.75 · 2^8 = 448).
-  With no mantissa bits (e8m0fnu) the all-ones exponent is NaN.
-* ``fnuz`` ("finite, NaN, unsigned zero"): NaN sits at the negative-zero pattern; no -0.
-  These formats use a bias one larger than IEEE.
-* ``none``: no infinities, no NaN (fp6, fp4): every pattern is a number.
-
-A format with no mantissa bits (e8m0fnu) has no subnormals and no zero: exponent field 0
-is the number 2^-bias (the OCP MX E8M0 scale convention).
+Every limit (max, smallest normal and subnormal, eps, ...) is a property derived from the
+layout's fields; see the package docstring for the NaN/inf encodings.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from mixprec._quantize import quantize_tensor
-
 __all__ = [
     "FORMATS",
     "FORMAT_ALIASES",
-    "Decoded",
-    "Explanation",
     "FloatFormat",
-    "decode",
-    "explain",
+    "NanEncoding",
     "format_names",
     "get_format",
-    "quantize",
     "to_torch_dtype",
 ]
 
 NanEncoding = Literal["ieee", "fn", "fnuz", "none"]
-Rounding = Literal["nearest", "stochastic", "toward_zero"]
-Overflow = Literal["saturate", "inf", "nan"]
 _NAN_ENCODINGS = ("ieee", "fn", "fnuz", "none")
-_ROUNDINGS = ("nearest", "stochastic", "toward_zero")
-_OVERFLOWS = ("saturate", "inf", "nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,200 +350,3 @@ def to_torch_dtype(fmt: str | FloatFormat) -> torch.dtype:
         have = [n for n, g in FORMATS.items() if g.torch_dtype is not None]
         raise ValueError(f"torch has no dtype for {f.name}; formats with one: {', '.join(have)}")
     return dtype
-
-
-def quantize(
-    x: torch.Tensor,
-    fmt: str | FloatFormat,
-    *,
-    rounding: Rounding = "nearest",
-    overflow: Overflow | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Round every element of ``x`` to a value representable in ``fmt``; keep x's dtype.
-
-    ``nearest`` is round-to-nearest, ties to even (ties away from zero when the format has
-    no mantissa bits, as ml_dtypes does). ``toward_zero`` truncates. ``stochastic`` picks
-    the lower or upper neighbour ``lo <= |x| <= hi`` with ``P(hi) = (|x| - lo) / (hi - lo)``
-    (drawn from ``generator``; reproducible with it), so ``E[quantize(x)] = x``.
-
-    Overflow (a rounded magnitude above ``fmt.max``) follows ``overflow``: ``"inf"``,
-    ``"nan"`` or ``"saturate"`` (±max; infinities too, like ``torch.clamp``). The default is
-    the format's own convention, as in ml_dtypes: IEEE formats -> inf, ``fn``/``fnuz`` ->
-    NaN, formats with neither -> saturate. NaN inputs stay NaN (also for fp6/fp4, which
-    have no NaN; ml_dtypes turns them into ±0). Formats without -0 return +0; unsigned
-    formats map negatives (and, with no zero, 0) to NaN.
-
-    Works on CPU and CUDA tensors of dtype float64, float32, bfloat16 or float16; only
-    vectorized tensor ops. A value representable in ``fmt`` but not in x's dtype (e8m0's
-    2^-127 in a float16 tensor) is rounded to x's dtype by torch's cast.
-
-    Raises:
-        TypeError: for a non-tensor, or an integer, complex or other dtype.
-        ValueError: for an unknown format, rounding or overflow mode, or an overflow mode
-            the format cannot express (``"inf"`` without infinities, ``"nan"`` without NaN).
-
-    Example:
-        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn")
-        tensor([0.1016,    nan])
-        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn", overflow="saturate")
-        tensor([  0.1016, 448.0000])
-    """
-    f = get_format(fmt)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"quantize takes a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(
-            f"quantize takes float64, float32, bfloat16 or float16 tensors, got {x.dtype}"
-        )
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r}: choose one of {_ROUNDINGS}")
-    if overflow is None:
-        overflow = "inf" if f.has_inf else ("nan" if f.has_nan else "saturate")
-    if overflow not in _OVERFLOWS:
-        raise ValueError(f"overflow={overflow!r}: choose one of {_OVERFLOWS} or None")
-    if overflow == "inf" and not f.has_inf:
-        raise ValueError(f"overflow='inf': {f.name} has no infinities; use 'nan' or 'saturate'")
-    if overflow == "nan" and not f.has_nan:
-        raise ValueError(f"overflow='nan': {f.name} has no NaN; use 'saturate'")
-    return quantize_tensor(x, f, rounding, overflow, generator)
-
-
-# ---- single values: decode and explain ------------------------------------------------------
-ValueClass = Literal["zero", "subnormal", "normal", "inf", "nan"]
-
-
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """The bit fields of one value of a format (see :func:`decode`)."""
-
-    format: str
-    value: float  # the representable value decoded (after rounding to nearest)
-    bits: int  # the bit pattern as an unsigned integer
-    bit_string: str  # fields separated by spaces: sign exponent mantissa
-    sign: int
-    exponent_field: int  # biased
-    mantissa_field: int
-    exponent: int | None  # unbiased exponent of a finite nonzero value
-    value_class: ValueClass
-
-
-def _scalar_quantize(value: float, f: FloatFormat, rounding: Rounding = "nearest") -> float:
-    return float(quantize(torch.tensor([value], dtype=torch.float64), f, rounding=rounding)[0])
-
-
-def decode(value: float, fmt: str | FloatFormat) -> Decoded:
-    """Round ``value`` to ``fmt`` (nearest) and split the result into its bit fields.
-
-    For a finite nonzero result ``v``: ``exponent = max(floor(log2|v|), emin)``,
-    ``exponent_field = exponent + bias`` (0 for subnormals), and
-    ``mantissa_field = |v| / 2^(exponent - m) - 2^m`` (without the ``- 2^m`` for subnormals).
-
-    Example:
-        >>> decode(1.0, "bf16").bit_string
-        '0 01111111 0000000'
-    """
-    f = get_format(fmt)
-    v = _scalar_quantize(float(value), f)
-    e_bits, m = f.exponent_bits, f.mantissa_bits
-    sign = int(math.copysign(1.0, v) < 0) if f.signed else 0
-    exponent: int | None = None
-    if math.isnan(v):
-        cls: ValueClass = "nan"
-        if f.nan == "ieee":
-            ef, mf = 2**e_bits - 1, 1 << (m - 1)
-        elif f.nan == "fnuz":
-            sign, ef, mf = 1, 0, 0
-        else:  # fn: all ones but the sign
-            ef, mf = 2**e_bits - 1, 2**m - 1
-    elif math.isinf(v):
-        cls, ef, mf = "inf", 2**e_bits - 1, 0
-    elif v == 0.0:
-        cls, ef, mf = "zero", 0, 0
-    else:
-        mag = abs(v)
-        exponent = max(math.frexp(mag)[1] - 1, f.min_exponent)
-        significand = int(math.ldexp(mag, m - exponent))  # exact: v is representable
-        if significand >> m:  # normal (or any value of a format with no subnormals)
-            cls, ef, mf = "normal", exponent + f.bias, significand - (1 << m)
-        else:
-            cls, ef, mf = "subnormal", 0, significand
-    bits = (sign << (e_bits + m)) | (ef << m) | mf
-    fields = ([str(sign)] if f.signed else []) + [format(ef, f"0{e_bits}b")]
-    if m:
-        fields.append(format(mf, f"0{m}b"))
-    return Decoded(f.name, v, bits, " ".join(fields), sign, ef, mf, exponent, cls)
-
-
-Status = Literal["exact", "rounded", "subnormal", "underflow", "overflow", "nan"]
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """What one value becomes in one format (see :func:`explain`)."""
-
-    format: str
-    value: float
-    nearest: float  # quantize(value, rounding="nearest") with the format's overflow default
-    abs_error: float  # |nearest - value|
-    rel_error: float  # |nearest - value| / |value| (0 for value 0)
-    below: float  # largest representable <= value (-inf past -max)
-    above: float  # smallest representable >= value (inf past max)
-    gap: float  # spacing at |value|: 2^(clamp(floor(log2|value|), emin, emax) - m)
-    status: Status
-    decoded: Decoded = field(repr=False)
-
-
-def explain(value: float, formats: str | FloatFormat | list | tuple) -> list[Explanation]:
-    """Explain what ``value`` becomes in each format.
-
-    Per format: the nearest representable value, absolute and relative error
-    (``|q - x|`` and ``|q - x| / |x|``), the neighbours ``below <= x <= above`` and the
-    spacing ``gap = 2^(clamp(floor(log2|x|), emin, emax) - m)`` there, and a status: ``exact``,
-    ``rounded``, ``subnormal`` (lands in the subnormal range), ``underflow`` (nonzero value
-    rounds to 0), ``overflow`` (beyond max) or ``nan``.
-
-    Example:
-        >>> [round(e.rel_error, 5) for e in explain(0.001, ["fp16", "bf16"])]
-        [0.0004, 0.00055]
-    """
-    fmts = [formats] if isinstance(formats, (str, FloatFormat)) else list(formats)
-    x = float(value)
-    rows = []
-    for f in map(get_format, fmts):
-        d = decode(x, f)
-        q = d.value
-        tz = _scalar_quantize(x, f, "toward_zero")
-        mag = abs(x)
-        if math.isfinite(x) and mag > 0:
-            e = min(max(math.frexp(mag)[1] - 1, f.min_exponent), f.max_exponent)
-            gap = math.ldexp(1.0, e - f.mantissa_bits)
-        else:
-            gap = f.min_subnormal if x == 0 else math.nan
-        if math.isnan(x) or not math.isfinite(tz) or mag > f.max:
-            lo, hi = (f.max, math.inf) if x > 0 else (-math.inf, -f.max)
-            lo, hi = (lo, hi) if not math.isnan(x) else (math.nan, math.nan)
-        elif tz == x:
-            lo = hi = x
-        else:
-            away = math.copysign(abs(tz) + gap, x)
-            lo, hi = (tz, away) if x > 0 else (away, tz)
-        if not f.signed and x < 0:
-            lo, hi = (math.nan, f.min_subnormal if f.has_zero else f.min_normal)
-        err = abs(q - x) if math.isfinite(q) and math.isfinite(x) else math.inf
-        if math.isnan(x):
-            status: Status = "nan"
-            err = math.nan
-        elif math.isfinite(x) and mag > 0 and not math.isfinite(q) or mag > f.max:
-            status = "overflow"
-        elif math.isnan(q):
-            status = "nan"
-        elif q == 0 and x != 0:
-            status = "underflow"
-        elif d.value_class == "subnormal":
-            status = "subnormal"
-        else:
-            status = "exact" if q == x else "rounded"
-        rel = err / mag if mag > 0 and math.isfinite(mag) else (0.0 if err == 0 else math.inf)
-        rows.append(Explanation(f.name, x, q, err, rel, lo, hi, gap, status, d))
-    return rows
