@@ -446,3 +446,22 @@ def test_layer_used_twice_before_backward(scaling):
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
     n = 2 if scaling == "delayed" else 1
     assert int((layer.grad_output_amax_history != 0).sum()) == n  # two backward casts
+
+
+@pytest.mark.parametrize("backend", ["scaled_mm", "emulate"])
+def test_fnuz_formats_train_on_cpu(backend, count_scaled_mm):
+    # CPU _scaled_mm refuses fnuz operands: the layer falls back to the emulation.
+    cfg = Float8Config(
+        forward_format="fp8_e4m3fnuz", backward_format="fp8_e5m2fnuz", backend=backend
+    )
+    layer = Float8Linear(32, 32, bias=False, config=cfg)
+    x = torch.randn(8, 32)
+    out = layer(x)
+    out.sum().backward()
+    assert not count_scaled_mm
+    sx = ref_scale(x.abs().max().item(), torch.float8_e4m3fnuz)
+    sw = ref_scale(layer.weight.abs().max().item(), torch.float8_e4m3fnuz)
+    qx = (x * sx).to(torch.float8_e4m3fnuz).double()  # in range: plain cast
+    qw = (layer.weight.detach() * sw).to(torch.float8_e4m3fnuz).double()
+    ref = qx @ qw.t() * ref_inv(sx) * ref_inv(sw)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)

@@ -30,16 +30,20 @@ ROLES = ("input", "weight", "grad_output")
 ``<role>_scale`` buffers."""
 
 _E5M2 = {getattr(torch, n) for n in ("float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)}
+_FNUZ = {getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 
 
 def _scaled_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``torch._scaled_mm`` takes (a, b) as laid out by this module.
 
-    CPU: any shape and fp8 pair. CUDA: every dimension but M a multiple of 16, and not
-    e5m2 x e5m2 (cuBLAS refuses it). Other devices: no.
+    CPU: any shape, e4m3fn/e5m2 in any pair (it refuses the fnuz formats). CUDA: every
+    dimension but M a multiple of 16, and not e5m2 x e5m2 (cuBLAS refuses it); fnuz
+    formats only on ROCm. Other devices: no.
     """
     if not hasattr(torch, "_scaled_mm"):
         return False
+    if a.dtype in _FNUZ or b.dtype in _FNUZ:
+        return a.device.type == "cuda" and torch.version.hip is not None
     if a.device.type == "cpu":
         return True
     if a.device.type == "cuda":
