@@ -155,6 +155,24 @@ def _ddp_run(rank: int, recipe: str, comm: torch.dtype | None = None):
     return _flat(_train(model, precision, opt, _data(4), rank))
 
 
+def _wire_overflow(rank: int):
+    from mixprec.scaling import LossScaler
+
+    model = DDP(_tiny_model())
+    # scaled gradients of ~2**24 pass in fp32 but overflow fp16 (max 65504) on the wire
+    scaler = LossScaler.from_preset("torch", init_scale=2.0**24)
+    precision = Precision("fp16-mixed", scaler=scaler, grad_comm_dtype=torch.float16)
+    model, opt = precision.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    stepped, scales = [], []
+    for x, y in _data(12):
+        with precision.autocast():
+            loss = (model(x.chunk(WORLD)[rank]).float() - y.chunk(WORLD)[rank]).square().mean()
+        precision.backward(loss)
+        stepped.append(bool(precision.step(opt)))
+        scales.append(precision.scaler.get_scale())
+    return {"stepped": stepped, "scales": scales}
+
+
 def _ddp_fp8(rank: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))  # fp8 GEMM shapes
@@ -310,6 +328,7 @@ _BATTERIES = {
         ("comm_fp32", _ddp_run, {"recipe": "bf16-mixed", "comm": torch.float32}),
         ("ckpt", _resume, {"strategy": "ddp", "recipe": "fp16-master"}),
         ("fp8", _ddp_fp8, {}),
+        ("wire_overflow", _wire_overflow, {}),
     ],
     "fsdp2": [
         ("inf_sharded", _inf_on_rank1, {"fused": False, "strategy": "fsdp2"}),
@@ -421,6 +440,14 @@ def test_low_precision_gradient_communication_matches_fp32(ddp_battery, key, ref
     # 4 SGD steps of lr 0.05 on gradients of size ~1, each rounded by eps on the wire; the
     # difference is not zero: the hook did round the gradients
     assert 0 < diff <= 4 * 0.05 * 4 * eps, diff
+
+
+def test_fp16_wire_overflow_is_skipped_and_backed_off_on_both_ranks(ddp_battery):
+    r0, r1 = _both(ddp_battery, "wire_overflow")
+    assert r0 == r1
+    assert not r0["stepped"][0] and r0["stepped"][-1]  # skips until the scale fits fp16
+    skipped = r0["stepped"].index(True)
+    assert r0["scales"][skipped - 1] == 2.0**24 * 0.5**skipped
 
 
 def test_fp32_communication_hook_equals_builtin_allreduce(ddp_battery):
