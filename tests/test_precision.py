@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixprec import Precision, Recipe
+from mixprec import RECIPES, Precision, Recipe
 from mixprec.scaling import LossScaler
 from tests.conftest import RECIPE_NAMES
 
@@ -23,7 +23,12 @@ except ImportError:
     HAVE_FLOAT8 = False
 
 
+# bf16-true with stochastic rounding instead of Kahan summation
+BF16_TRUE_SR = RECIPES["bf16-true"].replace(name="bf16-true-sr", update="stochastic")
+
+
 def _recipes():
+    """Every built-in recipe, plus bf16-true with stochastic rounding."""
     return [
         pytest.param(
             name,
@@ -32,7 +37,7 @@ def _recipes():
             ),
         )
         for name in RECIPE_NAMES
-    ]
+    ] + [pytest.param(BF16_TRUE_SR, id="bf16-true-sr")]
 
 
 # -- data and model -----------------------------------------------------------------------
@@ -420,3 +425,30 @@ def test_load_state_dict_rejects_another_recipe():
     _, _, other = _tiny("bf16-mixed", fused=False)
     with pytest.raises(ValueError, match="fp16-mixed"):
         other.load_state_dict(saved.state_dict())
+
+
+def test_param_group_added_after_setup_is_unscaled_too():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.Sequential(a, b)
+    opt = torch.optim.SGD(a.parameters(), lr=0.0)
+    precision = Precision(Recipe("scaled", loss_scaling="static", static_scale=64.0))
+    model, opt = precision.setup(model, opt)
+    opt.add_param_group({"params": list(b.parameters()), "lr": 0.0})
+    x = torch.randn(2, 4)
+    precision.backward(model(x).sum())
+    expected = torch.autograd.grad(model(x).sum(), b.weight)[0]
+    grads = {}
+    opt.step = lambda: grads.setdefault("b", b.weight.grad.clone())  # see what step sees
+    precision.step(opt)
+    assert torch.equal(grads["b"], expected)  # unscaled, not 64x
+
+
+def test_param_group_added_after_setup_with_masters_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    precision = Precision("bf16-master")
+    model, opt = precision.setup(model, opt)
+    opt.add_param_group({"params": list(model[1].parameters())})
+    precision.backward(model(torch.randn(2, 4)).sum())
+    with pytest.raises(RuntimeError, match="before precision.setup"):
+        precision.step(opt)

@@ -127,18 +127,35 @@ class _CudaContext(contextlib.ContextDecorator):
 class _OptimizerPlan:
     """What ``step`` does for one optimizer, decided once in ``setup``."""
 
-    __slots__ = ("optimizer", "params", "names", "masters", "compensated", "fused", "last_epoch")
+    __slots__ = (
+        "optimizer", "params", "names", "n_groups", "masters", "compensated", "fused",
+        "last_epoch", "_model_names",
+    )  # fmt: skip
 
     def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
         self.optimizer = optimizer
         self.masters: MasterWeights | None = masters
         self.compensated: CompensatedUpdate | None = compensated
-        # The tensors whose .grad the optimizer reads; masters stand in for their params.
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        stand_in = masters.low_params_by_master() if masters is not None else {}
-        self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
+        self._model_names = names
+        self.refresh()
         self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.last_epoch = 0
+
+    def refresh(self) -> None:
+        """Cache the tensors whose .grad the optimizer reads (masters stand in for params)."""
+        groups = self.optimizer.param_groups
+        if self.masters is not None or self.compensated is not None:
+            if hasattr(self, "n_groups") and len(groups) != self.n_groups:
+                raise RuntimeError(
+                    f"the optimizer has {len(groups)} param groups, {self.n_groups} at setup(): "
+                    "with a low-precision-parameter recipe add every param group before "
+                    "precision.setup(model, optimizer)"
+                )
+        self.n_groups = len(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        stand_in = self.masters.low_params_by_master() if self.masters is not None else {}
+        names = self._model_names
+        self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
 
     def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
@@ -351,6 +368,8 @@ class Precision:
             )
         plan.last_epoch = self._epoch
         opt = plan.optimizer
+        if len(opt.param_groups) != plan.n_groups:  # add_param_group() after setup()
+            plan.refresh()
         if plan.masters is not None:
             plan.masters.gather_grads()
         elif plan.compensated is not None:
