@@ -449,6 +449,24 @@ def test_floor_error_deferred_to_telemetry_when_periodic_check_off():
     assert scaler.telemetry().steps_skipped == 10  # reported once
 
 
+def test_grad_scaler_floor_error_then_usable():
+    model = _mlp()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    scaler = GradScaler(
+        "cpu", init_scale=2.0, preset="megatron", floor_patience=2, check_interval=1
+    )
+    with pytest.raises(ScaleFloorError, match=r"'2\.weight'"):
+        for _ in range(10):
+            _scaled_backward(scaler, model)
+            model[2].weight.grad[0, 0] = NAN
+            scaler.step(opt)
+            scaler.update()
+    _scaled_backward(scaler, model)  # the scaler still works after the error
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 1.0
+
+
 def test_no_floor_error_for_transient_overflows():
     scaler = LossScaler.from_preset("deepspeed", init_scale=1.0, floor_patience=3, check_interval=1)
     for step in range(30):

@@ -28,7 +28,9 @@ class GradScaler:
     framework's rule instead (arguments left ``None`` take the preset's values; see
     :mod:`mixprec.scaling.rules`). Extras over torch: :meth:`telemetry` (steps, skips,
     scale history, first non-finite parameter of each skipped step) and the floor error
-    of :class:`LossScaler` (for presets with a ``min_scale``).
+    of :class:`LossScaler` (for presets with a ``min_scale``). Parameters are named by
+    the optimizer's ``param_names`` (an optimizer built from ``model.named_parameters()``)
+    or else as ``param_groups[g]['params'][i]``.
 
     Per optimizer, each iteration moves READY -> (UNSCALED) -> STEPPED -> READY (on
     :meth:`update`); calling out of order raises ``RuntimeError``. ``enabled=False``
@@ -271,6 +273,7 @@ class GradScaler:
                 (and no ``new_scale`` is given).
             ValueError: for a ``new_scale`` tensor that is not a 1-element tensor on this
                 scaler's device type with ``requires_grad=False``.
+            ScaleFloorError: from the periodic floor check (see :class:`LossScaler`).
         """
         if not self._enabled:
             return
@@ -298,6 +301,8 @@ class GradScaler:
                 "No inf checks were recorded prior to update(): call step() (or unscale_()) "
                 "for each optimizer before update()."
             )
+        # Clear the iteration's records first, so a floor error leaves a usable scaler.
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
         if found_infs:
             combined = found_infs[0]
             for extra in found_infs[1:]:
@@ -305,7 +310,6 @@ class GradScaler:
             self._scaler.update(combined, new_scale=new_scale)
         else:
             self._scaler.set_scale(new_scale)
-        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
 
     # -- getters / setters (as torch) --------------------------------------------------------
     def get_scale(self) -> float:
