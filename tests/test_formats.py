@@ -567,3 +567,15 @@ def test_cuda_matches_cpu(name):
     assert same_bits(got, q(x, name)).all()
     sr = q(x.cuda(), name, rounding="stochastic", generator=torch.Generator("cuda").manual_seed(0))
     assert sr.is_cuda
+
+
+# ---- docstring examples ------------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["layout", "rounding", "explain", "report"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"mixprec.formats.{module}")
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0

@@ -54,7 +54,11 @@ def quantize(
     ``nearest`` is round-to-nearest, ties to even (ties away from zero when the format has
     no mantissa bits, as ml_dtypes does). ``toward_zero`` truncates. ``stochastic`` picks
     the lower or upper neighbour ``lo <= |x| <= hi`` with ``P(hi) = (|x| - lo) / (hi - lo)``
-    (drawn from ``generator``; reproducible with it), so ``E[quantize(x)] = x``.
+    (drawn from ``generator``; reproducible with it), so ``E[quantize(x)] = x``. The draw
+    is one uniform ``u`` in the compute dtype (float32 for inputs of 32 bits or fewer when
+    the format fits, else float64), rounding up when ``u < P(hi)``: exact whenever
+    ``P(hi)`` is a multiple of 2^-24 (2^-53), e.g. for every normal-range input; below the
+    format's normal range it is off by less than 2^-24 (2^-53) of the spacing.
 
     Overflow (a rounded magnitude above ``fmt.max``) follows ``overflow``: ``"inf"``,
     ``"nan"`` or ``"saturate"`` (±max; infinities too, like ``torch.clamp``). The default is
@@ -73,10 +77,10 @@ def quantize(
             the format cannot express (``"inf"`` without infinities, ``"nan"`` without NaN).
 
     Example:
-        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn")
-        tensor([0.1016,    nan])
-        >>> quantize(torch.tensor([0.1, 500.0]), "fp8_e4m3fn", overflow="saturate")
-        tensor([  0.1016, 448.0000])
+        >>> quantize(torch.tensor([1.1, 500.0]), "fp8_e4m3fn")
+        tensor([1.1250,    nan])
+        >>> quantize(torch.tensor([1.1, 500.0]), "fp8_e4m3fn", overflow="saturate")
+        tensor([  1.1250, 448.0000])
     """
     f = get_format(fmt)
     if not isinstance(x, torch.Tensor):
