@@ -465,3 +465,14 @@ def test_fnuz_formats_train_on_cpu(backend, count_scaled_mm):
     qw = (layer.weight.detach() * sw).to(torch.float8_e4m3fnuz).double()
     ref = qx @ qw.t() * ref_inv(sx) * ref_inv(sw)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_state_stays_float32_after_model_cast():
+    layer = Float8Linear(32, 32, config=Float8Config(scaling="delayed")).bfloat16()
+    x = torch.randn(8, 32, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == layer.weight.grad.dtype == torch.bfloat16
+    for name, buf in layer.named_buffers():
+        assert buf.dtype == torch.float32, name
+    assert layer.input_scale.item() == ref_scale(x.abs().max().item(), E4M3)

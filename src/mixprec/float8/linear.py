@@ -233,6 +233,13 @@ class Float8Linear(nn.Linear):
         return new
 
     def _state(self) -> tuple[torch.Tensor, ...]:
+        # The scaling state stays float32 even after model.to(bf16) / a recipe's cast of
+        # every floating buffer: a bf16 scale or amax would lose precision step after step.
+        for role in ROLES:
+            for suffix in ("_amax_history", "_scale"):
+                buf = getattr(self, role + suffix)
+                if buf.dtype != torch.float32:
+                    setattr(self, role + suffix, buf.to(torch.float32))
         return tuple(
             getattr(self, role + suffix) for role in ROLES for suffix in ("_amax_history", "_scale")
         )
