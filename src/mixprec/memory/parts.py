@@ -172,8 +172,8 @@ def korthikanti(
 
         attention: 2sbh*f (QKV and output-projection inputs) + 3sbh*e (Q, K, V)
                    + as^2b*e (softmax) [+ as^2b*(m + e) dropout mask and output] + sbh*m
-        MLP (GELU, width ff): sbh*f + sbI*e (GELU input) + sbI*f + sbh*m
-        MLP (SwiGLU):        sbh*f + 3sbI*e (gate, SiLU, up) + sbI*f
+        MLP (GELU, width ff): sbh*f + sb*ff*e (GELU input) + sb*ff*f + sbh*m
+        MLP (SwiGLU):        sbh*f + 3*sb*ff*e (gate, SiLU, up) + sb*ff*f
         norms: 2sbh*e
 
     which for 16-bit GPT-2/BERT shapes (ff = 4h, dropout) is the paper's sbh(34 + 5as/h).

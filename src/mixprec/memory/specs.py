@@ -7,7 +7,7 @@ layers of the Hugging Face implementation of each family (no model is built):
 
 * gpt2 (``GPT2Model``, LM head tied to the token embedding)::
 
-      V*h + P*h + L*(12*h*h + 13*h) + 2*h          (MLP width 4h; with width ff: 4h^2+2hI+...)
+      V*h + P*h + L*(4*h*h + 2*h*ff + 9*h + ff) + 2*h   (ff = 4h: L*(12*h*h + 13*h))
 
 * bert (``BertModel`` with the pooler, no MLM head)::
 
