@@ -493,6 +493,18 @@ def test_quantize_rejects_non_float_tensors(dtype):
         q(torch.zeros(3, dtype=dtype), "bf16")
 
 
+def test_shapes_layouts_and_autograd():
+    assert q(torch.empty(0, 3), "fp4").shape == (0, 3)
+    assert q(torch.tensor(3.3), "fp4").item() == 3.0  # 0-dim; the tie-free nearest of 3.3
+    x = torch.randn(40, 70)
+    assert torch.equal(q(x.t(), "e4m3"), q(x, "e4m3").t())  # non-contiguous input
+    assert torch.equal(q(x[:, ::3], "e5m2"), q(x[:, ::3].contiguous(), "e5m2"))
+    w = torch.randn(100, requires_grad=True)
+    for name in ("bf16", "e4m3"):
+        y = q(w, name)
+        assert not y.requires_grad and torch.equal(y, q(w.detach(), name))
+
+
 def test_quantize_rejects_non_tensors_and_bad_modes():
     with pytest.raises(TypeError, match="torch.Tensor"):
         q([1.0], "bf16")

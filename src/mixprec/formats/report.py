@@ -134,8 +134,9 @@ def plot_rounding_error(
     """Chart relative rounding error ``|q(x) - x| / x`` against magnitude ``x`` (log-log).
 
     Per format: the error curve for round-to-nearest, its unit roundoff ``2^-(m+1)`` as a
-    dashed line, and a bar under the curves marking the subnormal range
+    dashed line, and in a panel below a bar marking the subnormal range
     ``[min_subnormal, min_normal)`` (light) and the normal range ``[min_normal, max]`` (dark).
+    Exact results (error 0) sit at the bottom of the plot (2^-30).
     """
     import matplotlib
 
@@ -151,29 +152,34 @@ def plot_rounding_error(
     g = torch.Generator().manual_seed(0)
     e = torch.linspace(lo, hi, points, dtype=torch.float64)
     x = torch.exp2(e + torch.rand(points, generator=g, dtype=torch.float64) * (hi - lo) / points)
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, (ax, bars) = plt.subplots(
+        2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1.3]}
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    floor = 1e-12
+    floor = 2.0**-30  # exact results (error 0) are drawn at this floor
     for i, f in enumerate(fmts):
         c = colours[i % len(colours)]
-        q = quantize(x, f, overflow="saturate" if f.nan == "none" else None)
+        q = quantize(x, f)
         rel = ((q - x).abs() / x).clamp(min=floor)
-        ok = torch.isfinite(rel) & (x <= f.max)
-        ax.plot(x[ok].numpy(), rel[ok].numpy(), lw=0.8, color=c, label=f.name)
-        ax.axhline(2.0 ** -(f.mantissa_bits + 1), color=c, ls="--", lw=0.6)
-        y = floor * 10 ** (-0.5 * (i + 1))
+        ok = torch.isfinite(rel) & (x <= f.max) & (x >= f.min_subnormal / 4)
+        ax.plot(x[ok].numpy(), rel[ok].numpy(), lw=0.7, color=c, label=f.name)
+        ax.axhline(2.0 ** -(f.mantissa_bits + 1), color=c, ls="--", lw=0.7)
         if f.has_zero:
-            ax.plot([f.min_subnormal, f.min_normal], [y, y], color=c, lw=5, alpha=0.35,
-                    solid_capstyle="butt")  # fmt: skip
-        ax.plot([f.min_normal, f.max], [y, y], color=c, lw=5, solid_capstyle="butt")
+            bars.plot([f.min_subnormal, f.min_normal], [i, i], color=c, lw=7, alpha=0.35,
+                      solid_capstyle="butt")  # fmt: skip
+        bars.plot([f.min_normal, f.max], [i, i], color=c, lw=7, solid_capstyle="butt")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("|x| (log2 scale)")
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(bottom=floor / 2, top=2.0)
     ax.set_ylabel("relative error |q(x) - x| / |x|")
-    ax.set_title("Round-to-nearest error by magnitude. Dashed: unit roundoff 2^-(m+1); "
-                 "bars: subnormal (light) and normal (dark) ranges", fontsize=9)  # fmt: skip
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Round-to-nearest error by magnitude (dashed: unit roundoff 2^-(m+1))",
+                 fontsize=10)  # fmt: skip
+    ax.legend(loc="lower left", fontsize=8, ncol=2)
     ax.grid(True, which="major", alpha=0.3)
+    bars.set_yticks(range(len(fmts)), [f.name for f in fmts], fontsize=7)
+    bars.set_ylim(len(fmts) - 0.5, -0.5)
+    bars.set_xlabel("|x| (log2 scale); bars: subnormal range (light), normal range (dark)")
+    bars.grid(True, axis="x", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

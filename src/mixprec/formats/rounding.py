@@ -67,6 +67,9 @@ def quantize(
     have no NaN; ml_dtypes turns them into ±0). Formats without -0 return +0; unsigned
     formats map negatives (and, with no zero, 0) to NaN.
 
+    Not differentiable: the result never requires grad (for a straight-through estimator
+    use ``x + (quantize(x, fmt) - x).detach()``).
+
     Works on CPU and CUDA tensors of dtype float64, float32, bfloat16 or float16; only
     vectorized tensor ops. A value representable in ``fmt`` but not in x's dtype (e8m0's
     2^-127 in a float16 tensor) is rounded to x's dtype by torch's cast.
@@ -99,7 +102,8 @@ def quantize(
         raise ValueError(f"overflow='inf': {f.name} has no infinities; use 'nan' or 'saturate'")
     if overflow == "nan" and not f.has_nan:
         raise ValueError(f"overflow='nan': {f.name} has no NaN; use 'saturate'")
-    return _quantize_tensor(x, f, rounding, overflow, generator)
+    with torch.no_grad():
+        return _quantize_tensor(x, f, rounding, overflow, generator)
 
 
 # Elements per chunk on CPU: the chunk's buffers stay in L2, and it is below torch's
