@@ -476,3 +476,10 @@ def test_state_stays_float32_after_model_cast():
     for name, buf in layer.named_buffers():
         assert buf.dtype == torch.float32, name
     assert layer.input_scale.item() == ref_scale(x.abs().max().item(), E4M3)
+
+
+def test_multihead_attention_out_proj_is_left_alone():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 2), "fc": nn.Linear(32, 32)})
+    report = convert_to_float8(model)
+    assert report.converted == ("fc",)
+    assert "MultiheadAttention" in report.skipped[0].reason

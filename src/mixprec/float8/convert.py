@@ -152,6 +152,8 @@ def convert_to_float8(
             reason = "already a Float8Linear"
         elif name == "":
             reason = "the model itself is the Linear: wrap it (nn.Sequential(model)) to convert"
+        elif isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            reason = "nn.MultiheadAttention reads its out_proj weight without calling forward"
         elif name in force:
             reason = None
         elif (dims := _dims_reason(lin)) is not None:
