@@ -13,8 +13,10 @@ import itertools
 import multiprocessing
 import os
 import queue as queue_module
+import tempfile
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,8 +371,7 @@ def _run_battery(name: str, tmp_path_factory, worker_id: str) -> list[dict]:
     with FileLock(str(cache) + ".lock"):
         if cache.exists():
             return torch.load(cache, weights_only=False)
-        work = root / f"distributed-{name}"
-        work.mkdir()
+        work = Path(tempfile.mkdtemp(prefix=f"distributed-{name}-", dir=root))  # fresh store
         results = run_on_two_ranks(work, _battery, name=name, directory=str(work))
         torch.save(results, cache)
         return results
@@ -562,7 +563,6 @@ def test_example_runs_under_torchrun(tmp_path):
     import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     with socket.socket() as sock:  # a free port on the loopback interface
         sock.bind(("127.0.0.1", 0))
