@@ -9,7 +9,7 @@ The scale is held at 1.0 (so repeated unscaling leaves the gradients unchanged a
 denormals appear) and growth is pushed out of reach; the work done is the same as at any
 other scale.
 
-Run: ``.venv/bin/python benchmarks/bench_scaling.py [--layers 24 --width 512 --rounds 30]``
+Run: ``.venv/bin/python benchmarks/bench_scaling.py [--layers 24 --width 512 --threads 1]``
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=20, help="steps timed per round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = _model(args.layers, args.width)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -568,6 +568,28 @@ def test_misuse_raises_exact_runtime_errors():
         scaler.step(opt, closure=lambda: None)
 
 
+def test_scale_of_nested_outputs_and_manual_new_scale_match_torch():
+    outputs = [torch.tensor(1.5), (torch.tensor([2.0, 3.0]), torch.tensor(-1.0))]
+    results = []
+    for cls in (torch.amp.GradScaler, GradScaler):
+        scaler = cls("cpu", init_scale=8.0)
+        scaled = scaler.scale(outputs)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update(new_scale=3.0)
+        first = scaler.get_scale()
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update(new_scale=torch.tensor(5.0))
+        results.append((scaled, first, scaler.get_scale(), scaler.state_dict()))
+    (ref_out, *ref_rest), (out, *rest) = results
+    assert type(out) is list and type(out[1]) is tuple
+    assert torch.equal(out[0], ref_out[0]) and torch.equal(out[1][0], ref_out[1][0])
+    assert torch.equal(out[1][1], ref_out[1][1]) and rest == ref_rest
+
+
 def test_fp16_gradients_are_refused_like_torch():
     param = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
     opt = torch.optim.SGD([param], lr=0.1)
