@@ -1,0 +1,154 @@
+"""bf16 parameters without a master copy: Kahan-compensated or stochastically rounded updates."""
+
+from __future__ import annotations
+
+import torch
+
+from mixprec.master.flat import _FlatGroup, _group_low_precision
+
+__all__ = ["CompensatedUpdate", "stochastic_round_to_bf16"]
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None):
+    """Round fp32 ``x`` to bf16 stochastically (unbiased: ``E[round(x)] == x``).
+
+    bf16 is the top 16 bits of fp32. Adding a uniform random integer ``r`` in
+    ``[0, 2**16)`` to the fp32 bit pattern and truncating the low 16 bits rounds the
+    magnitude up with probability ``low16(x) / 2**16``, i.e. the distance to the lower bf16
+    neighbour over the gap between neighbours. Non-finite values pass through.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = stochastic_round_to_bf16(torch.full((10000,), 1.001), g)
+        >>> round(y.float().mean().item(), 3)
+        1.001
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_to_bf16 expects fp32 input, got {x.dtype}")
+    bits = x.view(torch.int32)
+    noise = torch.randint(
+        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    )
+    rounded = ((bits + noise) & -65536).view(torch.float32)
+    rounded = torch.where(torch.isfinite(x), rounded, x)
+    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class CompensatedUpdate:
+    """bf16 parameters stepped without a master copy, with Kahan or stochastic rounding.
+
+    Around ``optimizer.step()``: :meth:`begin` makes each bf16 parameter (and its grad)
+    an fp32 view of ``v = p + c`` in one temporary flat buffer per device; :meth:`end`
+    writes ``p = round(v)`` and, for Kahan, ``c = bf16(v - p)``. The optimizer's states are
+    therefore fp32 (they follow the tensor it steps). The temporaries live only during
+    the step.
+
+    Args:
+        optimizer: the user's optimizer (its params already cast to bf16).
+        method: ``"kahan"`` (default) or ``"stochastic"``.
+        seed: seed of the stochastic-rounding generator (saved in :meth:`state_dict`).
+
+    Example:
+        >>> from torch import nn
+        >>> p = nn.Parameter(torch.ones(1, dtype=torch.bfloat16))
+        >>> opt = torch.optim.SGD([p], lr=1e-4)
+        >>> upd = CompensatedUpdate(opt)
+        >>> for _ in range(100):
+        ...     p.grad = -torch.ones_like(p)
+        ...     upd.begin(); opt.step(); upd.end()
+        >>> p.item()  # plain bf16 would stay at 1.0
+        1.0078125
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, method: str = "kahan", seed: int = 0
+    ) -> None:
+        if method not in ("kahan", "stochastic"):
+            raise ValueError(f"method={method!r} is not one of 'kahan', 'stochastic'")
+        self.optimizer = optimizer
+        self.method = method
+        self.groups: list[_FlatGroup] = []
+        self.comps: list[torch.Tensor | None] = []
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self._temps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for (device, dtype), params in _group_low_precision(optimizer).items():
+            if dtype != torch.bfloat16:
+                raise TypeError(
+                    f"compensated updates are for bf16 parameters; found {dtype} parameters"
+                )
+            group = _FlatGroup(params)
+            self.groups.append(group)
+            self.comps.append(torch.zeros_like(group.low) if method == "kahan" else None)
+            if method == "stochastic" and device not in self.generators:
+                self.generators[device] = torch.Generator(device).manual_seed(seed)
+        ids = {id(p) for g in self.groups for p in g.params}
+        self.direct_params = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in ids
+        ]
+        self._hooks = [
+            optimizer.register_load_state_dict_pre_hook(self._load_pre_hook),
+            optimizer.register_load_state_dict_post_hook(self._load_post_hook),
+        ]
+
+    def begin(self) -> None:
+        """Swap each bf16 param (and grad) for an fp32 view of ``p + c`` (and of its grad)."""
+        self._temps = []
+        for group, comp in zip(self.groups, self.comps):
+            value = group.low.float()
+            if comp is not None:
+                value.add_(comp)
+            grad = torch.empty_like(value)
+            group.gather_grads_(grad, group.views(grad))
+            for p, v, gv in zip(group.params, group.views(value), group.views(grad)):
+                p.data = v
+                p.grad = gv
+            self._temps.append((value, grad))
+
+    def end(self) -> None:
+        """Round the stepped fp32 values back into the bf16 params; update ``c``."""
+        with torch.no_grad():
+            for group, comp, (value, _) in zip(self.groups, self.comps, self._temps):
+                if comp is None:
+                    generator = self.generators[value.device]
+                    group.low.copy_(stochastic_round_to_bf16(value, generator))
+                else:
+                    group.low.copy_(value)
+                    comp.copy_(value - group.low.float())
+                for p, view in zip(group.params, group.low_views):
+                    p.grad = None
+                    p.data = view
+        self._temps = []
+
+    def _load_pre_hook(self, optimizer, state_dict):
+        # Optimizer.load_state_dict casts states to the params' dtype; the states are
+        # fp32, so let it see fp32 params while it loads.
+        for group in self.groups:
+            for p in group.params:
+                p.data = p.data.float()
+
+    def _load_post_hook(self, optimizer):
+        for group in self.groups:
+            for p, view in zip(group.params, group.low_views):
+                p.data = view
+
+    def state_dict(self) -> dict:
+        """Compensation buffers (Kahan) and generator states (stochastic rounding)."""
+        return {
+            "comps": [None if c is None else c.clone() for c in self.comps],
+            "generators": {str(d): g.get_state() for d, g in self.generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        comps = state["comps"]
+        if len(comps) != len(self.comps):
+            raise ValueError(
+                f"checkpoint has {len(comps)} compensation groups, this setup has "
+                f"{len(self.comps)}: was it saved from the same model and optimizer?"
+            )
+        with torch.no_grad():
+            for mine, saved in zip(self.comps, comps, strict=True):
+                if mine is not None and saved is not None:
+                    mine.copy_(saved)
+        for device, gen_state in state["generators"].items():
+            self.generators[torch.device(device)].set_state(gen_state)
