@@ -345,10 +345,11 @@ def _grads_with_nan(model):
     return [p.grad for p in model.parameters()]
 
 
+@pytest.mark.parametrize("method", ["flags", "amax"])
 @pytest.mark.parametrize("preset", ["torch", "apex", "deepspeed", "megatron"])
-def test_unscale_and_update_do_not_sync(preset):
+def test_unscale_and_update_do_not_sync(preset, method):
     model = _mlp()
-    scaler = LossScaler.from_preset(preset)
+    scaler = LossScaler.from_preset(preset, locate_method=method)
     with SyncCounter() as counter:
         for _ in range(5):
             model.zero_grad()
