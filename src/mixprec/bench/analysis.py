@@ -4,8 +4,10 @@ Formulas (every printed number comes from one of these):
 
 * FLOPs per step: counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward
   and backward pass of the fp32 model on the first batch (matmuls, convolutions and
-  attention). For a transformer this is about ``6 * N * tokens + 12 * L * d * T * tokens``
-  (N matmul parameters, L layers, d width, T sequence length: the nanoGPT/PaLM estimate).
+  attention). For a transformer this is ``6 * W * tokens + 14 * L * d * T * tokens``
+  (W weights of the Linear layers, L layers, d width, T sequence length): the PaLM/nanoGPT
+  estimate ``6N + 12 L d T`` per token, except that the attention backward is counted as
+  torch counts it, with the recomputation of the scores (5 matmuls instead of 4).
 * achieved FLOP/s = FLOPs per step / median step time.
 * MFU (model FLOPs utilisation) = achieved FLOP/s / peak FLOP/s of the device in the
   recipe's compute dtype (GPU table below; no MFU on a CPU, whose peak is not tabulated).

@@ -22,6 +22,7 @@ Measured per recipe (formulas; see also :mod:`.analysis`):
 * diverged: the first step (1-based) whose loss is not finite; the recipe stops there.
 * truncated: the recipe passed ``config.recipe_budget_s`` seconds of training and stopped;
   its speed is measured on the steps it ran, its quality is not compared (not evaluated).
+  The fp32 reference is exempt: it always runs every step.
 
 A ``KeyboardInterrupt`` stops the bench: the result holds every recipe that finished and
 ``interrupted`` names the one that was running.
@@ -72,7 +73,8 @@ class BenchConfig:
         seed: seed of initial weights, data order and every recipe's RNG.
         device: ``"cpu"``, ``"cuda"``...; None picks cuda when available.
         max_grad_norm: gradient clipping passed to ``precision.step`` (None: off).
-        recipe_budget_s: seconds of training after which a recipe stops (truncated).
+        recipe_budget_s: seconds of training after which a recipe other than fp32 stops
+            (truncated).
         evaluate: evaluate each finished recipe on the task's evaluation set.
         memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
             memory (0: not measured).
@@ -311,7 +313,7 @@ def _train_recipe(
         if not math.isfinite(value):
             result.status, result.diverged_at = "diverged", i + 1
             break
-        budget = config.recipe_budget_s
+        budget = config.recipe_budget_s if name != "fp32" else None  # the reference finishes
         if budget and time.perf_counter() - start > budget and i + 1 < n:
             result.status = "truncated"
             break

@@ -1,0 +1,341 @@
+"""mixprec.bench: tasks, the runner, the report, the recommendation and `mixprec bench`.
+
+Oracles: the digits data set's own size, a Python count of the marker rule, float64
+formulas for FLOPs, PNG magic bytes, json.loads, and fp32 vs tf32 (identical on a CPU, so
+any difference would mean the recipes did not share weights, batches or seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
+from mixprec.bench.models import GPT
+from mixprec.bench.recommend import recommend, speed_phrase
+from mixprec.bench.report import write_report
+from mixprec.bench.runner import BenchConfig, BenchResult, RecipeResult, run_bench
+from mixprec.bench.tasks import TASKS, get_task, make_marker_sequences, make_shapes
+from mixprec.bench.user import PROTOCOL, load_user_task
+from mixprec.cli import main
+from tests.conftest import RECIPE_NAMES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = dict(steps=3, warmup=1, memory_steps=1)
+
+
+# -- tasks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TASKS)
+def test_task_is_deterministic_per_seed(name):
+    task = get_task(name, "tiny", seed=3)
+    a, b = task.build_model(), task.build_model()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    first = [x for x, _ in task.train_batches(2)]
+    again = [x for x, _ in get_task(name, "tiny", seed=3).train_batches(2)]
+    other = [x for x, _ in get_task(name, "tiny", seed=4).train_batches(2)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert torch.equal(task.example_batch()[0], first[0])
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_interface(name):
+    task = get_task(name, "tiny")
+    model = task.build_model()
+    x, y = task.example_batch()
+    items = x.numel() if task.item_unit == "tokens" else x.shape[0]
+    assert task.items_per_batch == items
+    loss = task.loss(model(x), y)
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert isinstance(task.build_optimizer(model), torch.optim.AdamW)
+    metrics = task.evaluate(model)
+    assert task.metric in metrics and math.isfinite(metrics[task.metric])
+    assert model.training  # evaluate restores train mode
+
+
+def test_digits_split_is_fixed():
+    from mixprec.bench.tasks import _digits
+
+    x_tr, y_tr, x_te, y_te = _digits()
+    assert len(x_tr) + len(x_te) == 1797 and len(x_te) == 360  # load_digits has 1797 images
+    assert x_tr.shape[1] == 64 and float(x_tr.max()) <= 1.0
+    assert set(y_te.tolist()) == set(range(10))
+
+
+def test_gpt_small_shape():
+    task = get_task("gpt", "small")
+    cfg = task.config.model
+    assert cfg.seq_len == 256 and cfg.vocab_size == 256
+    params = sum(p.numel() for p in task.build_model().parameters())
+    assert 2_000_000 < params < 10_000_000  # "a few million"
+
+
+def test_stdlib_corpus_is_python_source():
+    from mixprec.bench.tasks import stdlib_corpus
+
+    text = stdlib_corpus(200_000)
+    assert len(text) == 200_000 and text == stdlib_corpus(200_000)
+    assert b"def " in text and b"import " in text
+
+
+def test_marker_rule_matches_a_python_count():
+    x, y = make_marker_sequences(64, 32, 64, torch.Generator().manual_seed(1))
+    for tokens, label in zip(x.tolist(), y.tolist()):
+        counts = [tokens.count(k + 1) for k in range(4)]
+        assert counts.index(max(counts)) == label and counts.count(max(counts)) == 1
+        assert 0 not in tokens  # ids are markers 1..4 or fillers 5..63
+
+
+def test_shapes_masks_are_binary_and_nonempty():
+    x, m = make_shapes(16, 16, torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert bool((m.flatten(1).sum(1) > 0).all())
+
+
+def test_unknown_task_and_size():
+    with pytest.raises(ValueError, match="mlp, unet, gpt, bert"):
+        get_task("resnet")
+    with pytest.raises(ValueError, match="tiny, small, base"):
+        get_task("mlp", "huge")
+
+
+# -- user model protocol --------------------------------------------------------------------
+def overflow_factory():
+    """Two batches; the second overflows fp16 (max 65504) but not fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    small = (torch.ones(4, 8), torch.zeros(4, 1))
+    huge = (torch.full((4, 8), 1e6), torch.zeros(4, 1))
+    batches = [small, huge, small]
+    return model, lambda params: torch.optim.SGD(params, lr=1e-9), batches, nn.functional.l1_loss
+
+
+def three_things():
+    return nn.Linear(2, 2), None, []
+
+
+def not_a_pair():
+    return nn.Linear(2, 2), torch.optim.SGD, [torch.ones(2)], nn.functional.mse_loss
+
+
+def not_a_module():
+    return "model", torch.optim.SGD, [], nn.functional.mse_loss
+
+
+def bad_optimizer():
+    return nn.Linear(2, 2), lambda params: "sgd", [(torch.ones(1, 2), torch.ones(1, 2))], max
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("no_colon", "package.module:factory"),
+        ("nosuch_module_xyz:f", "cannot import module 'nosuch_module_xyz'"),
+        ("tests.test_bench:missing", "has no attribute 'missing'"),
+        ("tests.test_bench:PNG_MAGIC", "not callable"),
+        ("tests.test_bench:three_things", "returned 3 items"),
+        ("tests.test_bench:not_a_pair", "pair \\(inputs, targets\\)"),
+        ("tests.test_bench:not_a_module", "model is a str"),
+    ],
+)
+def test_user_factory_errors_state_the_protocol(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_user_task(spec)
+
+
+def test_user_factory_bad_optimizer():
+    task = load_user_task("tests.test_bench:bad_optimizer")
+    with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
+        task.build_optimizer(task.build_model())
+    assert "optimizer_factory" in PROTOCOL
+
+
+def test_divergence_is_marked_and_the_bench_goes_on(tmp_path):
+    config = BenchConfig(
+        "tests.test_bench:overflow_factory", recipes=("fp16-mixed", "bf16-mixed"), **FAST
+    )
+    result = run_bench(config)
+    by = {r.recipe: r for r in result.recipes}
+    assert by["fp32"].status == "ok" and by["fp32"].steps_run == 3
+    assert by["fp16-mixed"].status == "diverged" and by["fp16-mixed"].diverged_at == 2
+    assert by["bf16-mixed"].steps_run == 3  # the bench went on after the divergence
+    files = write_report(result, tmp_path)
+    doc = json.loads(files["results"].read_text())
+    fp16 = next(r for r in doc["recipes"] if r["recipe"] == "fp16-mixed")
+    assert fp16["status"] == "diverged" and fp16["diverged_at"] == 2
+    assert fp16["losses"][1] is None  # non-finite loss written as null
+    assert "diverged at step 2" in files["report"].read_text()
+
+
+def test_keyboard_interrupt_keeps_finished_recipes(tmp_path):
+    def interrupt(kind, info):
+        if kind == "step" and info["recipe"] == "bf16-mixed" and info["step"] == 2:
+            raise KeyboardInterrupt
+
+    config = BenchConfig("mlp", "tiny", recipes=("fp32", "bf16-mixed", "bf16-true"), **FAST)
+    result = run_bench(config, on_event=interrupt)
+    assert [r.recipe for r in result.recipes] == ["fp32"]
+    assert result.interrupted == "bf16-mixed"
+    files = write_report(result, tmp_path)
+    assert json.loads(files["results"].read_text())["interrupted"] == "bf16-mixed"
+    assert "Interrupted" in files["report"].read_text()
+
+
+# -- every task through every recipe, and the report ----------------------------------------
+def _check_report(files: dict[str, Path], recipes: list[str]) -> dict:
+    for key in ("loss_curves", "throughput", "memory"):
+        assert files[key].read_bytes()[:8] == PNG_MAGIC
+    doc = json.loads(files["results"].read_text())
+    assert doc["schema"] == "mixprec.bench/1"
+    assert [r["recipe"] for r in doc["recipes"]] == recipes
+    md = files["report"].read_text()
+    assert md.startswith("# mixprec bench") and "**Recommended:" in md
+    for name in recipes:
+        assert f"| {name} |" in md
+    return doc
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_every_task_through_every_recipe(name, tmp_path):
+    result = run_bench(BenchConfig(name, "tiny", recipes=tuple(RECIPE_NAMES), **FAST))
+    doc = _check_report(write_report(result, tmp_path), RECIPE_NAMES)
+    for r in doc["recipes"]:
+        assert r["status"] == "ok", (r["recipe"], r["error"])
+        assert len(r["losses"]) == 3 and all(math.isfinite(v) for v in r["losses"])
+        assert r["items_per_s"] > 0 and r["speedup_vs_fp32"] > 0
+        assert r["step_time_s"]["median"] > 0 and r["step_time_s"]["iqr"] >= 0
+        assert math.isfinite(r["metric"]) and r["peak_memory_bytes"] > 0
+    assert doc["task"]["flops_per_step"] > 0
+    assert doc["recommendation"]["recipe"] in RECIPE_NAMES
+    fp32, tf32 = doc["recipes"][0], doc["recipes"][1]
+    assert fp32["losses"] == tf32["losses"]  # same weights, batches and seed (TF32 is GPU-only)
+
+
+def test_cli_bench_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["bench", "--task", "mlp", "--size", "tiny", "--recipes", "bf16-mixed"]
+    assert main([*args, "--steps", "3", "--memory-steps", "1", "--out", str(out)]) == 0
+    files = {p.stem: p for p in out.glob("*.png")}
+    files |= {"results": out / "results.json", "report": out / "report.md"}
+    _check_report(files, ["fp32", "bf16-mixed"])
+    assert "Recommended" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--task", "resnet"], "unknown task 'resnet'; choose one of mlp, unet, gpt, bert"),
+        (["--recipes", "fp32,fp64"], "unknown recipe 'fp64'; choose one of 'fp32'"),
+        (["--size", "huge"], "unknown size 'huge'"),
+        (["--steps", "0"], "steps=0 must be >= 1"),
+        (["--model", "nosuch_module_xyz:f"], "cannot import module"),
+    ],
+)
+def test_cli_bad_input(args, match, capsys):
+    assert main(["bench", *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+# -- analysis and recommendation ------------------------------------------------------------
+def test_shape_check_pads():
+    model = nn.Sequential(nn.Linear(64, 50257), nn.Conv2d(3, 24, 3), nn.Linear(24, 40))
+    got = {(i.module, i.dim): (i.value, i.padded) for i in shape_check(model, 8)}
+    assert got == {("0", "out_features"): (50257, 50304), ("1", "in_channels"): (3, 8)}
+    fp8 = {(i.module, i.dim): i.padded for i in shape_check(model, 16, convs=False)}
+    assert fp8 == {
+        ("0", "out_features"): 50304,
+        ("2", "in_features"): 32,
+        ("2", "out_features"): 48,
+    }
+
+
+def test_flop_count_matches_the_transformer_formula():
+    task = get_task("gpt", "tiny")
+    model: GPT = task.build_model()
+    x, y = task.example_batch()
+    cfg = task.config.model
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    tokens = x.numel()
+    # attention: 2 matmuls forward, 5 backward (scores recomputed), 2*T*d flops each per token
+    expected = 6 * weights * tokens + 14 * cfg.n_layer * cfg.d_model * cfg.seq_len * tokens
+    assert count_flops(model, lambda m: task.loss(m(x), y).backward()) == expected
+
+
+def test_tensor_core_share():
+    assert tensor_core_share({"sm90_xmma_gemm": 3.0, "vectorized_elementwise": 1.0}) == 0.75
+    assert tensor_core_share({}) is None
+
+
+def test_speed_phrase():
+    assert speed_phrase(2.5) == "2.5x faster than fp32"
+    assert speed_phrase(1 / 150) == "150x slower than fp32"
+    assert speed_phrase(0.98).startswith("as fast as fp32")
+
+
+def _fake(recipe, step, metric, peak=1000, status="ok", diverged_at=None):
+    return RecipeResult(
+        recipe=recipe,
+        status=status,
+        steps_run=10,
+        diverged_at=diverged_at,
+        step_times=[step] * 10,
+        timed_from=0,
+        metrics={"accuracy": metric},
+        peak_memory_bytes=peak,
+    )
+
+
+def _result(*recipes):
+    return BenchResult(
+        config=BenchConfig("mlp", "tiny"),
+        task=get_task("mlp", "tiny"),
+        device={"type": "cpu", "name": "test cpu", "threads": 1, "torch": torch.__version__},
+        parameters=1,
+        flops_per_step=None,
+        shape_issues={8: []},
+        recipes=list(recipes),
+        steps=10,
+    )
+
+
+def test_recommendation_prefers_fast_recipes_within_tolerance():
+    res = _result(
+        _fake("fp32", 1.0, 0.90),
+        _fake("bf16-mixed", 0.5, 0.89),  # 2x, within 0.03
+        _fake("bf16-true", 0.25, 0.80),  # 4x, outside the tolerance
+        _fake("fp16-mixed", 150.0, 0.90),  # 150x slower
+        _fake("fp8-mixed", 0.5, float("nan"), status="diverged", diverged_at=4),
+    )
+    verdict = recommend(res)
+    assert verdict.recipe == "bf16-mixed"
+    assert verdict.summary.startswith("bf16-mixed: 2.00x the samples/s of fp32")
+    reasons = dict(line.split(": ", 1) for line in verdict.reasons)
+    assert reasons["bf16-true"].startswith("4.0x faster than fp32, outside the tolerance")
+    assert reasons["fp16-mixed"].startswith("150x slower than fp32 on this CPU")
+    assert reasons["fp8-mixed"].startswith("diverged at step 4")
+
+
+def test_recommendation_falls_back_to_memory_then_fp32():
+    lean = _result(_fake("fp32", 1.0, 0.9, peak=1000), _fake("bf16-true", 1.0, 0.9, peak=600))
+    assert recommend(lean).recipe == "bf16-true"
+    none = _result(_fake("fp32", 1.0, 0.9), _fake("bf16-mixed", 0.99, 0.9))
+    assert recommend(none).recipe == "fp32"
+
+
+def test_suite_seeds_table(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    args = ["bench", "--suite", "seeds", "--size", "tiny", "--steps", "2", "--warmup", "0"]
+    assert main([*args, "--memory-steps", "0", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [b["task"]["name"] for b in doc["benches"]] == ["mlp", "unet", "bert"]
+    for bench in doc["benches"]:
+        assert [r["recipe"] for r in bench["recipes"]] == ["fp32", "bf16-mixed", "fp16-mixed"]
+        assert all(r["items_per_s"] > 0 for r in bench["recipes"])
+        assert (out / bench["task"]["name"] / "report.md").exists()
+    md = (out / "report.md").read_text()
+    assert md.count("| bf16-mixed |") == 3
