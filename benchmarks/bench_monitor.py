@@ -1,0 +1,113 @@
+"""Step-time overhead of the numerics monitor on the small transformer (``gpt``, ``small``).
+
+Three copies of the same model and optimizer train on the same batches, steps interleaved
+(round-robin, rotating who goes first) so machine load hits all alike:
+
+* ``none``: no monitor;
+* ``every=1``: a monitor measuring every step (all default formats and tensor kinds);
+* ``idle``: a monitor attached but not measuring (``every`` larger than the run), i.e. the
+  cost of the hooks on the steps ``every=N`` skips.
+
+Figures printed (medians over ``--reps`` steps per copy, after ``--warmup``):
+
+* ``ms/step`` of each copy;
+* ``overhead(every=1) = t(every=1) / t(none) - 1`` (target <= 25%);
+* ``overhead(every=N) = ((N - 1) * t(idle) + t(every=1)) / N / t(none) - 1`` for N = 100
+  (target <= 2%): one measured step in N, the others idle;
+* with ``--direct``, a fourth copy runs ``every=100`` and its mean step time over whole
+  windows of 100 steps is compared to ``none``'s mean (needs ``--reps`` >= 100).
+
+The monitor reads its results out every 50 steps (``report_every``), as in real use; the
+readout happens inside the timed step it falls on.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_monitor.py [--reps 30] [--warmup 3] [--recipe fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from mixprec import Precision
+from mixprec.bench.tasks import get_task
+from mixprec.numerics import Monitor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30, help="timed steps per copy")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per copy")
+    parser.add_argument("--recipe", default="fp32", help="training recipe (default fp32)")
+    parser.add_argument("--size", default="small", help="gpt task size (default small)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--direct", action="store_true", help="also time every=100 directly")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task("gpt", args.size)
+    base = task.build_model()
+    batches = list(task.train_batches(4))
+    configs = {"none": None, "every=1": 1, "idle": 10**9}
+    if args.direct:
+        configs["every=100"] = 100
+    runs = {}
+    for name, every in configs.items():
+        precision = Precision(args.recipe)
+        model = copy.deepcopy(base)
+        model, opt = precision.setup(model, task.build_optimizer(model))
+        monitor = None
+        if every is not None:  # each monitor hooks only its own copy of the model
+            monitor = Monitor(model, every=every)
+            if every == 10**9:
+                monitor.step()  # step 0 is measured by every N: move past it
+            monitor.attach()
+        runs[name] = (model, opt, precision, monitor, [])
+
+    def one_step(name: str, i: int) -> float:
+        model, opt, precision, monitor, _ = runs[name]
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        with precision.autocast():
+            loss = task.loss(model(x), y)
+        precision.backward(loss)
+        precision.step(opt)
+        if monitor is not None:
+            monitor.step()
+        return time.perf_counter() - t0
+
+    names = list(configs)
+    for i in range(args.warmup + args.reps):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            dt = one_step(name, i)
+            if i >= args.warmup:
+                runs[name][4].append(dt)
+    med = {name: statistics.median(runs[name][4]) for name in names}
+    base_t = med["none"]
+    print(f"numerics monitor overhead: gpt/{args.size}, recipe {args.recipe}, "
+          f"{torch.get_num_threads()} threads, {args.reps} steps per copy (medians)")  # fmt: skip
+    print(f"{'copy':<10} {'ms/step':>9} {'overhead':>9}")
+    for name in names:
+        print(f"{name:<10} {1e3 * med[name]:9.1f} {100 * (med[name] / base_t - 1):8.1f}%")
+    n = 100
+    amortized = ((n - 1) * med["idle"] + med["every=1"]) / n
+    print(f"overhead every=1:   {100 * (med['every=1'] / base_t - 1):6.1f}%  (target <= 25%)")
+    print(f"overhead every=100: {100 * (amortized / base_t - 1):6.1f}%  (target <= 2%; "
+          "from idle and measured step times)")  # fmt: skip
+    if args.direct:
+        w = len(runs["every=100"][4]) // n * n
+        if w:
+            direct = statistics.mean(runs["every=100"][4][:w]) / statistics.mean(
+                runs["none"][4][:w]
+            )
+            print(f"overhead every=100 (direct, mean of {w} steps): {100 * (direct - 1):6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
