@@ -478,6 +478,15 @@ def test_explain_statuses():
     assert explain(1e-6, "fp16")[0].status == "subnormal"
     assert explain(1.0, "fp16")[0].status == "exact"
     assert explain(3.0, "e8m0fnu")[0].nearest == 4.0  # tie rounds up with no mantissa
+    # the rounding boundary above max: 464 = 448 + 32/2 ties to even 448 in e4m3fn;
+    # fp4 saturates, and 7 = 6 + 2/2 ties away from 6 (odd mantissa): an overflow
+    assert [r.status for r in explain(464.0, ["e4m3", "fp4"])] == ["rounded", "overflow"]
+    assert [r.status for r in explain(6.9, "fp4") + explain(7.0, "fp4")] == ["rounded", "overflow"]
+    assert explain(math.inf, "fp16")[0].status == "exact"
+    assert explain(math.inf, "e4m3")[0].status == "overflow"
+    zero = explain(0.0, "e8m0fnu")[0]
+    assert zero.status == "nan" and math.isnan(zero.below) and zero.above == 2.0**-127
+    assert math.isnan(explain(math.nan, "fp16")[0].rel_error)
 
 
 # ---- bad input -------------------------------------------------------------------------------

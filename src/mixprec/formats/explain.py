@@ -90,7 +90,7 @@ class Explanation:
     nearest: float  # quantize(value, rounding="nearest") with the format's overflow default
     abs_error: float  # |nearest - value|
     rel_error: float  # |nearest - value| / |value| (0 for value 0)
-    below: float  # largest representable <= value (-inf past -max)
+    below: float  # largest representable <= value (-inf past -max; NaN if none)
     above: float  # smallest representable >= value (inf past max)
     gap: float  # spacing at |value|: 2^(clamp(floor(log2|value|), emin, emax) - m)
     status: Status
@@ -123,30 +123,44 @@ def explain(value: float, formats: str | FloatFormat | list | tuple) -> list[Exp
             gap = math.ldexp(1.0, e - f.mantissa_bits)
         else:
             gap = f.min_subnormal if x == 0 else math.nan
-        if math.isnan(x) or not math.isfinite(tz) or mag > f.max:
+        smallest = f.min_subnormal if f.has_zero else f.min_normal
+        if math.isnan(x):
+            lo = hi = math.nan
+        elif not f.signed and (x < 0 or (x == 0 and not f.has_zero)):
+            lo, hi = math.nan, (0.0 if f.has_zero else smallest)  # nothing below
+        elif mag > f.max or not math.isfinite(tz):
             lo, hi = (f.max, math.inf) if x > 0 else (-math.inf, -f.max)
-            lo, hi = (lo, hi) if not math.isnan(x) else (math.nan, math.nan)
         elif tz == x:
             lo = hi = x
         else:
             away = math.copysign(abs(tz) + gap, x)
             lo, hi = (tz, away) if x > 0 else (away, tz)
-        if not f.signed and x < 0:
-            lo, hi = (math.nan, f.min_subnormal if f.has_zero else f.min_normal)
-        err = abs(q - x) if math.isfinite(q) and math.isfinite(x) else math.inf
+        if q == x:
+            err = 0.0
+        else:
+            err = abs(q - x) if math.isfinite(q) and math.isfinite(x) else math.inf
+        top_gap = math.ldexp(1.0, f.max_exponent - f.mantissa_bits)
+        saturating = not f.has_inf and not f.has_nan  # the default overflow is saturate
         if math.isnan(x):
             status: Status = "nan"
             err = math.nan
-        elif math.isfinite(x) and mag > 0 and not math.isfinite(q) or mag > f.max:
-            status = "overflow"
-        elif math.isnan(q):
-            status = "nan"
+        elif math.isinf(x):
+            status = "exact" if q == x else "overflow"
+        elif not math.isfinite(q) or (saturating and mag >= f.max + top_gap / 2):
+            # finite x beyond the rounding boundary above max (a tie there rounds away from
+            # max, whose mantissa is odd, in every saturating format)
+            status = "overflow" if mag > f.max else "nan"
         elif q == 0 and x != 0:
             status = "underflow"
         elif d.value_class == "subnormal":
             status = "subnormal"
         else:
             status = "exact" if q == x else "rounded"
-        rel = err / mag if mag > 0 and math.isfinite(mag) else (0.0 if err == 0 else math.inf)
+        if math.isnan(err):
+            rel = math.nan
+        elif mag > 0 and math.isfinite(mag):
+            rel = err / mag
+        else:
+            rel = 0.0 if err == 0 else math.inf
         rows.append(Explanation(f.name, x, q, err, rel, lo, hi, gap, status, d))
     return rows
