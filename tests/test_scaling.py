@@ -518,6 +518,9 @@ def test_loss_scaler_state_dict_resumes_exactly(preset):
         resumed.update(torch.tensor(float(flag)))
         assert resumed.get_scale() == whole.get_scale()
     assert resumed.state_dict() == whole.state_dict()
+    report, full = resumed.telemetry(), whole.telemetry()
+    assert (report.steps, report.steps_skipped) == (full.steps, full.steps_skipped)
+    assert report.history_start == 25 and report.scale_history == full.scale_history[25:]
 
 
 def test_grad_scaler_state_dict_round_trip_and_torch_interchange():

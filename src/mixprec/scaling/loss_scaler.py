@@ -191,6 +191,7 @@ class LossScaler:
             self._floor_step = torch.full((), -1, dtype=torch.int64, device=dev)
             self._log = StepLog(self.history_len, dev)
             self._log.skipped.fill_(self._init_skipped)
+            self._log.origin = self._steps
         return self._scale
 
     @property
@@ -444,6 +445,7 @@ class LossScaler:
             self._growth_tracker.fill_(self._init_state[1])
             self._hysteresis_tracker.fill_(self._init_state[2])
             self._log.skipped.fill_(self._init_skipped)
+            self._log.origin = self._steps  # steps before the checkpoint are not in the log
 
     def __repr__(self) -> str:
         if not self.enabled:

@@ -80,6 +80,7 @@ class StepLog:
 
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
+        self.origin = 0  # first recorded step (later than 0 after a checkpoint is loaded)
         self.scale = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.overflow = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.first = torch.full((capacity,), NONE_INDEX, dtype=torch.int64, device=device)
@@ -97,7 +98,7 @@ class StepLog:
 
     def name_at(self, step: int, steps: int, index: int | None = None) -> str | None:
         """Name of the first non-finite gradient of ``step`` (syncs), or None."""
-        if step < 0 or step < steps - self.capacity or step >= steps:
+        if step < max(self.origin, steps - self.capacity) or step >= steps:
             return None
         slot = step % self.capacity
         if index is None:
@@ -106,7 +107,7 @@ class StepLog:
 
     def read(self, steps: int, current_scale: float) -> ScalerTelemetry:
         """Copy the record to the host (syncs) and assemble a :class:`ScalerTelemetry`."""
-        count = min(steps, self.capacity)
+        count = min(steps - self.origin, self.capacity)
         start = steps - count
         order = [(start + k) % self.capacity for k in range(count)]
         scales = self.scale.tolist()
