@@ -366,14 +366,30 @@ class Precision:
                 "step() called twice for the same optimizer without backward() in between: "
                 "call precision.backward(loss) once per micro-batch, then step() once"
             )
-        plan.last_epoch = self._epoch
         opt = plan.optimizer
         if len(opt.param_groups) != plan.n_groups:  # add_param_group() after setup()
             plan.refresh()
+        plan.last_epoch = self._epoch
         if plan.masters is not None:
             plan.masters.gather_grads()
         elif plan.compensated is not None:
             plan.compensated.begin()
+            try:
+                result, found_inf = self._unscale_and_step(plan, max_grad_norm)
+            finally:  # the bf16 params come back even if the optimizer raised
+                plan.compensated.end()
+            opt.zero_grad(set_to_none=True)
+            return self._end_step(plan, result, found_inf)
+        result, found_inf = self._unscale_and_step(plan, max_grad_norm)
+        if plan.masters is not None:
+            plan.masters.copy_back()
+            plan.masters.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
+        return self._end_step(plan, result, found_inf)
+
+    def _unscale_and_step(self, plan: _OptimizerPlan, max_grad_norm: float | None):
+        opt = plan.optimizer
         found_inf = None
         if self._scaling or max_grad_norm is not None:
             grads = plan.grads()
@@ -399,16 +415,12 @@ class Precision:
             if stepped:
                 opt.step()
             result = StepResult(stepped, found_inf=found_inf)
-        if plan.masters is not None:
-            plan.masters.copy_back()
-            plan.masters.zero_grad()
-        else:
-            if plan.compensated is not None:
-                plan.compensated.end()
-            opt.zero_grad(set_to_none=True)
+        return result, found_inf
+
+    def _end_step(self, plan: _OptimizerPlan, result: StepResult, found_inf) -> StepResult:
         if self._scaling:
             self._found_infs.append(found_inf)
-        self._stepped.add(id(optimizer))
+        self._stepped.add(id(plan.optimizer))
         if len(self._stepped) == len(self._plans):
             self._finish_iteration()
         return result
