@@ -300,6 +300,7 @@ def plot_gradient_histogram(monitor, path: str | Path, *, kind: str = "grad_outp
         2, 1, figsize=(9, 5), sharex=True, gridspec_kw={"height_ratios": [4, 1.2]}
     )
     binades = np.arange(HIST_LOW, HIST_LOW + len(merged.histogram)) if merged else np.array([])
+    lo, hi = 0, 0
     if merged is not None and merged.numel:
         pct = 100.0 * merged.histogram / merged.numel
         nz = np.flatnonzero(pct)
@@ -334,9 +335,12 @@ def plot_gradient_histogram(monitor, path: str | Path, *, kind: str = "grad_outp
                 )
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        lo, hi = binades[nz].min() if len(nz) else -30, binades[nz].max() + 1 if len(nz) else 20
-    else:
-        lo, hi = -30, 20
+        if len(nz):
+            lo, hi = binades[nz].min() - 4, binades[nz].max() + 5
+            if scales and shift:
+                lo = min(lo, lo - shift)
+    # Show the data and the narrow formats' ranges around it, not all of bf16's range.
+    lo, hi = min(lo, -30), max(hi, 20)
     ax.set_ylabel("% of values")
     zeros = merged.zero_fraction if merged else 0.0
     ax.set_title(f"{kind} magnitudes, all modules and measured steps ({100 * zeros:.2g}% zeros)")
@@ -350,11 +354,12 @@ def plot_gradient_histogram(monitor, path: str | Path, *, kind: str = "grad_outp
             [(sub_lo, norm_lo - sub_lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.35
         )
         band.broken_barh([(norm_lo, top - norm_lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.8)
-        for ax_ in (ax,):
-            ax_.axvline(sub_lo - 1, color="tab:orange", linewidth=0.5, alpha=0.4)
-        lo, hi = min(lo, sub_lo - 2), max(hi, min(top + 2, hi + 20))
+        ax.axvline(sub_lo - 1, color="tab:orange", linewidth=0.5, alpha=0.4)  # flushes below
     band.set_yticks(range(len(monitor.formats)), monitor.format_names, fontsize=8)
-    band.set_xlabel("log2 |value|  (light: subnormal range, dark: normal range)")
+    band.set_xlabel(
+        "log2 |value|  (light: subnormal range, dark: normal range; thin lines: flush to zero "
+        "below)"
+    )
     band.set_xlim(max(lo, -150), min(hi, 130))
     fig.tight_layout()
     path = Path(path)
