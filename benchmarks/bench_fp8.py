@@ -53,7 +53,7 @@ LLM = [
 ]
 PRESETS = {
     "quick": SQUARE[:2],
-    "cpu": SQUARE[:3] + LLM[1:2],
+    "cpu": SQUARE[:3] + LLM[:1],
     "all": SQUARE + LLM,
 }
 
