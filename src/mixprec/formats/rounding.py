@@ -15,7 +15,11 @@ neighbour of ``c + 2^E`` is ``c + 2^(E+1)``, i.e. ties round up (also what ml_dt
 ``lo`` and ``hi`` are clamped to where ``c`` stays a finite normal number of the compute
 dtype: below ``lo`` every input value is already a multiple of the spacing, and above ``hi``
 every value overflows the format anyway. Toward-zero and stochastic rounding step down by
-the spacing ``q = c · 2^-p`` where the nearest value lies above ``a``.
+the spacing ``q = c · 2^-p`` where the nearest value lies above ``a``. Where the window
+cannot reach (float64 inputs with formats of more than 10 exponent bits: float64
+subnormals, whose exponent field does not give E, and magnitudes for which c would
+overflow) the elements are scaled by a power of two into a window of their own, rounded,
+and scaled back, all exactly.
 
 The work is done in cache-sized chunks with in-place ops (about 8 passes over L2-resident
 data instead of 8 trips through main memory; see ``_CHUNK``); on CUDA the whole tensor is
@@ -138,7 +142,9 @@ class _Plan:
     compute: torch.dtype
     identity: bool  # the format holds every value of the input dtype's precision
     window: _Window | None
-    big: tuple[float, int, _Window] | None  # (threshold, S, window) for |x| >= threshold
+    # Magnitude ranges [lo, hi) the window cannot reach (float64 inputs and formats with
+    # more than 10 exponent bits): rounded as a · 2^shift in their own window, then scaled back.
+    splits: tuple[tuple[float, float, int, _Window], ...]
     native: torch.dtype | None  # use torch's cast to this dtype and back
 
 
@@ -154,24 +160,30 @@ def _plan(f: FloatFormat, dtype: torch.dtype, rounding: str, overflow: str) -> _
     native = f.torch_dtype if f.name in ("bf16", "fp16") else None
     if native is not None and dtype != torch.float64 and rounding == "nearest":
         if overflow == "inf":  # torch's casts: round to nearest even, overflow to inf
-            return _Plan(dtype, False, None, None, native)
+            return _Plan(dtype, False, None, (), native)
     identity = m >= p_in and f.min_exponent - m <= emin_in - p_in
     # Exponent window of the magic number (see the module docstring).
     lo = max(f.min_exponent, emin_in - p_in + m)
     hi = min(f.max_exponent, emax_in) + 1
-    if dtype != torch.float64 and m < 23 and hi + 23 - m <= 127:
+    if dtype != torch.float64 and m < 23 and hi + 23 - m <= 127 and lo >= -126:
         compute = torch.float32
     else:
         compute = torch.float64
     if identity:
-        return _Plan(compute, True, None, None, None)
+        return _Plan(compute, True, None, (), None)
+    splits = []
     top = 1023 - 52 + m  # largest E whose c = 2^(E + 52 - m) is finite in float64
-    big = None
-    if hi > top:  # only float64 inputs with > 10 exponent bits: scale the top range down
-        shift = hi - top
-        big = (math.ldexp(1.0, top), shift, _window(compute, top - shift, hi - shift, m))
+    if hi > top:  # the top range, scaled down
+        shift = top - hi
+        splits.append((math.ldexp(1.0, top), math.inf, shift,
+                       _window(compute, top + shift, hi + shift, m)))  # fmt: skip
         hi = top
-    return _Plan(compute, False, _window(compute, lo, hi, m), big, None)
+    if lo < -1022:  # float64 subnormals, where the exponent field does not give E: scale up
+        shift = 128
+        splits.append((0.0, math.ldexp(1.0, -1022), shift,
+                       _window(compute, lo + shift, -1022 + shift, m)))  # fmt: skip
+        lo = -1022
+    return _Plan(compute, False, _window(compute, lo, hi, m), tuple(splits), None)
 
 
 def _round_magnitudes(a, y, cbuf, w: _Window, compute, rounding, generator) -> None:
@@ -244,17 +256,17 @@ def _quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: s
             if y is not a:
                 y.copy_(a)
         else:
-            big = None
-            if plan.big is not None:
-                thr, shift, wb = plan.big
-                big = a >= thr
-                a_big = a[big].mul_(math.ldexp(1.0, -shift))
+            parts = []
+            for lo_thr, hi_thr, shift, window in plan.splits:  # before a is overwritten
+                sel = (a >= lo_thr) & (a < hi_thr)
+                parts.append((sel, a[sel].mul_(math.ldexp(1.0, shift)), shift, window))
             _round_magnitudes(a, y, cbuf[:k], plan.window, compute, rounding, generator)
-            if big is not None and a_big.numel():
-                y_big = torch.empty_like(a_big)
-                cb = torch.empty(a_big.shape, dtype=cbuf.dtype, device=x.device)
-                _round_magnitudes(a_big, y_big, cb, wb, compute, rounding, generator)
-                y[big] = y_big.mul_(math.ldexp(1.0, shift))
+            for sel, a_part, shift, window in parts:
+                if a_part.numel():
+                    y_part = torch.empty_like(a_part)
+                    c_part = torch.empty(a_part.shape, dtype=cbuf.dtype, device=x.device)
+                    _round_magnitudes(a_part, y_part, c_part, window, compute, rounding, generator)
+                    y[sel] = y_part.mul_(math.ldexp(1.0, -shift))
         _finish(y, xs, a, f, overflow, mbuf[:k])
         if y is not os_:
             os_.copy_(y)
