@@ -49,10 +49,11 @@ class LossScaler:
 
     Floor check: when ``min_scale > 0`` and ``floor_patience`` consecutive steps overflow
     with the scale already at ``min_scale``, :meth:`check` raises :class:`ScaleFloorError`
-    naming the first non-finite gradient. :meth:`update` calls :meth:`check` every
-    ``check_interval`` steps (one host read of a flag each time, so one sync per
-    ``check_interval`` steps; ``0`` turns the periodic check off), and :meth:`telemetry`
-    calls it too.
+    naming the first non-finite gradient. It costs nothing per step: :meth:`check` scans
+    the on-device record on the host, and :meth:`update` calls it every
+    ``check_interval`` steps (one copy of the record to the host each time, so one sync
+    per ``check_interval`` steps; ``0`` turns the periodic check off), as does
+    :meth:`telemetry`. Presets without a floor (torch, apex) never check.
 
     Args:
         enabled: ``False`` makes every method a no-op (``unscale_`` returns zeros).
@@ -65,7 +66,8 @@ class LossScaler:
         locate_nonfinite: record the first non-finite gradient of each step.
         locate_method: ``"flags"``, ``"amax"`` or ``"auto"`` (flags on CPU, amax elsewhere).
         floor_patience: consecutive overflowing steps at the floor before the error.
-        check_interval: steps between periodic floor checks (0 = only when asked).
+        check_interval: steps between periodic floor checks (0 = only when asked;
+            default 100, at most ``history_len``).
         history_len: steps kept in the scale/skip record (a ring buffer).
 
     Example:
@@ -99,7 +101,7 @@ class LossScaler:
         locate_nonfinite: bool = True,
         locate_method: LocateMethod = "auto",
         floor_patience: int = 10,
-        check_interval: int = 100,
+        check_interval: int | None = None,
         history_len: int = 4096,
     ) -> None:
         given = dict(
@@ -121,10 +123,15 @@ class LossScaler:
         for name, value in (("floor_patience", floor_patience), ("history_len", history_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if check_interval is None:
+            check_interval = min(100, history_len) if isinstance(history_len, int) else 100
         if isinstance(check_interval, bool) or not isinstance(check_interval, int):
             raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
-        if check_interval < 0:
-            raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
+        if not 0 <= check_interval <= history_len:
+            raise ValueError(
+                f"check_interval={check_interval!r} must be in [0, history_len={history_len}] "
+                "(the floor check reads the steps kept in the record)"
+            )
         self.enabled = bool(enabled)
         self.locate_nonfinite = bool(locate_nonfinite)
         self.floor_patience = floor_patience
@@ -135,8 +142,10 @@ class LossScaler:
         self._scale: torch.Tensor | None = None
         self._growth_tracker: torch.Tensor | None = None
         self._hysteresis_tracker: torch.Tensor | None = None
-        self._floor_streak: torch.Tensor | None = None
-        self._floor_step: torch.Tensor | None = None
+        # Floor check, on the host: steps before _floor_scanned have been scanned, and the
+        # last _floor_streak of them overflowed at the floor.
+        self._floor_scanned = 0
+        self._floor_streak = 0
         self._log: StepLog | None = None
         self._init_state = (
             self.config.init_scale,
@@ -187,8 +196,6 @@ class LossScaler:
             self._scale = torch.full((), scale, dtype=torch.float32, device=dev)
             self._growth_tracker = torch.full((), growth, dtype=torch.int32, device=dev)
             self._hysteresis_tracker = torch.full((), hyst, dtype=torch.int32, device=dev)
-            self._floor_streak = torch.zeros((), dtype=torch.int32, device=dev)
-            self._floor_step = torch.full((), -1, dtype=torch.int64, device=dev)
             self._log = StepLog(self.history_len, dev)
             self._log.skipped.fill_(self._init_skipped)
             self._log.origin = self._steps
@@ -305,12 +312,6 @@ class LossScaler:
             found = torch.full((), float(found_inf), dtype=torch.float32, device=scale.device)
         overflow = found != 0
         self._log.write(self._steps, scale, overflow, *self._take_pending(scale.device))
-        if self.config.min_scale > 0:
-            at_floor = overflow & (scale <= self.config.min_scale)
-            streak = torch.where(at_floor, self._floor_streak + 1, 0)
-            self._floor_streak.copy_(streak)
-            hit = (streak >= self.floor_patience) & (self._floor_step < 0)
-            self._floor_step.copy_(torch.where(hit, self._steps, self._floor_step))
         if new_scale is not None:
             self.set_scale(new_scale)
         else:
@@ -349,15 +350,34 @@ class LossScaler:
         return self._steps - self.steps_skipped
 
     def check(self) -> None:
-        """Raise :class:`ScaleFloorError` if the scale sat at its floor while
-        ``floor_patience`` consecutive steps overflowed. Reads one int (syncs).
+        """Raise :class:`ScaleFloorError` if, among the steps not yet checked,
+        ``floor_patience`` consecutive ones overflowed with the scale at ``min_scale``.
+
+        Scans the on-device record of those steps on the host (one copy of the record,
+        so one sync). Steps that left the record (more than ``history_len`` since the
+        last check) are not seen. One error covers all steps recorded so far.
         """
         if not self.enabled or self._scale is None or self.config.min_scale <= 0:
             return
-        step = int(self._floor_step.item())
-        if step < 0:
+        log = self._log
+        start = max(self._floor_scanned, log.origin, self._steps - log.capacity)
+        if start > self._floor_scanned:
+            self._floor_streak = 0  # unseen steps: count afresh
+        if start >= self._steps:
             return
-        self._floor_step.fill_(-1)  # report once; a caller that catches it may go on
+        scales, overflowed = torch.stack([log.scale, log.overflow.float()]).tolist()
+        for step in range(start, self._steps):
+            slot = step % log.capacity
+            at_floor = overflowed[slot] and scales[slot] <= self.config.min_scale
+            self._floor_streak = self._floor_streak + 1 if at_floor else 0
+            if self._floor_streak >= self.floor_patience:
+                # Report once for everything recorded so far; a caller that catches the
+                # error and trains on is told again after floor_patience more such steps.
+                self._floor_scanned, self._floor_streak = self._steps, 0
+                self._raise_floor_error(step)
+        self._floor_scanned = self._steps
+
+    def _raise_floor_error(self, step: int) -> None:
         name = self._log.name_at(step, self._steps)
         where = (
             f"the first non-finite gradient was {name!r}"
