@@ -212,6 +212,7 @@ def test_every_task_through_every_recipe(name, tmp_path):
         assert math.isfinite(r["metric"]) and r["peak_memory_bytes"] > 0
     assert doc["task"]["flops_per_step"] > 0
     assert doc["recommendation"]["recipe"] in RECIPE_NAMES
+    assert doc["numerics"]["formats"] and (tmp_path / "numerics.png").read_bytes()[:8] == PNG_MAGIC
     fp32, tf32 = doc["recipes"][0], doc["recipes"][1]
     assert fp32["losses"] == tf32["losses"]  # same weights, batches and seed (TF32 is GPU-only)
 

@@ -83,20 +83,14 @@ def _memory(result: BenchResult, path: Path) -> Path:
 
 
 def _numerics(result: BenchResult, path: Path) -> Path | None:
-    data = result.numerics or {}
-    hist = data.get("histogram")
-    if not hist or not hist.get("counts"):
+    if result.monitor is None:
         return None
-    plt, fig, ax = _figure()
-    edges, counts = hist["edges"], hist["counts"]
-    ax.stairs(counts, edges, fill=True, alpha=0.6)
-    for label, value in (data.get("markers") or {}).items():
-        ax.axvline(value, linestyle="--", linewidth=0.8)
-        ax.annotate(label, (value, max(counts) * 0.9), rotation=90, fontsize=7)
-    ax.set_xlabel("log2 |value|")
-    ax.set_ylabel("count")
-    ax.set_title(data.get("title", "numerics: magnitudes"))
-    return _save(plt, fig, path)
+    try:
+        from mixprec.numerics.report import plot_gradient_histogram
+
+        return plot_gradient_histogram(result.monitor, path)
+    except Exception:  # the histogram is optional: the report goes on without it
+        return None
 
 
 def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:

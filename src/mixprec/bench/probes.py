@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["estimate_memory", "measure_memory", "profile_kernels"]
+__all__ = [
+    "NUMERICS_FORMATS",
+    "estimate_memory",
+    "measure_memory",
+    "profile_kernels",
+    "watch_numerics",
+]
+
+NUMERICS_FORMATS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 
 def measure_memory(
@@ -69,3 +77,38 @@ def profile_kernels(kernel_times: dict[str, float]) -> Iterator[None]:
             total = getattr(event, "cuda_time_total", 0.0)
         if total and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
             kernel_times[event.key] = kernel_times.get(event.key, 0.0) + float(total)
+
+
+def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
+    """fp32 training steps of ``model`` on ``batches`` under :class:`mixprec.numerics.Monitor`.
+
+    Returns ``(monitor, summary)`` (summary: formats and, per module, which formats its
+    activations and gradients fit in), or ``(None, None)`` when the numerics monitor is not
+    available or cannot watch this model.
+    """
+    try:
+        from mixprec.numerics import Monitor
+        from mixprec.numerics.report import verdicts
+    except ImportError:
+        return None, None
+    from mixprec.bench.user import call_model, to_device
+
+    try:
+        opt = task.build_optimizer(model)
+        with Monitor(model, formats=NUMERICS_FORMATS) as monitor:
+            for x, y in batches:
+                x, y = to_device(x, device), to_device(y, device)
+                task.loss(call_model(model, x), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                monitor.step()
+        monitor.readout()
+        summary = {
+            "source": "mixprec.numerics.Monitor (fp32 steps)",
+            "steps": len(batches),
+            "formats": list(NUMERICS_FORMATS),
+            "verdicts": [v.to_dict() for v in verdicts(monitor)],
+        }
+    except Exception:  # best effort: the report goes on without the histogram
+        return None, None
+    return monitor, summary

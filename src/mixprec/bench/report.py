@@ -242,6 +242,23 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
         out += ["## Plots", ""]
         out += [f"![{title}]({path})" for title, path in plots.items()]
         out.append("")
+    if result.numerics:
+        num = result.numerics
+        notes = [v for v in num.get("verdicts", []) if v.get("recommendation")]
+        out += [
+            "## Numerics",
+            "",
+            f"{num['steps']} fp32 steps watched by the numerics monitor against "
+            f"{', '.join(num['formats'])}: "
+            + (
+                f"{len(notes)} module(s) lose values in some format."
+                if notes
+                else "every module's activations and gradients fit every format."
+            ),
+            "",
+            *[f"- `{v['path'] or '(model)'}`: {v['recommendation']}" for v in notes[:10]],
+            "",
+        ]
     out += ["## Shape check (tensor-core friendly dimensions)", ""]
     for multiple, issues in result.shape_issues.items():
         scope = "Linear and convolution" if multiple == 8 else "Linear (fp8 GEMMs)"

@@ -49,7 +49,12 @@ from mixprec.bench.analysis import (
     shape_check,
     tensor_core_share,
 )
-from mixprec.bench.probes import estimate_memory, measure_memory, profile_kernels
+from mixprec.bench.probes import (
+    estimate_memory,
+    measure_memory,
+    profile_kernels,
+    watch_numerics,
+)
 from mixprec.bench.tasks import SIZES, Task, get_task
 from mixprec.bench.user import call_model, to_device
 from mixprec.recipes import get_recipe, recipe_names
@@ -78,6 +83,8 @@ class BenchConfig:
         evaluate: evaluate each finished recipe on the task's evaluation set.
         memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
             memory (0: not measured).
+        numerics_steps: fp32 steps watched by :class:`mixprec.numerics.Monitor` for the
+            report's gradient histogram (0: none).
     """
 
     task: str = "gpt"
@@ -91,6 +98,7 @@ class BenchConfig:
     recipe_budget_s: float | None = None
     evaluate: bool = True
     memory_steps: int = 2
+    numerics_steps: int = 2
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -101,6 +109,8 @@ class BenchConfig:
             get_recipe(name)  # ValueError listing the recipes
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.numerics_steps < 0:
+            raise ValueError(f"numerics_steps={self.numerics_steps} must be >= 0")
         if self.memory_steps < 0:
             raise ValueError(f"memory_steps={self.memory_steps} must be >= 0")
         if self.warmup < 0:
@@ -167,6 +177,7 @@ class BenchResult:
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
     numerics: dict[str, Any] | None = None
+    monitor: Any = None  # the numerics Monitor behind ``numerics`` (plots), not serialised
 
     def get(self, name: str) -> RecipeResult | None:
         return next((r for r in self.recipes if r.recipe == name), None)
@@ -381,6 +392,11 @@ def run_bench(
         except KeyboardInterrupt:
             result.interrupted = name
             break
+    if config.numerics_steps and not result.interrupted:
+        model = copy.deepcopy(base_model).to(device)
+        result.monitor, result.numerics = watch_numerics(
+            model, task, batches[: config.numerics_steps], device
+        )
     result.seconds = time.perf_counter() - t0
     return result
 
