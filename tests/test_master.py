@@ -70,18 +70,17 @@ def test_cast_module_without_keeping_norms():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def _setup_masters(dtype, *, accumulate_fp32: bool, fused: bool = False):
+def _adamw(groups):
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.8, 0.95))
+
+
+def _setup_masters(dtype, *, accumulate_fp32: bool, make_opt=_adamw):
     model = _model()
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     cast_module_(model, dtype)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-        lr=1e-3,
-        betas=(0.8, 0.95),
-        fused=fused,
-    )
+    opt = make_opt([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
     masters = MasterWeights(opt, accumulate_fp32=accumulate_fp32)
     return model, opt, masters, reference
 
@@ -109,15 +108,33 @@ def test_masters_live_in_one_flat_fp32_buffer_and_keep_hyperparameters():
             assert torch.equal(p.detach(), reference[names[id(p)]].to(torch.bfloat16))
 
 
+OPTIMIZERS = {
+    "adamw": _adamw,
+    "adamw-fused": lambda g: torch.optim.AdamW(g, lr=1e-3, fused=True),
+    "adam-foreach": lambda g: torch.optim.Adam(g, lr=1e-3, foreach=True),
+    "sgd-nesterov": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True),
+    "sgd-fused": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, fused=True),
+    "rmsprop": lambda g: torch.optim.RMSprop(g, lr=1e-3),
+    "adagrad": lambda g: torch.optim.Adagrad(g, lr=1e-2),
+    "nadam": lambda g: torch.optim.NAdam(g, lr=1e-3),
+    "radam": lambda g: torch.optim.RAdam(g, lr=1e-3),
+    "adamax": lambda g: torch.optim.Adamax(g, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize(
     ("dtype", "accumulate_fp32"), [(torch.bfloat16, True), (torch.float16, False)]
 )
-def test_master_step_matches_fp32_optimizer_on_the_same_grads(dtype, accumulate_fp32):
-    model, opt, masters, _ = _setup_masters(dtype, accumulate_fp32=accumulate_fp32)
-    # Oracle: an fp32 AdamW with the same groups on fp32 copies, fed the same fp32 grads.
+def test_master_step_matches_fp32_optimizer_on_the_same_grads(dtype, accumulate_fp32, optimizer):
+    make_opt = OPTIMIZERS[optimizer]
+    model, opt, masters, _ = _setup_masters(
+        dtype, accumulate_fp32=accumulate_fp32, make_opt=make_opt
+    )
+    # Oracle: the same optimizer and groups on fp32 copies, fed the same fp32 grads.
     copies = {id(p): p.detach().clone().requires_grad_() for g in opt.param_groups
               for p in g["params"]}  # fmt: skip
-    oracle_opt = torch.optim.AdamW(
+    oracle_opt = type(opt)(
         [{**g, "params": [copies[id(p)] for p in g["params"]]} for g in opt.param_groups]
     )
     x = torch.randn(16, 8)
