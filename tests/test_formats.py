@@ -256,8 +256,9 @@ class FormatsCustom:
     e13m18 = FloatFormat.custom(13, 18)
 
 
-def oracle_nearest(x: float, f: FloatFormat) -> float:
-    """Round x to f: exact rational arithmetic, ties to even, the format's overflow default."""
+def oracle_nearest(x: float, f: FloatFormat, toward_zero: bool = False) -> float:
+    """Round x to f: exact rational arithmetic, ties to even (or truncation), the format's
+    overflow default (truncation takes finite values beyond max to max, as in IEEE 754)."""
     if math.isnan(x):
         return math.nan
     if not f.signed and (x < 0 or (x == 0 and not f.has_zero)):
@@ -268,7 +269,10 @@ def oracle_nearest(x: float, f: FloatFormat) -> float:
     else:
         e = math.frexp(a)[1] - 1 if a else f.min_exponent
         spacing = Fraction(2) ** (max(e, f.min_exponent) - f.mantissa_bits)
-        r = round(Fraction(a) / spacing) * spacing  # round() on a Fraction: half to even
+        n = Fraction(a) / spacing
+        r = (math.floor(n) if toward_zero else round(n)) * spacing  # round(): half to even
+        if toward_zero and r > f.max:
+            r = Fraction(f.max)
         if not f.has_zero:
             r = max(r, Fraction(f.min_normal))
     if r > f.max:
@@ -425,14 +429,16 @@ def test_quantize_is_idempotent_monotone_and_sign_symmetric(name, xs, rounding):
 
 
 @settings(max_examples=40, deadline=None)
-@given(name=st.sampled_from(["bf16", "fp16", "fp8_e4m3fn", "fp4_e2m1fn", "e8m0fnu"]),
+@given(name=st.sampled_from(["bf16", "fp16", "tf32", "fp8_e4m3fn", "fp8_e5m2fnuz", "fp4_e2m1fn",
+                              "fp6_e3m2fn", "e8m0fnu", "e3m4", "e11m20"]),
        xs=st.lists(st.floats(width=64, allow_nan=False), min_size=1, max_size=32))  # fmt: skip
 def test_result_is_representable_and_nearest(name, xs):
     f = get_format(name)
     x = torch.tensor(xs, dtype=torch.float64)
-    got = q(x, f)
-    ref = torch.tensor([oracle_nearest(v, f) for v in xs], dtype=torch.float64)
-    assert same_bits(got, ref).all()
+    for tz in (False, True):
+        got = q(x, f, rounding="toward_zero" if tz else "nearest")
+        ref = torch.tensor([oracle_nearest(v, f, tz) for v in xs], dtype=torch.float64)
+        assert same_bits(got, ref).all()
 
 
 # ---- decode / explain ------------------------------------------------------------------------

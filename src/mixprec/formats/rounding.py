@@ -56,7 +56,8 @@ def quantize(
     """Round every element of ``x`` to a value representable in ``fmt``; keep x's dtype.
 
     ``nearest`` is round-to-nearest, ties to even (ties away from zero when the format has
-    no mantissa bits, as ml_dtypes does). ``toward_zero`` truncates. ``stochastic`` picks
+    no mantissa bits, as ml_dtypes does). ``toward_zero`` truncates; as in IEEE 754, it
+    never overflows a finite value (beyond max gives ±max). ``stochastic`` picks
     the lower or upper neighbour ``lo <= |x| <= hi`` with ``P(hi) = (|x| - lo) / (hi - lo)``
     (drawn from ``generator``; reproducible with it), so ``E[quantize(x)] = x``. The draw
     is one uniform ``u`` in the compute dtype (float32 for inputs of 32 bits or fewer when
@@ -205,10 +206,12 @@ def _round_magnitudes(a, y, cbuf, w: _Window, compute, rounding, generator) -> N
         y.add_(torch.where(u < frac, q, 0.0))
 
 
-def _finish(y, x, a, f: FloatFormat, overflow: str, mask) -> None:
+def _finish(y, x, a, f: FloatFormat, rounding: str, overflow: str, mask) -> None:
     """Overflow, missing zero, sign, unsigned formats; in place on magnitudes y."""
     if not f.has_zero:  # no zero: everything below the smallest value rounds up to it
         y.clamp_(min=f.min_normal)
+    if rounding == "toward_zero" and overflow != "saturate":  # IEEE: finite -> max
+        y.copy_(torch.where(torch.isinf(a), y, y.clamp(max=f.max)))
     if overflow == "saturate":
         y.clamp_(max=f.max)
     elif f.max < math.inf:
@@ -267,7 +270,7 @@ def _quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: s
                     c_part = torch.empty(a_part.shape, dtype=cbuf.dtype, device=x.device)
                     _round_magnitudes(a_part, y_part, c_part, window, compute, rounding, generator)
                     y[sel] = y_part.mul_(math.ldexp(1.0, -shift))
-        _finish(y, xs, a, f, overflow, mbuf[:k])
+        _finish(y, xs, a, f, rounding, overflow, mbuf[:k])
         if y is not os_:
             os_.copy_(y)
     return out.view(x.shape)
