@@ -587,6 +587,19 @@ def test_cli_plot_writes_pngs(tmp_path, capsys):
         assert img.shape[0] > 50 and img.shape[1] > 100 and img.std() > 0  # not blank
 
 
+@pytest.mark.parametrize("chunk", [7, 10**9])  # odd chunks; one chunk (the CUDA path)
+def test_chunking_does_not_change_results(monkeypatch, chunk):
+    import mixprec.formats.rounding as rounding
+
+    x = torch.from_numpy(tricky_fp32(FORMATS["fp6_e2m3fn"], ML["fp6_e2m3fn"],
+                                     np.random.default_rng(5), 5_000))  # fmt: skip
+    cases = [("fp6_e2m3fn", "nearest"), ("e8m0fnu", "toward_zero"), ("e3m4", "nearest")]
+    expected = [q(x, f, rounding=r) for f, r in cases]
+    monkeypatch.setattr(rounding, "_CHUNK", chunk)
+    for (f, r), want in zip(cases, expected):
+        assert same_bits(q(x, f, rounding=r), want).all(), f
+
+
 # ---- devices ---------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["bf16", "fp8_e4m3fn", "fp4_e2m1fn", "e8m0fnu"])

@@ -238,7 +238,7 @@ def _quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: s
     xc = x.contiguous().view(-1)
     out = torch.empty_like(xc)
     n = xc.numel()
-    chunk = n if x.device.type != "cpu" else min(_CHUNK, max(n, 1))
+    chunk = max(n, 1) if x.device.type != "cpu" else min(_CHUNK, max(n, 1))
     compute = plan.compute
     same = compute == x.dtype
     inplace = same and rounding == "nearest"
