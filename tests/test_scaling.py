@@ -389,8 +389,11 @@ def test_telemetry_names_first_nonfinite_parameter():
         if step == 2:
             model[2].weight.grad[1, 1] = INF
             model[0].bias.grad[0] = NAN  # earlier in parameter order: reported first
-        if step == 4:
+        if step == 4:  # located at unscale_, before clipping spreads the NaN everywhere
             model[2].bias.grad[0] = NAN
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            assert model[0].weight.grad.isnan().all()
         scaler.step(opt)
         scaler.update()
     report = scaler.telemetry()

@@ -40,6 +40,12 @@ class GradScaler:
     ``found_inf``), none for optimizers with ``_step_supports_amp_scaling`` (torch's
     fused Adam/AdamW/SGD), which receive ``grad_scale`` / ``found_inf`` tensors instead.
 
+    Locating the first non-finite parameter (``locate_nonfinite=True``, default) costs
+    nothing extra when :meth:`step` unscales itself and then reads ``found_inf``: the
+    gradients are located only on a step that overflowed. After an explicit
+    :meth:`unscale_` (gradients may be clipped before :meth:`step`) and for fused
+    optimizers it is done eagerly, at the cost described in :class:`LossScaler`.
+
     Args:
         device: device type of the scale ("cuda" as in torch, or "cpu", ...). A "cuda"
             scaler with no CUDA available is disabled with a warning, as torch does.
@@ -159,7 +165,7 @@ class GradScaler:
                 names.append(group_names[i] if group_names else f"param_groups[{g}]['params'][{i}]")
         return grads, names
 
-    def _record(self, optimizer, *, unscale: bool) -> None:
+    def _record(self, optimizer, *, unscale: bool, locate: bool | None = None) -> None:
         state = self._per_optimizer_states[id(optimizer)]
         with torch.no_grad():
             grads, names = self._grads(optimizer, allow_fp16=not unscale)
@@ -167,10 +173,12 @@ class GradScaler:
                 state["found_inf_per_device"] = {}
                 return
             if unscale:
-                found_inf = self._scaler.unscale_(grads, names)
+                found_inf = self._scaler.unscale_(grads, names, locate=locate)
             else:
-                found_inf = self._scaler.check_(grads, names)
+                found_inf = self._scaler.check_(grads, names, locate=locate)
         state["found_inf_per_device"] = {found_inf.device: found_inf}
+        # Kept (references only, until update()) to locate a non-finite gradient later.
+        state["unlocated"] = (grads, names) if locate is False else None
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide ``optimizer``'s gradients by the scale in place (no sync).
@@ -218,7 +226,10 @@ class GradScaler:
             return self._fused_step(optimizer, state, args, kwargs)
 
         if state["stage"] is OptState.READY:
-            self.unscale_(optimizer)
+            # Nothing can touch the gradients between this unscale and the read below, so
+            # the first non-finite one is located only if the step overflowed.
+            self._record(optimizer, unscale=True, locate=False)
+            state["stage"] = OptState.UNSCALED
         if not state["found_inf_per_device"]:
             raise RuntimeError(
                 "No inf checks were recorded for this optimizer: none of its parameters "
@@ -227,6 +238,10 @@ class GradScaler:
         retval = None
         if not self._found_inf(state["found_inf_per_device"]).item():
             retval = optimizer.step(*args, **kwargs)
+        elif state.get("unlocated") and self._scaler.locate_nonfinite:
+            with torch.no_grad():
+                self._scaler.check_(*state["unlocated"], locate=True)  # inf/NaN stay so
+        state["unlocated"] = None
         state["stage"] = OptState.STEPPED
         return retval
 

@@ -247,7 +247,11 @@ class LossScaler:
 
     @torch.no_grad()
     def unscale_(
-        self, grads: Sequence[torch.Tensor | None], names: Sequence[str] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        names: Sequence[str] | None = None,
+        *,
+        locate: bool | None = None,
     ) -> torch.Tensor:
         """Divide ``grads`` by the scale in place and check them for inf/NaN.
 
@@ -255,29 +259,37 @@ class LossScaler:
             grads: gradient tensors (``None`` entries are skipped), any devices and dtypes.
             names: names for ``grads`` (same length), used by telemetry and the floor
                 error; default ``grads[i]``.
+            locate: record the first non-finite gradient (default: ``locate_nonfinite``).
 
         Returns:
             found_inf: fp32 0-dim tensor on the scale's device, non-zero if any gradient
             held an inf or NaN. Pass it to :meth:`update` (and to a fused optimizer).
         """
-        return self._check_and_unscale(grads, names, unscale=True)
+        return self._check_and_unscale(grads, names, unscale=True, locate=locate)
 
     @torch.no_grad()
     def check_(
-        self, grads: Sequence[torch.Tensor | None], names: Sequence[str] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        names: Sequence[str] | None = None,
+        *,
+        locate: bool | None = None,
     ) -> torch.Tensor:
         """Check ``grads`` for inf/NaN without unscaling them (for fused optimizers, which
         take ``grad_scale=scaler.scale`` and ``found_inf`` and unscale inside their kernel).
         """
-        return self._check_and_unscale(grads, names, unscale=False)
+        return self._check_and_unscale(grads, names, unscale=False, locate=locate)
 
-    def _check_and_unscale(self, grads, names, *, unscale: bool) -> torch.Tensor:
+    def _check_and_unscale(self, grads, names, *, unscale: bool, locate) -> torch.Tensor:
         device = next((g.device for g in grads if g is not None), None)
         if not self.enabled:
             return torch.zeros((), dtype=torch.float32, device=device or self._device)
         scale = self._ensure_state(device)
         found_inf, first = self._checker(
-            grads, scale, unscale=unscale, locate=self.locate_nonfinite
+            grads,
+            scale,
+            unscale=unscale,
+            locate=self.locate_nonfinite if locate is None else locate,
         )
         if first is not None:
             self._pending.append((first, names, len(grads)))
