@@ -439,6 +439,15 @@ def test_result_is_representable_and_nearest(name, xs):
         got = q(x, f, rounding="toward_zero" if tz else "nearest")
         ref = torch.tensor([oracle_nearest(v, f, tz) for v in xs], dtype=torch.float64)
         assert same_bits(got, ref).all()
+    # stochastic: the truncated value or the next one away from zero (the spacing further)
+    sr = q(x, f, rounding="stochastic", generator=torch.Generator().manual_seed(len(xs)))
+    for v, r in zip(xs, sr.tolist()):
+        low = oracle_nearest(v, f, toward_zero=True)
+        if math.isnan(low) or abs(v) >= f.max or low == v:
+            continue
+        e = max(math.frexp(abs(v))[1] - 1, f.min_exponent)
+        high = math.copysign(abs(low) + math.ldexp(1.0, e - f.mantissa_bits), v)
+        assert r in (low, high) or (abs(high) > f.max and not math.isfinite(r))
 
 
 # ---- decode / explain ------------------------------------------------------------------------
