@@ -37,10 +37,11 @@ def _known_tensor() -> torch.Tensor:
     return torch.cat([x, torch.tensor(special, dtype=torch.float32)])
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_counts_equal_quantize(dtype):
+def test_counts_equal_quantize(dtype, kernel):
     """Overflow / subnormal / flush counts equal those of mixprec.quantize, for every format."""
-    layout = StatsLayout([get_format(n) for n in EXACT_FORMATS])
+    layout = StatsLayout([get_format(n) for n in EXACT_FORMATS], kernel=kernel)
     x = _known_tensor().to(dtype)
     s = layout.summarize(layout.compute(x).numpy(), dtype)
     x64 = x.double()
@@ -60,6 +61,19 @@ def test_counts_equal_quantize(dtype):
         assert got.subnormal == int(((q != 0) & (q < f.min_normal)).sum()), name
         if f.has_inf or f.has_nan:  # otherwise quantize saturates and cannot tell
             assert got.overflow == int((~torch.isfinite(q)).sum()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_c_kernel_matches_torch_ops(dtype):
+    from mixprec.numerics import _cpu_kernel
+
+    if _cpu_kernel.load() is None:
+        pytest.skip("no C compiler: the torch path is the only path")
+    fmts = [get_format(n) for n in ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")]
+    fast, ref = StatsLayout(fmts), StatsLayout(fmts, kernel="torch")
+    x = _known_tensor().to(dtype)
+    for t in (x, x[:3000].view(60, 50).t(), torch.zeros(7, dtype=dtype), x[:0]):
+        assert torch.equal(fast.compute(t), ref.compute(t))
 
 
 def test_histogram_and_max_by_hand():

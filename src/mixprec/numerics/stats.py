@@ -31,6 +31,10 @@ elementwise passes and one ``bincount``:
   ``(j << 12) + 1``, so ``lut20[k + 1]`` (int16) is exact. Formats with more mantissa bits fall back
   to comparing with each threshold (exact, slower).
 
+On the CPU the same computation runs in one pass of a small C kernel when a C compiler
+is present (:mod:`._cpu_kernel`; bit-identical, tested); ``StatsLayout(kernel="torch")``
+forces the torch ops.
+
 The result per tensor is one int64 vector ``[counts (n_intervals), max |x| bits,
 smallest non-zero |x| bits]``; it stays on the device until the monitor reads it out.
 Tensors of other dtypes are cast to fp32 first (fp64 values outside fp32's range are
@@ -44,6 +48,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from mixprec.numerics import _cpu_kernel
 
 __all__ = ["FormatCounts", "StatsLayout", "TensorStats", "format_thresholds"]
 
@@ -185,7 +191,10 @@ class StatsLayout:
         (1, FormatCounts(overflow=1, subnormal=0, flush=1))
     """
 
-    def __init__(self, formats) -> None:
+    def __init__(self, formats, *, kernel: str = "auto") -> None:
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"kernel={kernel!r} is not one of 'auto', 'torch'")
+        self.kernel = kernel
         self.formats = tuple(formats)
         self.names = tuple(f.name for f in self.formats)
         self.format_bits = [format_thresholds(f) for f in self.formats]
@@ -237,6 +246,8 @@ class StatsLayout:
             k = np.arange(-1, (1 << 20) - 1, dtype=np.int64)  # entry i is key i - 1
             rep = np.where(k & 1, ((k + 1) >> 1) << 12, ((k >> 1) << 12) + 1)
             return self.interval_of_bits(rep).astype(np.int16)
+        if kind.endswith("_i16"):  # the C kernel's copy of a 16-bit table
+            return self._build_lut(kind[:-4]).astype(np.int16)
         patterns = np.arange(1 << 15, dtype=np.uint16)
         if kind == "bf16":
             values = (patterns.astype(np.uint32) << 16).view(np.float32)
@@ -263,7 +274,12 @@ class StatsLayout:
         """
         x = x.detach()
         n = x.numel()
-        if x.dtype in (torch.float16, torch.bfloat16):
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if self.kernel == "auto" and n and x.device.type == "cpu" and (half or self.fine_exact):
+            lib = _cpu_kernel.load()
+            if lib is not None and self.n_intervals <= _cpu_kernel.MAX_INTERVALS:
+                return self._compute_c(lib, x)
+        if half:
             a, low_src = self._scratch(n, torch.int16, x.device, 2)
             bits = x.reshape(-1).view(torch.int16)
             a = torch.bitwise_and(bits, 0x7FFF, out=a)  # |x| as bits; monotone in |x|
@@ -298,6 +314,22 @@ class StatsLayout:
         else:
             top = low = torch.zeros(1, dtype=torch.int64, device=x.device)
         return torch.cat([counts.to(torch.int64), top, low])
+
+    def _compute_c(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`compute` in one pass of the C kernel (:mod:`._cpu_kernel`); same result."""
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            x = x.float()
+        x = x.contiguous()
+        out = torch.empty(self.vector_len, dtype=torch.int64)
+        threads = torch.get_num_threads()
+        if x.dtype == torch.float32:
+            lut = self._lut("fine", x.device)
+            fn = lib.mp_stats_f32
+        else:
+            lut = self._lut("bf16_i16" if x.dtype == torch.bfloat16 else "fp16_i16", x.device)
+            fn = lib.mp_stats_16
+        fn(x.data_ptr(), x.numel(), lut.data_ptr(), self.n_intervals, out.data_ptr(), threads)
+        return out
 
     # -- readout ------------------------------------------------------------------------
     def summarize(self, vec: np.ndarray, dtype: torch.dtype) -> TensorStats:
