@@ -76,6 +76,20 @@ def test_c_kernel_matches_torch_ops(dtype):
         assert torch.equal(fast.compute(t), ref.compute(t))
 
 
+def test_c_kernel_split_over_threads(monkeypatch):
+    from mixprec.numerics import _cpu_kernel
+
+    if _cpu_kernel.load() is None:
+        pytest.skip("no C compiler: the torch path is the only path")
+    monkeypatch.setattr(_cpu_kernel, "PARALLEL_MIN", 100)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # 3 uneven chunks
+    fmts = [get_format(n) for n in ("fp16", "fp8_e5m2")]
+    fast, ref = StatsLayout(fmts), StatsLayout(fmts, kernel="torch")
+    x = _known_tensor()
+    for t in (x, x.bfloat16(), x[:1001]):
+        assert torch.equal(fast.compute(t), ref.compute(t))
+
+
 def test_histogram_and_max_by_hand():
     layout = StatsLayout([get_format("fp16")])
     x = torch.tensor([0.0, 1.0, 1.5, -3.0, 2.0**-130, 2.0**-20, 65520.0])

@@ -328,7 +328,7 @@ class StatsLayout:
         else:
             lut = self._lut("bf16_i16" if x.dtype == torch.bfloat16 else "fp16_i16", x.device)
             fn = lib.mp_stats_16
-        fn(x.data_ptr(), x.numel(), lut.data_ptr(), self.n_intervals, out.data_ptr(), threads)
+        _cpu_kernel.run(fn, x, lut, self.n_intervals, out, threads)
         return out
 
     # -- readout ------------------------------------------------------------------------
