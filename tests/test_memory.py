@@ -197,10 +197,9 @@ def test_estimate_within_10_percent_of_measured_peak(task_name, recipe):
 
     task = get_task(task_name, "tiny")
     model, batch = task.build_model(), task.example_batch()
-    predicted = estimate(model, recipe, batch=batch, loss_fn=task.loss)
-    measured = measure(
-        model, task.build_optimizer(model), recipe, batch, steps=2, loss_fn=task.loss
-    )
+    optimizer = task.build_optimizer(model)
+    predicted = estimate(model, recipe, optimizer=optimizer, batch=batch, loss_fn=task.loss)
+    measured = measure(model, optimizer, recipe, batch, steps=2, loss_fn=task.loss)
     assert measured.peak == sum(n for _, n in measured.breakdown)
     assert abs(predicted.total - measured.peak) <= 0.10 * measured.peak
 

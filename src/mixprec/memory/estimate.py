@@ -26,6 +26,7 @@ full shard) also weights and their compute copies.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,44 @@ class _Params:
     largest: int  # elements of the largest parameter tensor
     tensors: int  # parameter tensors (one Adam step counter each)
     factored: int | None  # Adafactor state elements (None: shapes unknown)
-    foreach: bool = True  # optimizer steps all tensors at once (torch's CUDA default)
+    # how the optimizer steps: "single" (a tensor at a time, torch's CPU default),
+    # "foreach" (all tensors at once, torch's CUDA default) or "fused" (one kernel)
+    impl: str = "foreach"
     buffers: int = 0  # bytes of module buffers
+
+
+def _default_impl(params: list[torch.Tensor]) -> str:
+    """torch's default: foreach when every parameter is on CUDA, else one tensor at a time."""
+    return "foreach" if params and all(p.device.type == "cuda" for p in params) else "single"
+
+
+def _optimizer_of(optimizer, params: list[torch.Tensor]) -> tuple[str, str | None]:
+    """(name in OPTIMIZERS, implementation or None for the default) of a name or optimizer."""
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        return optimizer, None
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a name or a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    kind = type(optimizer).__name__.lower()
+    if kind == "sgd" and optimizer.defaults.get("momentum", 0):
+        kind = "sgd-momentum"
+    if kind not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer {type(optimizer).__name__} is not one the estimator knows; "
+            f"pass the closest of {', '.join(OPTIMIZERS)} by name"
+        )
+    if optimizer.defaults.get("fused"):
+        return kind, "fused"
+    if optimizer.defaults.get("foreach"):
+        return kind, "foreach"
+    if optimizer.defaults.get("foreach") is False:
+        return kind, "single"
+    return kind, _default_impl(params)
 
 
 def _params_of_module(model: nn.Module) -> _Params:
@@ -196,7 +233,7 @@ def _params_of_module(model: nn.Module) -> _Params:
         total=sum(p.numel() for p in params), norm=norm, matmul=matmul,
         linear_weights=lin_w, linear_layers=lin_n,
         largest=max((p.numel() for p in params), default=0), tensors=len(params),
-        factored=factored, foreach=bool(params) and params[0].device.type == "cuda",
+        factored=factored, impl=_default_impl(params),
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
     )  # fmt: skip
 
@@ -257,7 +294,7 @@ def estimate(
     model_or_spec,
     recipe: str | Recipe,
     *,
-    optimizer: str = "adamw",
+    optimizer: str | torch.optim.Optimizer = "adamw",
     batch_size: int | None = None,
     seq_len: int | None = None,
     activation_checkpointing: bool = False,
@@ -278,7 +315,8 @@ def estimate(
         recipe: recipe name or :class:`~mixprec.Recipe`.
         optimizer: ``"adamw"``/``"adam"`` (2 states), ``"sgd"`` (none), ``"sgd-momentum"``
             (1), ``"adafactor"`` (factored second moment: rows + columns of each matrix;
-            needs an nn.Module).
+            needs an nn.Module), or the optimizer itself, whose class and ``fused`` /
+            ``foreach`` settings decide the states and the step's temporaries.
         batch_size: micro-batch per device (default 1, or the size of ``batch``).
         seq_len: tokens per sequence (transformer specs; default the model's maximum).
         activation_checkpointing: keep only each layer's input, recompute the rest.
@@ -304,8 +342,9 @@ def estimate(
         26.95
     """
     recipe = get_recipe(recipe)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    optimizer, impl = _optimizer_of(
+        optimizer, list(model_or_spec.parameters()) if isinstance(model_or_spec, nn.Module) else []
+    )
     if zero_stage not in _ZERO_STAGES:
         raise ValueError(
             f"zero_stage={zero_stage!r} is not one of {', '.join(map(str, _ZERO_STAGES))}"
@@ -319,6 +358,8 @@ def estimate(
     _positive("world_size", world_size)
     stage = _ZERO_STAGES[zero_stage]
     name, P, spec, module = _resolve(model_or_spec)
+    if impl is not None:
+        P = dataclasses.replace(P, impl=impl)
     if module is not None and batch is not None:
         if any(p.device.type == "meta" for p in module.parameters()):
             raise ValueError("a module on the meta device cannot run a batch: pass batch=None")

@@ -82,10 +82,12 @@ def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str
     opt_temp, text = 0, "0"
     if mixprec and optimizer in ("adam", "adamw", "adafactor"):
         b = _b(state_dtype)
-        if not P.foreach:
+        if P.impl == "single":
             opt_temp, text = 2 * P.largest * b, f"2 x {P.largest:,} x {b} B (single-tensor Adam)"
+        elif P.impl == "foreach":
+            opt_temp, text = P.total * b, f"{P.total:,} x {b} B (foreach Adam sqrt(v))"
         else:
-            opt_temp, text = P.total * b, f"{P.total:,} x {b} B (foreach Adam sqrt(v); 0 if fused)"
+            text = "0 (fused Adam keeps no temporaries)"
     if mixprec and low and recipe.update != "plain" and master is None:
         n16 = n_main
         tail = 8 * n16 if recipe.update == "kahan" else 12 * n16

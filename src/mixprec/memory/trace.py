@@ -111,11 +111,14 @@ def trace_step(
     inputs, targets = batch
     work = copy.deepcopy(model)
     precision = Precision(recipe)
-    work, _ = precision.setup(work, torch.optim.SGD(work.parameters(), lr=0.0))
+    work, opt = precision.setup(work, torch.optim.SGD(work.parameters(), lr=0.0))
     params = list(work.parameters())
     param_ids = {id(s) for s in storages_of(params)}
     tracker = _StaticTracker(storages_of([params, list(work.buffers())]))
-    tracker.track([params, list(work.buffers()), batch])
+    # What setup allocated (master weights and their fp32 grad buffers) is alive before the
+    # pass: count it now, or its first use in backward would look like new memory.
+    stepped = [p for group in opt.param_groups for p in group["params"]]
+    tracker.track([params, list(work.buffers()), batch, stepped, [p.grad for p in stepped]])
     ensure = getattr(precision.scaler, "_ensure_state", None)
     if ensure is not None:  # create the loss scaler's state now: it is not per-batch memory
         ensure(inputs.device)
