@@ -3,9 +3,10 @@
 ``Monitor`` (in :mod:`.monitor`) hooks a model and measures, per tensor and step, on the
 device: max |x|, smallest non-zero |x|, the zero and non-finite fractions, and for each
 target format the fractions that would overflow, be subnormal or flush to zero if cast to
-it, plus a log2 histogram (:mod:`.stats`). It finds the first inf/NaN in execution order
-and explains skipped steps. :mod:`.report` renders verdicts, a rich table, JSON and PNG
-plots; :mod:`.diagnose` runs ``mixprec diagnose``.
+it, plus a log2 histogram (:mod:`.stats`, one-pass C kernel on the CPU in
+:mod:`._cpu_kernel`). It finds the first inf/NaN in execution order and explains skipped
+steps (:mod:`.records`). :mod:`.report` renders verdicts, a rich table and JSON,
+:mod:`.plots` the PNGs; :mod:`.diagnose` runs ``mixprec diagnose``.
 
 Example:
     >>> import torch
