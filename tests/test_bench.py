@@ -295,7 +295,13 @@ def _result(*recipes):
     return BenchResult(
         config=BenchConfig("mlp", "tiny"),
         task=get_task("mlp", "tiny"),
-        device={"type": "cpu", "name": "test cpu", "threads": 1, "torch": torch.__version__},
+        device={
+            "type": "cpu",
+            "name": "test cpu",
+            "threads": 1,
+            "torch": torch.__version__,
+            "matrix_units": ["amx_bf16", "amx_int8", "amx_tile"],
+        },
         parameters=1,
         flops_per_step=None,
         shape_issues={8: []},
@@ -317,7 +323,9 @@ def test_recommendation_prefers_fast_recipes_within_tolerance():
     assert verdict.summary.startswith("bf16-mixed: 2.00x the samples/s of fp32")
     reasons = dict(line.split(": ", 1) for line in verdict.reasons)
     assert reasons["bf16-true"].startswith("4.0x faster than fp32, outside the tolerance")
-    assert reasons["fp16-mixed"].startswith("150x slower than fp32 on this CPU")
+    assert reasons["fp16-mixed"].startswith(
+        "150x slower than fp32 on this CPU, which has no fp16 matrix unit"
+    )
     assert reasons["fp8-mixed"].startswith("diverged at step 4")
 
 

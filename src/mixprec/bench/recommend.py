@@ -55,15 +55,18 @@ def speed_phrase(speedup: float) -> str:
 
 
 def _hardware_note(result, r) -> str:
-    """Why a low-precision recipe is slow on this device, when the reason is the device."""
+    """Why a low-precision recipe is slow on this CPU, when its flags say so (AMX units)."""
     recipe = get_recipe(r.recipe)
     speedup = result.speedup(r)
-    if result.device["type"] != "cpu" or speedup is None or speedup >= 1 / FASTER:
+    units = result.device.get("matrix_units")
+    if result.device["type"] != "cpu" or speedup is None or speedup >= 1 / FASTER or units is None:
         return ""
-    if recipe.fp8 != "off":
+    if recipe.fp8 != "off" and "amx_fp8" not in units:
         return " on this CPU, which has no fp8 matrix unit"
-    if recipe.compute_dtype == torch.float16:
-        return " on this CPU, which has no fast fp16 matrix path"
+    if recipe.compute_dtype == torch.float16 and "amx_fp16" not in units:
+        return " on this CPU, which has no fp16 matrix unit"
+    if recipe.compute_dtype == torch.bfloat16 and "amx_bf16" not in units:
+        return " on this CPU, which has no bf16 matrix unit"
     return ""
 
 

@@ -4,7 +4,8 @@
 
     {
       "schema": "mixprec.bench/1", "mixprec": str, "torch": str, "created": ISO-8601 UTC,
-      "device": {"type", "name", "threads", "cpu_capability" (CPU only), "torch"},
+      "device": {"type", "name", "threads", "torch", "cpu_capability" and
+                 "matrix_units" (CPU only: AMX flags, e.g. "amx_bf16")},
       "task": {"name", "size", "seed", "description", "metric", "higher_is_better",
                "tolerance", "tolerance_text", "item_unit", "items_per_batch",
                "parameters", "flops_per_step"},

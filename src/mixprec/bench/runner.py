@@ -248,8 +248,21 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     else:
         info["name"] = _cpu_name()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["matrix_units"] = _cpu_matrix_units()
     info["torch"] = torch.__version__
     return info
+
+
+def _cpu_matrix_units() -> list[str] | None:
+    """The CPU's AMX flags (e.g. ``amx_bf16``), from /proc/cpuinfo; None where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(x for x in line.split(":", 1)[1].split() if x.startswith("amx"))
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_name() -> str:

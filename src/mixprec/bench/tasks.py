@@ -14,7 +14,7 @@ number of steps from the same weights on the same batches, that the bench still 
 "same quality" (it allows for the run-to-run noise of a short training run).
 
 Every task has three sizes: ``tiny`` (tests, under a second a step on any CPU), ``small``
-(this CPU; the ``gpt`` task is 3.3 M parameters at sequence 256) and ``base`` (a GPU).
+(this CPU; the ``gpt`` task is 3.4 M parameters at sequence 256) and ``base`` (a GPU).
 
 Determinism: for one ``seed``, :meth:`Task.build_model` returns the same weights and
 :meth:`Task.train_batches` the same batches in the same order, every call; the evaluation
