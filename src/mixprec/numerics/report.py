@@ -215,6 +215,16 @@ def write_json(monitor, path: str | Path) -> Path:
 
 
 # -- terminal table ------------------------------------------------------------------------
+_SHORT = {
+    "output": "out",
+    "grad_output": "d out",
+    "grad_input": "d in",
+    "param_grad": "d param",
+    "weight": "param",
+    "update": "update",
+}
+
+
 def _pct(x: float) -> str:
     return "0" if x == 0 else f"{100 * x:.2g}%"
 
@@ -222,8 +232,10 @@ def _pct(x: float) -> str:
 def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param_grad")) -> None:
     """Print a rich table: one row per (module, kind), lost fraction per format, verdicts.
 
-    Columns: ``max|x|``, ``min|x|>0``, ``zeros`` (fraction), ``inf/nan`` (fraction) and per
-    format ``overflow / subnormal / flush`` fractions (``%`` of the tensor's values).
+    Tensor: ``out`` (output), ``d out`` / ``d in`` (gradient of output / input), ``d param``
+    (parameter gradient). Columns: ``max|x|``, ``min|x|>0``, ``zeros`` (fraction),
+    ``inf/nan`` (fraction) and per format ``overflow / subnormal / flush`` fractions (``%`` of
+    the tensor's values).
     """
     from rich.console import Console
     from rich.table import Table
@@ -231,7 +243,10 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
     console = console or Console()
     table = Table(title=f"numerics over steps {monitor.steps} (every {monitor.every})")
     for col in ("module", "tensor", "max|x|", "min|x|>0", "zeros", "inf/nan"):
-        table.add_column(col, justify="left" if col in ("module", "tensor") else "right")
+        left = col in ("module", "tensor")
+        table.add_column(
+            col, justify="left" if left else "right", overflow="fold" if left else "ellipsis"
+        )
     for f in monitor.format_names:
         table.add_column(f"{f}\novf/sub/ftz", justify="right")
     for path, kind in monitor.keys():
@@ -240,9 +255,9 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
         s = monitor.stats(path, kind)
         row = [
             path or "(model)",
-            kind,
-            f"{s.max_abs:.3g}",
-            f"{s.min_nonzero_abs:.3g}",
+            _SHORT[kind],
+            f"{s.max_abs:.2g}",
+            f"{s.min_nonzero_abs:.2g}",
             _pct(s.zero_fraction),
             _pct(s.nonfinite_fraction),
         ]
