@@ -8,7 +8,8 @@ extremes. Results are bit-identical to the torch path (tested). Large tensors ar
 into ``torch.get_num_threads()`` chunks run on Python threads (``ctypes`` releases the
 GIL), so no second OpenMP runtime competes with torch's.
 
-It is compiled once per machine into the temp folder (``cc -O3 -shared``, about a second)
+It is compiled once per machine into the user's private cache folder (``cc -O3 -shared``,
+about a second)
 and loaded with ``ctypes``. Without a compiler, or if the build fails, ``load()``
 returns ``None`` and the torch path is used.
 """
@@ -20,7 +21,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 __all__ = ["load"]
@@ -85,15 +85,34 @@ _tried = False
 _pool = None
 
 
+def _private_folder() -> Path | None:
+    """The user's cache folder for the built library, or None if it is not private.
+
+    A shared library is code: it is only loaded from a folder this user owns and nobody
+    else can write to (``$XDG_CACHE_HOME/mixprec``, else ``~/.cache/mixprec``).
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(base) / "mixprec" / "kernels"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    return folder
+
+
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"mixprec-kernels-{os.getuid()}"
+    folder = _private_folder()
+    if folder is None:
+        return None
     lib_path = folder / f"numerics_{tag}.so"
     if not lib_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
         src = folder / f"numerics_{tag}_{os.getpid()}.c"
         tmp = folder / f"numerics_{tag}_{os.getpid()}.so"
         src.write_text(_SOURCE)
