@@ -181,18 +181,26 @@ def test_master_state_dict_roundtrip():
     assert torch.equal(masters.groups[0].low, state["masters"][0].to(torch.bfloat16))
 
 
-def _updates(method: str | None, n: int = 10_000, size: int = 1):
-    """``size`` weights of 1.0, each getting ``n`` updates of +1e-4 (SGD lr 1e-4, grad -1)."""
+def _updates(method: str | None, n: int = 10_000, size: int = 1, *, native: bool = True):
+    """``size`` weights of 1.0, each getting ``n`` updates of +1e-4 (SGD lr 1e-4, grad -1).
+
+    ``native``: the bf16-state step (:func:`mixprec.master.bf16_step.bf16_step`); else the
+    generic fp32-view path (``begin(); opt.step(); end()``).
+    """
     w = nn.Parameter(torch.ones(size, dtype=torch.bfloat16))
     opt = torch.optim.SGD([w], lr=1e-4)
-    upd = CompensatedUpdate(opt, method=method, seed=0) if method else None
+    upd = CompensatedUpdate(opt, method=method, seed=0, native=native) if method else None
+    assert upd is None or upd.native is native
     grad = -torch.ones_like(w)
     for _ in range(n):
         w.grad = grad.clone()
-        if upd is not None:
+        if upd is None:
+            opt.step()
+        elif native:
+            upd.step()
+        else:
             upd.begin()
-        opt.step()
-        if upd is not None:
+            opt.step()
             upd.end()
     return w.detach().float()
 
@@ -201,15 +209,17 @@ def test_plain_bf16_loses_small_updates():
     assert torch.equal(_updates(None), torch.ones(1))
 
 
-def test_kahan_keeps_small_updates():
-    result = _updates("kahan").item()
+@pytest.mark.parametrize("native", [True, False])
+def test_kahan_keeps_small_updates(native):
+    result = _updates("kahan", native=native).item()
     # The bf16 compensation buffer rounds c each step: with a constant update that
     # rounding is biased, about +3e-6 a step here (measured: 2.03), hence 0.05.
     assert abs(result - 2.0) < 0.05, result
 
 
-def test_stochastic_rounding_keeps_small_updates_on_average():
-    result = _updates("stochastic", size=2048)
+@pytest.mark.parametrize("native", [True, False])
+def test_stochastic_rounding_keeps_small_updates_on_average(native):
+    result = _updates("stochastic", size=2048, native=native)
     # each weight moves by whole ulps (2**-7 in [1, 2)), ~128 +- 11 of them
     assert torch.all((result - 1.0) * 128 == ((result - 1.0) * 128).round())
     assert abs(result.mean().item() - 2.0) < 0.01, result.mean()
@@ -250,9 +260,7 @@ def test_compensated_update_state_dict_resumes_exactly():
             upd.load_state_dict(state["upd"])
         for i in range(start, start + steps):
             w.grad = torch.full_like(w, 0.5 + i * 1e-3)
-            upd.begin()
-            opt.step()
-            upd.end()
+            upd.step()
         return w, {"w": w.detach().clone(), "opt": opt.state_dict(), "upd": upd.state_dict()}
 
     full, _ = run(20)
@@ -265,3 +273,155 @@ def test_compensated_update_rejects_unknown_method():
     opt = torch.optim.SGD([nn.Parameter(torch.ones(1, dtype=torch.bfloat16))], lr=1.0)
     with pytest.raises(ValueError, match="'kahan', 'stochastic'"):
         CompensatedUpdate(opt, method="round")
+
+
+# -- bf16-state compensated step (AdamW / Adam / SGD) -------------------------------------
+BF16_STEP_OPTIMIZERS = {  # name: (factory, states equal the oracle's bit for bit)
+    # Adam: m = beta1 m + (1 - beta1) g (torch: lerp, rounded differently in fp32), and
+    # L2 decay reads p + c where the oracle reads its fp32 param: states within an ulp
+    "adamw": (lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1), False),
+    "adam-l2-maximize-lr-tensor": (
+        lambda g: torch.optim.Adam(g, lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True),
+        False,
+    ),
+    "sgd-nesterov": (
+        lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        True,
+    ),
+    "sgd-dampening-maximize": (
+        lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.1, maximize=True),
+        True,
+    ),
+    "sgd-plain": (lambda g: torch.optim.SGD(g, lr=0.1), True),
+    "sgd-wd-lr-tensor": (
+        lambda g: torch.optim.SGD(g, lr=torch.tensor(0.1), weight_decay=0.1),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BF16_STEP_OPTIMIZERS))
+def test_bf16_step_matches_torch_on_fp32_copies_with_bf16_rounded_states(name):
+    make, exact_states = BF16_STEP_OPTIMIZERS[name]
+    w = nn.Parameter(torch.randn(48, 40).bfloat16())
+    norm = nn.Parameter(torch.randn(40))  # an fp32 param: stepped by torch itself
+    opt = make([{"params": [w]}, {"params": [norm]}])
+    upd = CompensatedUpdate(opt, method="kahan")
+    assert upd.native
+    # Oracle: torch's optimizer on fp32 copies; after each step its states are rounded
+    # to bf16 (nearest), as the bf16 step stores them.
+    ref_w, ref_norm = (nn.Parameter(t.detach().float().clone()) for t in (w, norm))
+    oracle = make([{"params": [ref_w]}, {"params": [ref_norm]}])
+    steps = 5
+    for _ in range(steps):
+        g, gn = torch.randn(48, 40).bfloat16(), torch.randn(40)
+        w.grad, ref_w.grad, norm.grad, ref_norm.grad = g, g.float(), gn, gn.clone()
+        upd.step()
+        oracle.step()
+        for key, t in oracle.state[ref_w].items():
+            if key != "step":
+                t.copy_(t.bfloat16())
+    state, ref_state = opt.state[w], oracle.state[ref_w]
+    assert set(state) == set(ref_state)  # torch's own key names
+    for key, t in state.items():
+        if key == "step":
+            assert t.dtype == torch.float32 and t.dim() == 0 and t.item() == steps
+            continue
+        assert t.dtype == torch.bfloat16, key
+        if exact_states:
+            assert torch.equal(t.float(), ref_state[key]), key
+        else:
+            torch.testing.assert_close(t.float(), ref_state[key], rtol=2**-7, atol=1e-6)
+    value = w.detach().float() + upd._comp_of[id(w)].float()  # p + c
+    ref = ref_w.detach()
+    # c is rounded to bf16 each step: <= 2**-9 of |v - p| <= 2**-9 ulp(p), a step
+    assert (value - ref).abs().max() <= 1e-4
+    assert (w.detach().float() - ref).abs().max() > 1e-3  # p alone is off by ~ulp/4
+    assert torch.equal(norm.detach(), ref_norm.detach())
+    # the optimizer's own state_dict round trip keeps bf16 states
+    w2 = nn.Parameter(w.detach().clone())
+    opt2 = make([{"params": [w2]}, {"params": [nn.Parameter(norm.detach().clone())]}])
+    opt2.load_state_dict(opt.state_dict())
+    assert all(
+        t.dtype == (torch.float32 if k == "step" else torch.bfloat16)
+        for k, t in opt2.state[w2].items()
+    )
+
+
+def test_bf16_step_stochastic_rounds_states_to_bf16():
+    w = nn.Parameter(torch.randn(256).bfloat16())
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    upd = CompensatedUpdate(opt, method="stochastic", seed=1)
+    assert upd.native and upd.comps == [None]
+    for _ in range(3):
+        w.grad = torch.randn(256).bfloat16()
+        upd.step()
+    assert opt.state[w]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[w]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_bf16_step_in_chunks_equals_one_tensor_at_a_time(monkeypatch):
+    import mixprec.master.bf16_step as bf16_step
+
+    def run():
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(50, 3).bfloat16())
+        opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.1)
+        upd = CompensatedUpdate(opt, method="kahan")
+        for _ in range(3):
+            w.grad = torch.randn(50, 3).bfloat16()
+            upd.step()
+        return w.detach().clone(), upd.comps[0].clone(), opt.state[w]["exp_avg_sq"].clone()
+
+    whole = run()
+    monkeypatch.setattr(bf16_step, "CHUNK", 7)  # 150 elements: 22 chunks, the last short
+    for got, want in zip(run(), whole, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_bf16_step_falls_back_for_other_optimizers():
+    w = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    assert not CompensatedUpdate(torch.optim.NAdam([w])).native
+    assert not CompensatedUpdate(torch.optim.AdamW([w], amsgrad=True)).native
+    native = CompensatedUpdate(torch.optim.AdamW([w]))
+    with pytest.raises(RuntimeError, match="step()"):
+        native.begin()  # a plain opt.step() in between would lose small updates
+
+
+class _CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("max_grad_norm", "norm"), [(None, False), (1.0, False), (None, True), (1.0, True)]
+)
+def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
+    from mixprec import Precision
+
+    # An fp32 LayerNorm is stepped by torch's AdamW itself: its single-tensor CPU path
+    # reads the step counter on the host, its fused path does not.
+    middle = nn.LayerNorm(16) if norm else nn.ReLU()
+    model = nn.Sequential(nn.Linear(8, 16), middle, nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=norm)
+    precision = Precision("bf16-true")
+    model, opt = precision.setup(model, opt)
+    x = torch.randn(8, 8)
+    for _ in range(2):  # the first step creates the states
+        with precision.autocast():
+            loss = model(x.bfloat16()).float().square().mean()
+        precision.backward(loss)
+        with _CountSyncs() as syncs:
+            precision.step(opt, max_grad_norm=max_grad_norm)
+        assert syncs.count == 0
+    assert all(
+        t.dtype == p.dtype for p, s in opt.state.items() for k, t in s.items() if k != "step"
+    )  # bf16 states for bf16 params (fp32 for the fp32 norm)
+    assert {p.dtype for p in opt.state} == ({torch.bfloat16, torch.float32} if norm else
+                                            {torch.bfloat16})  # fmt: skip

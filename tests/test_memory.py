@@ -204,6 +204,41 @@ def test_estimate_within_10_percent_of_measured_peak(task_name, recipe):
     assert abs(predicted.total - measured.peak) <= 0.10 * measured.peak
 
 
+@pytest.mark.parametrize(("task_name", "limit"), [("mlp", 10.0), ("gpt", 10.05)])
+def test_bf16_true_adamw_keeps_10_bytes_per_param_and_peaks_below_fp32(task_name, limit):
+    # bf16-true with AdamW: 2 (bf16 params) + 2 (bf16 grads) + 4 (two bf16 Adam states)
+    # + 2 (bf16 Kahan buffer) B/param; the gpt task keeps its 640 norm params (of 136,960)
+    # in fp32 with fp32 grads and states (16 B each): 10.03 B/param there.
+    from mixprec.bench.tasks import get_task
+
+    task = get_task(task_name, "tiny")
+    runs = {}
+    for recipe in ("fp32", "bf16-true"):
+        torch.manual_seed(0)
+        model, batch = task.build_model(), task.example_batch()
+        optimizer = task.build_optimizer(model)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        e = estimate(model, recipe, optimizer=optimizer, batch=batch, loss_fn=task.loss)
+        m = measure(model, optimizer, recipe, batch, steps=2, loss_fn=task.loss)
+        runs[recipe] = (e, m, dict(m.breakdown), optimizer)
+    (_, m32, parts32, _), (e, m, parts, opt) = runs["fp32"], runs["bf16-true"]
+    assert m.peak < m32.peak
+    states = e.weights + e.gradients + e.optimizer_states + e.compensation
+    assert states / e.num_params <= limit
+    # cross-checked with what measure saw: weights, bf16 states (+ 4 B step counters)
+    assert parts["weights"] == e.weights
+    counters = 4 * len(opt.state)
+    assert parts["optimizer"] == e.optimizer_states + counters
+    assert all(
+        t.dtype == torch.bfloat16
+        for p, s in opt.state.items() if p.dtype == torch.bfloat16
+        for k, t in s.items() if k != "step"
+    )  # fmt: skip
+    if m.peak_phase == "step":  # the grads are alive; the Kahan buffer is in "other"
+        assert parts["gradients"] == e.gradients
+        assert parts["other"] - parts32["other"] == e.compensation
+
+
 def test_traced_activations_scale_to_a_larger_batch():
     from mixprec.bench.tasks import get_task
 

@@ -26,7 +26,9 @@ What each call does, per recipe (see :mod:`mixprec.recipes`):
 
 Host syncs: none in ``backward``; in ``step`` none when no loss scaling is active or the
 optimizer is fused (``fused=True`` Adam, AdamW, SGD: the skip decision is passed to its
-kernel as ``found_inf``); otherwise exactly one (reading ``found_inf``).
+kernel as ``found_inf``); otherwise exactly one (reading ``found_inf``). ``bf16-true``
+with AdamW / Adam / SGD steps bf16 states itself (:mod:`mixprec.master.bf16_step`, no
+syncs; it takes no ``found_inf``, so a loss-scaled custom recipe syncs once).
 """
 
 from __future__ import annotations
@@ -372,7 +374,7 @@ class Precision:
         plan.last_epoch = self._epoch
         if plan.masters is not None:
             plan.masters.gather_grads()
-        elif plan.compensated is not None:
+        elif plan.compensated is not None and not plan.compensated.native:
             plan.compensated.begin()
             try:
                 result, found_inf = self._unscale_and_step(plan, max_grad_norm)
@@ -390,6 +392,10 @@ class Precision:
 
     def _unscale_and_step(self, plan: _OptimizerPlan, max_grad_norm: float | None):
         opt = plan.optimizer
+        # bf16-true with AdamW / Adam / SGD: the compensated bf16-state step stands in for
+        # opt.step() (it takes no grad_scale / found_inf: a skip is decided on the host)
+        native = plan.compensated is not None and plan.compensated.native
+        step = plan.compensated.step if native else opt.step
         found_inf = None
         if self._scaling or max_grad_norm is not None:
             grads = plan.grads()
@@ -400,9 +406,9 @@ class Precision:
                 present = [g for g in grads if g is not None]
                 self.last_grad_norm = self._dist.clip_(present, max_grad_norm, _clip_)
         if found_inf is None:
-            opt.step()
+            step()
             result = StepResult(True)
-        elif plan.fused:
+        elif plan.fused and not native:
             opt.grad_scale = None
             opt.found_inf = found_inf
             try:
@@ -413,7 +419,7 @@ class Precision:
         else:
             stepped = not bool(found_inf.item())  # the one host sync of this step
             if stepped:
-                opt.step()
+                step()
             result = StepResult(stepped, found_inf=found_inf)
         return result, found_inf
 

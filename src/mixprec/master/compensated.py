@@ -37,16 +37,29 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
 class CompensatedUpdate:
     """bf16 parameters stepped without a master copy, with Kahan or stochastic rounding.
 
-    Around ``optimizer.step()``: :meth:`begin` makes each bf16 parameter (and its grad)
-    an fp32 view of ``v = p + c`` in one temporary flat buffer per device; :meth:`end`
-    writes ``p = round(v)`` and, for Kahan, ``c = bf16(v - p)``. The optimizer's states are
-    therefore fp32 (they follow the tensor it steps). The temporaries live only during
-    the step.
+    Two paths, chosen once here (:attr:`native`):
+
+    * AdamW, Adam (``amsgrad=False``) and SGD: :meth:`step` runs
+      :func:`mixprec.master.bf16_step.bf16_step`, which does the optimizer's arithmetic in
+      fp32 a chunk of one tensor at a time and keeps its states in ``optimizer.state``
+      under torch's key names, as bf16 (Adam: 2 + 2 + 4 + 2 = 10 B/param of model states
+      with the Kahan buffer).
+    * any other optimizer (generic path): around ``optimizer.step()``, :meth:`begin` makes
+      each bf16 parameter (and its grad) an fp32 view of ``v = p + c`` in one temporary
+      flat buffer per device; :meth:`end` writes ``p = round(v)`` and, for Kahan,
+      ``c = bf16(v - p)``. The optimizer's states are therefore fp32 (they follow the
+      tensor it steps): 14 B/param with Adam, plus ~14 B/param of fp32 temporaries
+      during the step.
+
+    Either way call :meth:`step` (or, on the generic path only, ``begin(); opt.step();
+    end()``).
 
     Args:
         optimizer: the user's optimizer (its params already cast to bf16).
         method: ``"kahan"`` (default) or ``"stochastic"``.
         seed: seed of the stochastic-rounding generator (saved in :meth:`state_dict`).
+        native: use the bf16-state step when the optimizer supports it (default True);
+            False forces the generic path.
 
     Example:
         >>> from torch import nn
@@ -55,14 +68,21 @@ class CompensatedUpdate:
         >>> upd = CompensatedUpdate(opt)
         >>> for _ in range(100):
         ...     p.grad = -torch.ones_like(p)
-        ...     upd.begin(); opt.step(); upd.end()
+        ...     upd.step()
         >>> p.item()  # plain bf16 would stay at 1.0
         1.0078125
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, *, method: str = "kahan", seed: int = 0
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        method: str = "kahan",
+        seed: int = 0,
+        native: bool = True,
     ) -> None:
+        from mixprec.master.bf16_step import supports_bf16_step
+
         if method not in ("kahan", "stochastic"):
             raise ValueError(f"method={method!r} is not one of 'kahan', 'stochastic'")
         self.optimizer = optimizer
@@ -85,13 +105,45 @@ class CompensatedUpdate:
         self.direct_params = [
             p for g in optimizer.param_groups for p in g["params"] if id(p) not in ids
         ]
-        self._hooks = [
-            optimizer.register_load_state_dict_pre_hook(self._load_pre_hook),
-            optimizer.register_load_state_dict_post_hook(self._load_post_hook),
-        ]
+        self.native = native and supports_bf16_step(optimizer)
+        self._comp_of = {
+            id(p): view
+            for g, c in zip(self.groups, self.comps)
+            if c is not None
+            for p, view in zip(g.params, g.views(c))
+        }
+        self._hooks = []
+        if not self.native:  # torch casts loaded states to the param dtype: fp32 here
+            self._hooks = [
+                optimizer.register_load_state_dict_pre_hook(self._load_pre_hook),
+                optimizer.register_load_state_dict_post_hook(self._load_post_hook),
+            ]
+
+    def step(self) -> None:
+        """One optimizer step of the bf16 parameters, compensated (and of any others).
+
+        No host syncs on the native path; the generic path is ``begin(); step; end()``.
+        """
+        if self.native:
+            from mixprec.master.bf16_step import bf16_step
+
+            comps = self._comp_of if self.method == "kahan" else None
+            bf16_step(self.optimizer, comps, self.method, self.generators)
+            return
+        self.begin()
+        try:
+            self.optimizer.step()
+        finally:
+            self.end()
 
     def begin(self) -> None:
         """Swap each bf16 param (and grad) for an fp32 view of ``p + c`` (and of its grad)."""
+        if self.native:
+            raise RuntimeError(
+                f"{type(self.optimizer).__name__} is stepped with bf16 states by "
+                "CompensatedUpdate.step(); begin()/end() are for the generic path "
+                "(CompensatedUpdate(..., native=False))"
+            )
         self._temps = []
         for group, comp in zip(self.groups, self.comps):
             value = group.low.float()

@@ -7,8 +7,11 @@ Every byte count is ``elements x bytes per element`` with the dtype taken from t
 
 * ``"mixprec"`` (default): what :class:`mixprec.Precision` allocates. Master-weight recipes
   keep a persistent fp32 master-gradient buffer; ``bf16-master`` accumulates 16-bit
-  gradients straight into it; Kahan / stochastic updates step fp32 views, so their
-  optimizer states are fp32.
+  gradients straight into it. Kahan / stochastic updates (``bf16-true``) keep bf16
+  optimizer states for AdamW / Adam / SGD (given by name or as the optimizer; fp32
+  temporaries of one chunk of one tensor during the step, see
+  :func:`mixprec.master.bf16_step.step_temp_bytes`); any other optimizer steps fp32
+  views, so its states are fp32.
 * ``"zero"``: the ZeRO paper's model-state accounting (Rajbhandari et al. 2020): 16-bit
   weights and gradients (2 + 2 bytes) and K = 12 bytes of fp32 master + Adam states.
 
@@ -342,6 +345,9 @@ def estimate(
         26.95
     """
     recipe = get_recipe(recipe)
+    from mixprec.master.bf16_step import step_temp_bytes
+
+    bf16_temp = step_temp_bytes(optimizer, recipe.update) if recipe.update != "plain" else None
     optimizer, impl = _optimizer_of(
         optimizer, list(model_or_spec.parameters()) if isinstance(model_or_spec, nn.Module) else []
     )
@@ -372,7 +378,7 @@ def estimate(
 
     from mixprec.memory import parts as _p
 
-    states = _p.model_states(P, recipe, optimizer, accounting)
+    states = _p.model_states(P, recipe, optimizer, accounting, bf16_temp)
     acts = _p.activation_parts(
         recipe,
         P,

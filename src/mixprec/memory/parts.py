@@ -31,8 +31,16 @@ def _terms(terms: list[tuple[int, int, str]]) -> Part:
     return total, text
 
 
-def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str, Part]:
-    """Weights, gradients, masters, optimizer states, compensation, other state, step temps."""
+def model_states(
+    P, recipe: Recipe, optimizer: str, accounting: str, bf16_temp: int | None = None
+) -> dict[str, Part]:
+    """Weights, gradients, masters, optimizer states, compensation, other state, step temps.
+
+    ``bf16_temp``: for Kahan / stochastic recipes, the bf16-state step's temporaries per
+    element (:func:`mixprec.master.bf16_step.step_temp_bytes`); None: the generic
+    fp32-view path (fp32 states, fp32 copies of every bf16 param and grad in the step).
+    """
+    from mixprec.master.bf16_step import CHUNK
     from mixprec.memory.estimate import OPTIMIZERS
 
     p16 = recipe.param_dtype
@@ -61,14 +69,21 @@ def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str
     out["master_gradients"] = _terms([(n_master if mixprec else 0, 4, "fp32 master-grad buffer")])
     k = OPTIMIZERS[optimizer]
     state_dtype = recipe.optimizer_state_dtype
-    if mixprec and recipe.update != "plain":
-        state_dtype = _F32  # Precision steps fp32 views of p + c: states follow them
+    compensated = mixprec and low and recipe.update != "plain" and master is None
+    native = compensated and bf16_temp is not None
+    if compensated and not native:
+        state_dtype = _F32  # the generic path steps fp32 views of p + c: states follow them
     n_states = P.factored if optimizer == "adafactor" else P.total
     label = f"{k} state{'s' if k != 1 else ''} {_n(state_dtype)}"
     if optimizer == "adafactor":
         label = "factored 2nd moment (rows + cols) " + _n(state_dtype)
     counters = P.tensors if (mixprec and optimizer in ("adam", "adamw", "adafactor")) else 0
-    out["optimizer_states"] = _terms([(n_states, k * _b(state_dtype), label)])
+    if native:  # bf16 states for the bf16 params; torch steps the fp32 norms (fp32 states)
+        out["optimizer_states"] = _terms(
+            [(n_main, k * _b(p16), label), (n_norm, k * 4, "norm states fp32")]
+        )
+    else:
+        out["optimizer_states"] = _terms([(n_states, k * _b(state_dtype), label)])
     n_comp = n_main if (low and recipe.update == "kahan") else 0
     out["compensation"] = _terms([(n_comp, _b(p16), f"Kahan buffer {_n(p16)}")])
     out["other_state"] = _terms(
@@ -88,7 +103,11 @@ def model_states(P, recipe: Recipe, optimizer: str, accounting: str) -> dict[str
             opt_temp, text = P.total * b, f"{P.total:,} x {b} B (foreach Adam sqrt(v))"
         else:
             text = "0 (fused Adam keeps no temporaries)"
-    if mixprec and low and recipe.update != "plain" and master is None:
+    if native:
+        n = min(P.largest, CHUNK)
+        opt_temp = bf16_temp * n
+        text = f"{bf16_temp} B x {n:,} (fp32 temporaries of the bf16 step's largest chunk)"
+    elif compensated:
         n16 = n_main
         tail = 8 * n16 if recipe.update == "kahan" else 12 * n16
         opt_temp = max(8 * n16 + opt_temp, 8 * n16 + tail) - 2 * n16
