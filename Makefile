@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/mixprec formats
 	$(BIN)/mixprec formats explain 0.001 --format fp16 --format bf16 --format fp8_e4m3fn
-	$(BIN)/mixprec bench --task gpt --size small --steps 40 --budget 30 --out $(DEMO_OUT)
+	$(BIN)/mixprec bench --task gpt --size small --steps 30 --budget 3x --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests benchmarks examples)

@@ -235,6 +235,7 @@ def test_cli_bench_writes_the_report(tmp_path, capsys):
         (["--size", "huge"], "unknown size 'huge'"),
         (["--steps", "0"], "steps=0 must be >= 1"),
         (["--model", "nosuch_module_xyz:f"], "cannot import module"),
+        (["--budget", "soon"], "--budget 'soon' must be seconds"),
     ],
 )
 def test_cli_bad_input(args, match, capsys):
@@ -348,3 +349,24 @@ def test_suite_seeds_table(tmp_path, capsys):
         assert (out / bench["task"]["name"] / "report.md").exists()
     md = (out / "report.md").read_text()
     assert md.count("| bf16-mixed |") == 3
+
+
+def test_budget_truncates_slow_recipes_but_never_fp32():
+    config = BenchConfig("mlp", "tiny", recipes=("bf16-mixed",), budget_vs_fp32=1e-9, **FAST)
+    result = run_bench(config)
+    fp32, bf16 = result.recipes
+    assert fp32.status == "ok" and fp32.steps_run == 3 and fp32.budget_s is None
+    assert bf16.status == "truncated" and bf16.steps_run == 1
+    assert bf16.budget_s == pytest.approx(1e-9 * fp32.train_seconds)
+    assert result.same_quality(bf16) is None and result.items_per_s(bf16) > 0
+    assert "stopped after 1 of 3 steps" in recommend(result).reasons[1]
+
+
+def test_parse_budget():
+    from mixprec.bench.command import parse_budget
+
+    assert parse_budget("4x") == (None, 4.0)
+    assert parse_budget("90") == (90.0, None)
+    assert parse_budget("0") == (None, None)
+    with pytest.raises(ValueError, match="must be seconds"):
+        parse_budget("-3")

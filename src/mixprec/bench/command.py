@@ -9,11 +9,13 @@ Examples::
     mixprec bench --suite seeds                     # MLP, UNet and BERT, fp32 vs bf16-mixed
     mixprec bench --list                            # tasks and recipes
 
-``--budget SECONDS`` (default 120) caps the training time of each recipe: a recipe that
-passes it stops (marked truncated) with its speed measured over the steps it ran and its
-quality not compared. This keeps recipes that are very slow on the machine at hand (fp16
-on a CPU without an fp16 matrix unit) in a bounded run while still showing how slow they
-are. ``--budget 0`` runs every step.
+``--budget`` caps the training time of each recipe but fp32: ``4x`` (the default) stops a
+recipe once it has trained four times as long as fp32 took for all the steps, ``120``
+after 120 seconds, ``0`` never. A recipe that passes it stops (marked truncated) with its
+speed measured over the steps it ran and its quality not compared. This keeps recipes that
+are very slow on the machine at hand (fp16 or fp8 on a CPU without a matrix unit for
+them) in a bounded run while still showing how slow they are; a budget relative to fp32
+holds when the machine's load slows every recipe alike.
 """
 
 from __future__ import annotations
@@ -21,9 +23,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "parse_budget", "run"]
 
-DEFAULT_BUDGET_S = 120.0
+DEFAULT_BUDGET = "4x"
+
+
+def parse_budget(text: str) -> tuple[float | None, float | None]:
+    """``"4x"`` -> (None, 4.0) times fp32's; ``"120"`` -> (120.0, None) seconds; ``"0"``: none.
+
+    Example:
+        >>> parse_budget("4x"), parse_budget("90"), parse_budget("0")
+        ((None, 4.0), (90.0, None), (None, None))
+    """
+    raw = text.strip().lower()
+    try:
+        value = float(raw[:-1] if raw.endswith("x") else raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(
+            f"--budget {text!r} must be seconds (e.g. 120), a multiple of fp32's time "
+            "(e.g. 4x) or 0 for no limit"
+        )
+    if value == 0:
+        return None, None
+    return (None, value) if raw.endswith("x") else (value, None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,11 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument(
         "--budget",
-        type=float,
-        default=DEFAULT_BUDGET_S,
-        metavar="SECONDS",
-        help="training seconds per recipe before it stops, 0 = no limit "
-        f"(default {DEFAULT_BUDGET_S:g})",
+        default=DEFAULT_BUDGET,
+        metavar="SECONDS|Nx",
+        help="training time per recipe (but fp32) before it stops: seconds, a multiple of "
+        f"fp32's time (4x) or 0 for no limit (default {DEFAULT_BUDGET})",
     )
     p.add_argument(
         "--memory-steps", type=int, default=2, help="steps of the memory measurement (0: skip)"
@@ -105,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from mixprec.bench.runner import BenchConfig, run_bench
     from mixprec.bench.tasks import TASKS, get_task
 
-    if args.budget < 0:
-        raise ValueError(f"--budget {args.budget:g} must be >= 0")
+    args.budget_s, args.budget_x = parse_budget(args.budget)
     if args.suite:
         from mixprec.bench.suite import run_suite
 
@@ -125,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         seed=args.seed,
         device=args.device,
-        recipe_budget_s=args.budget or None,
+        recipe_budget_s=args.budget_s,
+        budget_vs_fp32=args.budget_x,
         memory_steps=args.memory_steps,
     )
     task = get_task(task_name, args.size, seed=args.seed)

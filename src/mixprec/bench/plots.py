@@ -86,7 +86,10 @@ def _numerics(result: BenchResult, path: Path) -> Path | None:
     if result.monitor is None:
         return None
     try:
-        from mixprec.numerics.report import plot_gradient_histogram
+        try:
+            from mixprec.numerics.plots import plot_gradient_histogram
+        except ImportError:  # older layout: plots beside the report
+            from mixprec.numerics.report import plot_gradient_histogram
 
         return plot_gradient_histogram(result.monitor, path)
     except Exception:  # the histogram is optional: the report goes on without it

@@ -104,7 +104,6 @@ def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
     """
     try:
         from mixprec.numerics import Monitor
-        from mixprec.numerics.report import verdicts
     except ImportError:
         return None, None
     from mixprec.bench.user import call_model, to_device
@@ -123,7 +122,7 @@ def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
             "source": "mixprec.numerics.Monitor (fp32 steps)",
             "steps": len(batches),
             "formats": list(NUMERICS_FORMATS),
-            "verdicts": [v.to_dict() for v in verdicts(monitor)],
+            "verdicts": [v.to_dict() for v in monitor.verdicts()],
         }
     except Exception:  # best effort: the report goes on without the histogram
         return None, None

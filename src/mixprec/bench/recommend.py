@@ -105,7 +105,7 @@ def reason(result, r) -> str:
     if r.status == "truncated":
         text += (
             f"; stopped after {r.steps_run} of {result.steps} steps (time budget "
-            f"{result.config.recipe_budget_s:g} s), so its quality is not compared"
+            f"{r.budget_s:.0f} s), so its quality is not compared"
         )
     elif r is not result.reference:
         text += f", {_quality(result, r)}"

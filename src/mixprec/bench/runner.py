@@ -20,9 +20,11 @@ Measured per recipe (formulas; see also :mod:`.analysis`):
   :mod:`mixprec.memory` where it is available, else ``torch.cuda.max_memory_allocated``
   on a GPU; the :mod:`mixprec.memory` estimate for the model and recipe beside it.
 * diverged: the first step (1-based) whose loss is not finite; the recipe stops there.
-* truncated: the recipe passed ``config.recipe_budget_s`` seconds of training and stopped;
-  its speed is measured on the steps it ran, its quality is not compared (not evaluated).
-  The fp32 reference is exempt: it always runs every step.
+* truncated: the recipe's training time passed its budget and it stopped: the smaller of
+  ``config.recipe_budget_s`` seconds and ``config.budget_vs_fp32`` times the training
+  time fp32 took for all the steps (a relative budget holds on a machine whose load
+  slows every recipe alike). Its speed is measured on the steps it ran; its quality is not
+  compared (not evaluated). The fp32 reference is exempt: it always runs every step.
 
 A ``KeyboardInterrupt`` stops the bench: the result holds every recipe that finished and
 ``interrupted`` names the one that was running.
@@ -80,6 +82,8 @@ class BenchConfig:
         max_grad_norm: gradient clipping passed to ``precision.step`` (None: off).
         recipe_budget_s: seconds of training after which a recipe other than fp32 stops
             (truncated).
+        budget_vs_fp32: a recipe other than fp32 stops (truncated) once its training time
+            passes this many times fp32's training time for all the steps.
         evaluate: evaluate each finished recipe on the task's evaluation set.
         memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
             memory (0: not measured).
@@ -96,6 +100,7 @@ class BenchConfig:
     device: str | None = None
     max_grad_norm: float | None = 1.0
     recipe_budget_s: float | None = None
+    budget_vs_fp32: float | None = None
     evaluate: bool = True
     memory_steps: int = 2
     numerics_steps: int = 2
@@ -117,6 +122,8 @@ class BenchConfig:
             raise ValueError(f"warmup={self.warmup} must be >= 0")
         if self.recipe_budget_s is not None and not self.recipe_budget_s > 0:
             raise ValueError(f"recipe_budget_s={self.recipe_budget_s} must be positive")
+        if self.budget_vs_fp32 is not None and not self.budget_vs_fp32 > 0:
+            raise ValueError(f"budget_vs_fp32={self.budget_vs_fp32} must be positive")
 
     def recipe_list(self) -> list[str]:
         """Recipe names in run order: fp32 first, duplicates dropped."""
@@ -143,6 +150,8 @@ class RecipeResult:
     memory_source: str | None = None
     estimated_memory_bytes: int | None = None
     tensor_core_share: float | None = None
+    train_seconds: float = 0.0
+    budget_s: float | None = None
 
     @property
     def timed(self) -> list[float]:
@@ -293,6 +302,16 @@ def _probe_memory(name, base_model, task, batch, config, device, result) -> None
         result.peak_memory_bytes, result.memory_source = measured["peak"], measured["source"]
 
 
+def _budget(name: str, config: BenchConfig, reference_seconds: float | None) -> float | None:
+    """Training seconds recipe ``name`` may take: min(absolute, factor x fp32's); None: no cap."""
+    if name == "fp32":
+        return None  # the reference always finishes
+    limits = [config.recipe_budget_s] if config.recipe_budget_s else []
+    if config.budget_vs_fp32 and reference_seconds:
+        limits.append(config.budget_vs_fp32 * reference_seconds)
+    return min(limits) if limits else None
+
+
 def _train_recipe(
     name: str,
     base_model: torch.nn.Module,
@@ -301,10 +320,12 @@ def _train_recipe(
     config: BenchConfig,
     device: torch.device,
     emit: Event,
+    reference_seconds: float | None = None,
 ) -> RecipeResult:
     from mixprec.precision import Precision
 
     result = RecipeResult(recipe=name, timed_from=config.warmup)
+    result.budget_s = _budget(name, config, reference_seconds)
     emit("recipe_start", {"recipe": name, "steps": len(batches)})
     if config.memory_steps:
         _probe_memory(name, base_model, task, batches[0], config, device, result)
@@ -337,10 +358,11 @@ def _train_recipe(
         if not math.isfinite(value):
             result.status, result.diverged_at = "diverged", i + 1
             break
-        budget = config.recipe_budget_s if name != "fp32" else None  # the reference finishes
-        if budget and time.perf_counter() - start > budget and i + 1 < n:
+        budget = result.budget_s
+        if budget is not None and time.perf_counter() - start > budget and i + 1 < n:
             result.status = "truncated"
             break
+    result.train_seconds = time.perf_counter() - start
     profiler.__exit__(None, None, None)
     result.tensor_core_share = tensor_core_share(kernel_times)
     if get_recipe(name).loss_scaling != "none":
@@ -393,7 +415,9 @@ def run_bench(
     t0 = time.perf_counter()
     for name in names:
         try:
-            r = _train_recipe(name, base_model, task, batches, config, device, emit)
+            ref = result.reference
+            ref_s = ref.train_seconds if ref is not None and ref.status == "ok" else None
+            r = _train_recipe(name, base_model, task, batches, config, device, emit, ref_s)
         except KeyboardInterrupt:
             result.interrupted = name
             break

@@ -89,7 +89,8 @@ def run_suite(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             seed=args.seed,
             device=args.device,
-            recipe_budget_s=args.budget or None,
+            recipe_budget_s=args.budget_s,
+            budget_vs_fp32=args.budget_x,
             memory_steps=args.memory_steps,
         )
         console.print(f"[bold]{name}[/bold] ({args.size})")
