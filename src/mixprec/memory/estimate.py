@@ -52,7 +52,7 @@ PARTS = (
     "compensation", "other_state", "weight_copies", "fp8_copies", "activations",
     "backward_transient", "step_transient",
 )  # fmt: skip
-_STATE_PARTS = ("weights", "gradients", "master_weights", "optimizer_states")
+_STATE_PARTS = ("weights", "gradients", "master_weights", "optimizer_states", "compensation")
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -71,7 +71,8 @@ class MemoryEstimate:
 
     Every part is in bytes on one device after sharding; ``formulas`` gives the formula
     each part was computed with. ``bytes_per_param`` is the unsharded model-state bytes
-    (weights + gradients + master weights + optimizer states) over the parameter count.
+    (weights + gradients + master weights + optimizer states + compensation buffers) over
+    the parameter count.
 
     Example:
         >>> e = estimate(7_000_000_000, "fp32", accounting="zero")
@@ -112,7 +113,7 @@ class MemoryEstimate:
 
     @property
     def model_states(self) -> int:
-        """weights + gradients + master weights + optimizer states, per device."""
+        """weights + gradients + master weights + optimizer states + compensation, per device."""
         return sum(getattr(self, name) for name in _STATE_PARTS)
 
     @property
