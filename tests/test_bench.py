@@ -352,7 +352,9 @@ def test_suite_seeds_table(tmp_path, capsys):
 
 
 def test_budget_truncates_slow_recipes_but_never_fp32():
-    config = BenchConfig("mlp", "tiny", recipes=("bf16-mixed",), budget_vs_fp32=1e-9, **FAST)
+    config = BenchConfig(
+        "mlp", "tiny", recipes=("bf16-mixed",), budget_vs_fp32=1e-9, budget_floor_s=0.0, **FAST
+    )
     result = run_bench(config)
     fp32, bf16 = result.recipes
     assert fp32.status == "ok" and fp32.steps_run == 3 and fp32.budget_s is None

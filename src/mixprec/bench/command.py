@@ -10,7 +10,8 @@ Examples::
     mixprec bench --list                            # tasks and recipes
 
 ``--budget`` caps the training time of each recipe but fp32: ``4x`` (the default) stops a
-recipe once it has trained four times as long as fp32 took for all the steps, ``120``
+recipe once it has trained four times as long as fp32 took for all the steps (and at
+least 10 s), ``120``
 after 120 seconds, ``0`` never. A recipe that passes it stops (marked truncated) with its
 speed measured over the steps it ran and its quality not compared. This keeps recipes that
 are very slow on the machine at hand (fp16 or fp8 on a CPU without a matrix unit for

@@ -10,7 +10,7 @@
                "tolerance", "tolerance_text", "item_unit", "items_per_batch",
                "parameters", "flops_per_step"},
       "config": {"steps", "warmup", "max_grad_norm", "recipe_budget_s", "budget_vs_fp32",
-                 "memory_steps", "numerics_steps"},
+                 "budget_floor_s", "memory_steps", "numerics_steps"},
       "interrupted": null | name of the recipe running at Ctrl-C (not in "recipes"),
       "seconds": wall-clock seconds of the whole bench,
       "recipes": [{
@@ -134,6 +134,7 @@ def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[
             "max_grad_norm": cfg.max_grad_norm,
             "recipe_budget_s": cfg.recipe_budget_s,
             "budget_vs_fp32": cfg.budget_vs_fp32,
+            "budget_floor_s": cfg.budget_floor_s,
             "memory_steps": cfg.memory_steps,
             "numerics_steps": cfg.numerics_steps,
         },

@@ -22,9 +22,10 @@ Measured per recipe (formulas; see also :mod:`.analysis`):
 * diverged: the first step (1-based) whose loss is not finite; the recipe stops there.
 * truncated: the recipe's training time passed its budget and it stopped: the smaller of
   ``config.recipe_budget_s`` seconds and ``config.budget_vs_fp32`` times the training
-  time fp32 took for all the steps (a relative budget holds on a machine whose load
-  slows every recipe alike). Its speed is measured on the steps it ran; its quality is not
-  compared (not evaluated). The fp32 reference is exempt: it always runs every step.
+  time fp32 took for all the steps, but not less than ``config.budget_floor_s`` (a relative
+  budget holds on a machine whose load slows every recipe alike). Its speed is measured
+  on the steps it ran; its quality is not compared (not evaluated). The fp32 reference
+  is exempt: it always runs every step.
 
 A ``KeyboardInterrupt`` stops the bench: the result holds every recipe that finished and
 ``interrupted`` names the one that was running.
@@ -83,7 +84,10 @@ class BenchConfig:
         recipe_budget_s: seconds of training after which a recipe other than fp32 stops
             (truncated).
         budget_vs_fp32: a recipe other than fp32 stops (truncated) once its training time
-            passes this many times fp32's training time for all the steps.
+            passes this many times fp32's training time for all the steps, and at least
+            ``budget_floor_s`` (so that a run of a few milliseconds is not cut by the
+            one-off costs of a recipe's first step).
+        budget_floor_s: the smallest relative budget, in seconds.
         evaluate: evaluate each finished recipe on the task's evaluation set.
         memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
             memory (0: not measured).
@@ -101,6 +105,7 @@ class BenchConfig:
     max_grad_norm: float | None = 1.0
     recipe_budget_s: float | None = None
     budget_vs_fp32: float | None = None
+    budget_floor_s: float = 10.0
     evaluate: bool = True
     memory_steps: int = 2
     numerics_steps: int = 2
@@ -308,7 +313,7 @@ def _budget(name: str, config: BenchConfig, reference_seconds: float | None) -> 
         return None  # the reference always finishes
     limits = [config.recipe_budget_s] if config.recipe_budget_s else []
     if config.budget_vs_fp32 and reference_seconds:
-        limits.append(config.budget_vs_fp32 * reference_seconds)
+        limits.append(max(config.budget_vs_fp32 * reference_seconds, config.budget_floor_s))
     return min(limits) if limits else None
 
 
