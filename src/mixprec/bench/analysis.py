@@ -70,8 +70,9 @@ def count_flops(model: nn.Module, run_step) -> int:
 
     Example:
         >>> m = nn.Linear(8, 4, bias=False)
-        >>> count_flops(m, lambda m: m(torch.ones(2, 8)).sum().backward())  # 3 * 2*B*in*out
-        384
+        >>> # forward and weight gradient (the input needs none): 2 * (2 * B * in * out)
+        >>> count_flops(m, lambda m: m(torch.ones(2, 8)).sum().backward())
+        256
     """
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -17,7 +17,9 @@ class BenchProgress:
     One bar per recipe (steps done, last loss); use it as a context manager.
 
     Example:
-        >>> with BenchProgress(total_recipes=1) as progress:
+        >>> import io
+        >>> from rich.console import Console
+        >>> with BenchProgress(total_recipes=1, console=Console(file=io.StringIO())) as progress:
         ...     progress("recipe_start", {"recipe": "fp32", "steps": 2})
     """
 
