@@ -220,8 +220,8 @@ def load_user_task(spec: str, *, seed: int = 0) -> UserTask:
             something other than the protocol (the message states the protocol).
 
     Example:
-        >>> load_user_task("mixprec.bench.user:example_factory").build_model()
-        Sequential(...)
+        >>> type(load_user_task("mixprec.bench.user:example_factory").build_model()).__name__
+        'Sequential'
     """
     factory = _import_factory(spec)
     with torch.random.fork_rng(devices=[]):
