@@ -77,7 +77,7 @@ def _quality(result, r) -> str:
         return f"{task.metric} not measured"
     same = result.same_quality(r)
     verdict = "same quality" if same else "outside the tolerance"
-    return f"{verdict}: {task.metric} {mine:.4g} vs {ref:.4g} (tolerance {task.tolerance_text})"
+    return f"{verdict}: {task.metric} {mine:.4f} vs {ref:.4f} (tolerance {task.tolerance_text})"
 
 
 def _memory(result, r) -> str:
