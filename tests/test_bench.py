@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
+from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdlib_corpus
 from mixprec.bench.models import GPT
 from mixprec.bench.recommend import recommend, speed_phrase
 from mixprec.bench.report import write_report
 from mixprec.bench.runner import BenchConfig, BenchResult, RecipeResult, run_bench
-from mixprec.bench.tasks import TASKS, get_task, make_marker_sequences, make_shapes
+from mixprec.bench.tasks import TASKS, get_task
 from mixprec.bench.user import PROTOCOL, load_user_task
 from mixprec.cli import main
 from tests.conftest import RECIPE_NAMES
@@ -59,9 +60,7 @@ def test_task_interface(name):
 
 
 def test_digits_split_is_fixed():
-    from mixprec.bench.tasks import _digits
-
-    x_tr, y_tr, x_te, y_te = _digits()
+    x_tr, y_tr, x_te, y_te = digits()
     assert len(x_tr) + len(x_te) == 1797 and len(x_te) == 360  # load_digits has 1797 images
     assert x_tr.shape[1] == 64 and float(x_tr.max()) <= 1.0
     assert set(y_te.tolist()) == set(range(10))
@@ -76,8 +75,6 @@ def test_gpt_small_shape():
 
 
 def test_stdlib_corpus_is_python_source():
-    from mixprec.bench.tasks import stdlib_corpus
-
     text = stdlib_corpus(200_000)
     assert len(text) == 200_000 and text == stdlib_corpus(200_000)
     assert b"def " in text and b"import " in text

@@ -6,7 +6,7 @@ from typing import Any
 
 from mixprec.bench.recommend import Recommendation
 from mixprec.bench.report import table_rows
-from mixprec.bench.runner import BenchResult
+from mixprec.bench.results import BenchResult
 
 __all__ = ["BenchProgress", "print_summary"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mixprec.bench.runner import BenchResult
+from mixprec.bench.results import BenchResult
 
 __all__ = ["write_plots"]
 

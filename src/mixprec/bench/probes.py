@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "NUMERICS_FORMATS",
+    "device_info",
     "estimate_memory",
     "measure_memory",
     "profile_kernels",
@@ -127,3 +129,39 @@ def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
     except Exception:  # best effort: the report goes on without the histogram
         return None, None
     return monitor, summary
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """type, name, threads, torch version; on a CPU its capability and AMX flags."""
+    info: dict[str, Any] = {"type": device.type, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["name"] = _cpu_name()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["matrix_units"] = _cpu_matrix_units()
+    info["torch"] = torch.__version__
+    return info
+
+
+def _cpu_matrix_units() -> list[str] | None:
+    """The CPU's AMX flags (e.g. ``amx_bf16``), from /proc/cpuinfo; None where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(x for x in line.split(":", 1)[1].split() if x.startswith("amx"))
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

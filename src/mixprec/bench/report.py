@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mixprec.bench.recommend import Recommendation, recommend
-from mixprec.bench.runner import BenchResult, RecipeResult
+from mixprec.bench.results import BenchResult, RecipeResult
 
 __all__ = ["SCHEMA", "table_rows", "to_json", "write_report"]
 

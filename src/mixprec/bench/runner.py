@@ -36,258 +36,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import platform
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mixprec.bench.analysis import (
-    ShapeIssue,
-    count_flops,
-    peak_flops,
-    shape_check,
-    tensor_core_share,
-)
+from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
 from mixprec.bench.probes import (
+    device_info,
     estimate_memory,
     measure_memory,
     profile_kernels,
     watch_numerics,
 )
-from mixprec.bench.tasks import SIZES, Task, get_task
+from mixprec.bench.results import DEFAULT_RECIPES, BenchConfig, BenchResult, RecipeResult
+from mixprec.bench.tasks import Task, get_task
 from mixprec.bench.user import call_model, to_device
-from mixprec.recipes import get_recipe, recipe_names
+from mixprec.recipes import get_recipe
 
 __all__ = ["DEFAULT_RECIPES", "BenchConfig", "BenchResult", "RecipeResult", "run_bench"]
 
-DEFAULT_RECIPES: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "fp8-mixed")
 Event = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class BenchConfig:
-    """What to run.
-
-    Args:
-        task: built-in task name or ``package.module:factory``.
-        size: ``tiny``, ``small`` or ``base``.
-        recipes: recipe names; fp32 is added first when missing (the reference).
-        steps: training steps per recipe; None for the task's default.
-        warmup: first steps left out of the step-time statistics (still trained).
-        seed: seed of initial weights, data order and every recipe's RNG.
-        device: ``"cpu"``, ``"cuda"``...; None picks cuda when available.
-        max_grad_norm: gradient clipping passed to ``precision.step`` (None: off).
-        recipe_budget_s: seconds of training after which a recipe other than fp32 stops
-            (truncated).
-        budget_vs_fp32: a recipe other than fp32 stops (truncated) once its training time
-            passes this many times fp32's training time for all the steps, and at least
-            ``budget_floor_s`` (so that a run of a few milliseconds is not cut by the
-            one-off costs of a recipe's first step).
-        budget_floor_s: the smallest relative budget, in seconds.
-        evaluate: evaluate each finished recipe on the task's evaluation set.
-        memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
-            memory (0: not measured).
-        numerics_steps: fp32 steps watched by :class:`mixprec.numerics.Monitor` for the
-            report's gradient histogram (0: none).
-    """
-
-    task: str = "gpt"
-    size: str = "tiny"
-    recipes: tuple[str, ...] = DEFAULT_RECIPES
-    steps: int | None = None
-    warmup: int = 2
-    seed: int = 0
-    device: str | None = None
-    max_grad_norm: float | None = 1.0
-    recipe_budget_s: float | None = None
-    budget_vs_fp32: float | None = None
-    budget_floor_s: float = 10.0
-    evaluate: bool = True
-    memory_steps: int = 2
-    numerics_steps: int = 2
-
-    def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; choose one of {', '.join(SIZES)}")
-        if not self.recipes:
-            raise ValueError(f"no recipes given; choose from {', '.join(recipe_names())}")
-        for name in self.recipes:
-            get_recipe(name)  # ValueError listing the recipes
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.numerics_steps < 0:
-            raise ValueError(f"numerics_steps={self.numerics_steps} must be >= 0")
-        if self.memory_steps < 0:
-            raise ValueError(f"memory_steps={self.memory_steps} must be >= 0")
-        if self.warmup < 0:
-            raise ValueError(f"warmup={self.warmup} must be >= 0")
-        if self.recipe_budget_s is not None and not self.recipe_budget_s > 0:
-            raise ValueError(f"recipe_budget_s={self.recipe_budget_s} must be positive")
-        if self.budget_vs_fp32 is not None and not self.budget_vs_fp32 > 0:
-            raise ValueError(f"budget_vs_fp32={self.budget_vs_fp32} must be positive")
-
-    def recipe_list(self) -> list[str]:
-        """Recipe names in run order: fp32 first, duplicates dropped."""
-        names = [str(get_recipe(r)) for r in self.recipes]
-        return list(dict.fromkeys(["fp32", *names]))
-
-
-@dataclass(slots=True)
-class RecipeResult:
-    """Measurements of one recipe (see the module docstring for each formula)."""
-
-    recipe: str
-    status: str = "ok"  # ok | diverged | truncated | failed
-    steps_run: int = 0
-    diverged_at: int | None = None
-    error: str | None = None
-    step_times: list[float] = field(default_factory=list)
-    timed_from: int = 0
-    losses: list[float] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    skipped_steps: int = 0
-    loss_scale: float | None = None
-    peak_memory_bytes: int | None = None
-    memory_source: str | None = None
-    estimated_memory_bytes: int | None = None
-    tensor_core_share: float | None = None
-    train_seconds: float = 0.0
-    budget_s: float | None = None
-
-    @property
-    def timed(self) -> list[float]:
-        return self.step_times[self.timed_from :] or self.step_times
-
-    def step_time_stats(self) -> dict[str, float] | None:
-        """median, q1, q3 and iqr of the timed steps, in seconds."""
-        t = self.timed
-        if not t:
-            return None
-        q1, q3 = (
-            (statistics.quantiles(t, n=4, method="inclusive")[i] for i in (0, 2))
-            if (len(t) > 1)
-            else (t[0], t[0])
-        )
-        return {"median": statistics.median(t), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(t)}
-
-
-@dataclass(slots=True)
-class BenchResult:
-    """Everything one bench measured: the input of the report and of results.json."""
-
-    config: BenchConfig
-    task: Task
-    device: dict[str, Any]
-    parameters: int
-    flops_per_step: int | None
-    shape_issues: dict[int, list[ShapeIssue]]
-    recipes: list[RecipeResult] = field(default_factory=list)
-    steps: int = 0
-    interrupted: str | None = None
-    started: float = field(default_factory=time.time)
-    seconds: float = 0.0
-    numerics: dict[str, Any] | None = None
-    monitor: Any = None  # the numerics Monitor behind ``numerics`` (plots), not serialised
-
-    def get(self, name: str) -> RecipeResult | None:
-        return next((r for r in self.recipes if r.recipe == name), None)
-
-    @property
-    def reference(self) -> RecipeResult | None:
-        return self.get("fp32")
-
-    def items_per_s(self, r: RecipeResult) -> float | None:
-        """items/s = items per batch / median step time."""
-        stats = r.step_time_stats()
-        return self.task.items_per_batch / stats["median"] if stats else None
-
-    def speedup(self, r: RecipeResult) -> float | None:
-        """items/s of ``r`` / items/s of fp32."""
-        ref = self.reference
-        mine, base = self.items_per_s(r), (self.items_per_s(ref) if ref else None)
-        return mine / base if mine and base else None
-
-    def metric(self, r: RecipeResult) -> float | None:
-        value = r.metrics.get(self.task.metric)
-        return value if value is not None and math.isfinite(value) else None
-
-    def metric_gap(self, r: RecipeResult) -> float | None:
-        """metric of ``r`` - metric of fp32."""
-        ref = self.reference
-        mine, base = self.metric(r), (self.metric(ref) if ref else None)
-        return mine - base if mine is not None and base is not None else None
-
-    def same_quality(self, r: RecipeResult) -> bool | None:
-        """Whether ``r``'s metric is within the task's tolerance of fp32's (None: unknown)."""
-        ref = self.reference
-        mine, base = self.metric(r), (self.metric(ref) if ref else None)
-        if r.status in ("diverged", "failed"):
-            return False
-        if mine is None or base is None:
-            return None
-        return self.task.within_tolerance(mine, base)
-
-    def achieved_flops(self, r: RecipeResult) -> float | None:
-        """FLOPs per step / median step time."""
-        stats = r.step_time_stats()
-        return self.flops_per_step / stats["median"] if stats and self.flops_per_step else None
-
-    def mfu(self, r: RecipeResult) -> float | None:
-        """achieved FLOP/s / peak FLOP/s of the device in the recipe's compute dtype."""
-        achieved = self.achieved_flops(r)
-        recipe = get_recipe(r.recipe)
-        compute = (
-            "fp8"
-            if recipe.fp8 != "off"
-            else _dtype_name(recipe.compute_dtype or recipe.param_dtype)
-        )
-        if compute == "fp32" and recipe.allow_tf32:
-            compute = "tf32"
-        peak = peak_flops(torch.device(self.device["type"]), compute)
-        return achieved / peak if achieved and peak else None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def _device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-    else:
-        info["name"] = _cpu_name()
-        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info["matrix_units"] = _cpu_matrix_units()
-    info["torch"] = torch.__version__
-    return info
-
-
-def _cpu_matrix_units() -> list[str] | None:
-    """The CPU's AMX flags (e.g. ``amx_bf16``), from /proc/cpuinfo; None where unreadable."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return sorted(x for x in line.split(":", 1)[1].split() if x.startswith("amx"))
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -411,7 +181,7 @@ def run_bench(
     result = BenchResult(
         config=config,
         task=task,
-        device=_device_info(device),
+        device=device_info(device),
         parameters=sum(p.numel() for p in base_model.parameters()),
         flops_per_step=flops,
         shape_issues={m: shape_check(base_model, m, convs=m == 8) for m in multiples},

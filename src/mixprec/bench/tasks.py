@@ -37,18 +37,16 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
-import sysconfig
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdlib_corpus
 from mixprec.bench.models import GPT, MLP, Encoder, TransformerConfig, UNet
 
 __all__ = ["SIZES", "TASKS", "Task", "get_task"]
@@ -182,21 +180,6 @@ class _MLPConfig:
     lr: float
 
 
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, ...]:
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
-        raise ImportError("the mlp task needs scikit-learn: pip install scikit-learn") from exc
-    x, y = load_digits(return_X_y=True)
-    # Fixed split: 360 test images (20%), stratified, independent of the training seed.
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
-    to_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0  # noqa: E731 pixels 0..16
-    to_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
-    return to_x(x_tr), to_y(y_tr), to_x(x_te), to_y(y_te)
-
-
 class MLPTask(Task):
     name = "mlp"
     description = "MLP (64-hidden-10) on scikit-learn's 8x8 handwritten digits; accuracy"
@@ -216,12 +199,12 @@ class MLPTask(Task):
         return MLP(64, list(self.config.hidden), 10)
 
     def _batch(self, generator):
-        x, y, _, _ = _digits()
+        x, y, _, _ = digits()
         idx = torch.randint(len(x), (self.config.batch,), generator=generator)
         return x[idx], y[idx]
 
     def _evaluate(self, model, device):
-        _, _, x, y = _digits()
+        _, _, x, y = digits()
         pred = model(x.to(device)).argmax(dim=-1).cpu()
         return {"accuracy": (pred == y).float().mean().item()}
 
@@ -234,36 +217,6 @@ class _UNetConfig:
     batch: int
     steps: int
     lr: float
-
-
-def make_shapes(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """``n`` noisy images with a circle and a rectangle each, and their masks.
-
-    Returns:
-        images ``(n, 1, size, size)`` fp32 and masks ``(n, 1, size, size)`` fp32 in {0, 1}.
-
-    Example:
-        >>> x, m = make_shapes(2, 16, torch.Generator().manual_seed(0))
-        >>> x.shape, bool(((m == 0) | (m == 1)).all())
-        (torch.Size([2, 1, 16, 16]), True)
-    """
-    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    grid = torch.arange(size, dtype=torch.float32) + 0.5
-    yy, xx = grid.view(1, -1, 1), grid.view(1, 1, -1)
-    cy, cx, r = (size * (0.2 + 0.6 * u(3, n, 1, 1))).unbind(0)
-    r = 0.1 * size + 0.15 * r  # radius 10% to 25% of the image
-    circle = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-    y0, x0, h, w = (size * u(4, n, 1, 1)).unbind(0)  # corner, extra height and width
-    rect = (
-        (yy >= y0)
-        & (yy < y0 + 0.2 * size + 0.3 * h)
-        & (xx >= x0)
-        & (xx < x0 + 0.2 * size + 0.3 * w)
-    )
-    mask = (circle | rect).float().unsqueeze(1)
-    brightness = 0.4 + 0.6 * u(n, 1, 1, 1)
-    noise = 0.35 * torch.randn(n, 1, size, size, generator=generator)
-    return mask * brightness + noise, mask
 
 
 class UNetTask(Task):
@@ -313,41 +266,6 @@ class _GPTConfig:
     eval_windows: int
     steps: int
     lr: float
-
-
-@functools.lru_cache(maxsize=4)
-def stdlib_corpus(max_bytes: int) -> bytes:
-    """The first ``max_bytes`` of the standard library's ``.py`` files, in sorted order.
-
-    Files come from ``sysconfig.get_paths()["stdlib"]``, walked depth-first with directory
-    and file names sorted (``site-packages`` and ``__pycache__`` skipped), so the corpus is
-    the same on every run of one Python installation.
-
-    Example:
-        >>> len(stdlib_corpus(1000))
-        1000
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
-        )
-        for filename in sorted(f for f in filenames if f.endswith(".py")):
-            try:
-                data = (Path(dirpath) / filename).read_bytes()
-            except OSError:
-                continue
-            chunks.append(data[: max_bytes - total])
-            total += len(chunks[-1])
-            if total >= max_bytes:
-                return b"".join(chunks)
-    if total < 64 * 1024:
-        raise RuntimeError(
-            f"found only {total} bytes of .py source under {root}; the gpt task needs the "
-            "standard library's source files"
-        )
-    return b"".join(chunks)
 
 
 class GPTTask(Task):
@@ -412,35 +330,6 @@ class _BertConfig:
     batch: int
     steps: int
     lr: float
-
-
-def make_marker_sequences(
-    n: int, seq_len: int, vocab_size: int, generator: torch.Generator, classes: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences whose label is the marker token (ids ``1..classes``) that occurs most often.
-
-    Filler tokens are ids ``classes+1 .. vocab_size-1``; the winning marker occurs 1 to 3
-    times more often than any other, so the rule has no ties.
-
-    Example:
-        >>> x, y = make_marker_sequences(3, 32, 64, torch.Generator().manual_seed(0))
-        >>> counts = torch.stack([(x == k + 1).sum(1) for k in range(4)], 1)
-        >>> bool((counts.argmax(1) == y).all())
-        True
-    """
-    per_marker = (seq_len - 3) // (classes + 1)
-    labels = torch.randint(classes, (n,), generator=generator)
-    counts = torch.randint(per_marker + 1, (n, classes), generator=generator)
-    win = counts.max(dim=1).values + 1 + torch.randint(3, (n,), generator=generator)
-    counts[torch.arange(n), labels] = win
-    cum = counts.cumsum(dim=1)  # (n, classes)
-    rank = torch.arange(seq_len).view(1, -1, 1)
-    marker = (rank >= cum.unsqueeze(1)).sum(dim=-1)  # (n, T): 0..classes, classes = filler
-    filler = torch.randint(classes + 1, vocab_size, (n, seq_len), generator=generator)
-    tokens_by_rank = torch.where(marker < classes, marker + 1, filler)
-    order = torch.rand(n, seq_len, generator=generator).argsort(dim=1)
-    tokens = torch.empty_like(tokens_by_rank).scatter_(1, order, tokens_by_rank)
-    return tokens, labels
 
 
 class BertTask(Task):
