@@ -257,7 +257,8 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
             "## Numerics",
             "",
             f"{num['steps']} fp32 steps watched by the numerics monitor against "
-            f"{', '.join(num['formats'])}: "
+            f"{', '.join(num['formats'])} (plain casts, before any loss or per-tensor "
+            "scaling): "
             + (
                 f"{len(notes)} module(s) lose values in some format."
                 if notes
