@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mixprec.bench.runner import BenchConfig, BenchResult, run_bench
@@ -77,7 +78,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from mixprec.bench.report import _markdown_table, to_json, write_report
 
     out = Path(args.out)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     results: list[BenchResult] = []
     interrupted = False
     for name in SEEDS_TASKS:
