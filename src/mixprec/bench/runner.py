@@ -206,9 +206,12 @@ def run_bench(
             break
     if config.numerics_steps and not result.interrupted:
         model = copy.deepcopy(base_model).to(device)
-        result.monitor, result.numerics = watch_numerics(
-            model, task, batches[: config.numerics_steps], device
-        )
+        try:
+            result.monitor, result.numerics = watch_numerics(
+                model, task, batches[: config.numerics_steps], device
+            )
+        except KeyboardInterrupt:  # every recipe finished: keep them, skip the histogram
+            result.interrupted = "numerics monitor"
     result.seconds = time.perf_counter() - t0
     return result
 
