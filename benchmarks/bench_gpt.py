@@ -69,7 +69,6 @@ def main() -> int:
     )
     result = run_bench(config, task=copy.copy(task))
     verdict = recommend(result)
-    files = write_report(result, args.out)
     unit = task.item_unit
     print(
         f"gpt {args.size}: {result.parameters:,} parameters, {task.items_per_batch} {unit}/step, "
@@ -112,7 +111,7 @@ def main() -> int:
             f"{task.items_per_batch / fp32:,.0f} {unit}/s, bf16 "
             f"{task.items_per_batch / bf16_plain:,.0f} {unit}/s, {fp32 / bf16_plain:.2f}x"
         )
-    print(f"report: {files['report']}")
+    print(f"report: {write_report(result, args.out)['report']}")
     return 0
 
 
