@@ -369,3 +369,13 @@ def test_parse_budget():
     assert parse_budget("0") == (None, None)
     with pytest.raises(ValueError, match="must be seconds"):
         parse_budget("-3")
+
+
+def test_user_model_through_the_bench(tmp_path):
+    config = BenchConfig("mixprec.bench.user:example_factory", recipes=("bf16-mixed",), **FAST)
+    result = run_bench(config)
+    assert [r.status for r in result.recipes] == ["ok", "ok"]
+    assert result.task.metric == "loss" and result.items_per_s(result.recipes[1]) > 0
+    doc = _check_report(write_report(result, tmp_path), ["fp32", "bf16-mixed"])
+    assert doc["task"]["name"] == "mixprec.bench.user:example_factory"
+    assert doc["task"]["tolerance_text"] == "5% of fp32"
