@@ -116,6 +116,24 @@ def _recipes(text: str | None) -> tuple[str, ...]:
     return names
 
 
+def config_from_args(args: argparse.Namespace, task: str, recipes: tuple[str, ...]):
+    """The :class:`~mixprec.bench.runner.BenchConfig` the command-line options describe."""
+    from mixprec.bench.runner import BenchConfig
+
+    return BenchConfig(
+        task=task,
+        size=args.size,
+        recipes=recipes,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        recipe_budget_s=args.budget_s,
+        budget_vs_fp32=args.budget_x,
+        memory_steps=args.memory_steps,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench described by ``args``; ValueError for bad input (a one-line message)."""
     if args.list:
@@ -126,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from mixprec.bench.console import BenchProgress, print_summary
     from mixprec.bench.recommend import recommend
     from mixprec.bench.report import write_report
-    from mixprec.bench.runner import BenchConfig, run_bench
+    from mixprec.bench.runner import run_bench
     from mixprec.bench.tasks import TASKS, get_task
 
     args.budget_s, args.budget_x = parse_budget(args.budget)
@@ -140,18 +158,7 @@ def run(args: argparse.Namespace) -> int:
             f"unknown task {args.task!r}; choose one of {', '.join(TASKS)} "
             "or pass --model package.module:factory"
         )
-    config = BenchConfig(
-        task=task_name,
-        size=args.size,
-        recipes=_recipes(args.recipes),
-        steps=args.steps,
-        warmup=args.warmup,
-        seed=args.seed,
-        device=args.device,
-        recipe_budget_s=args.budget_s,
-        budget_vs_fp32=args.budget_x,
-        memory_steps=args.memory_steps,
-    )
+    config = config_from_args(args, task_name, _recipes(args.recipes))
     task = get_task(task_name, args.size, seed=args.seed)
     console = Console(width=None if sys.stdout.isatty() else 150)
     with BenchProgress(len(config.recipe_list()), console=console) as progress:

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from mixprec.bench.runner import BenchConfig, BenchResult, run_bench
+from mixprec.bench.command import config_from_args
+from mixprec.bench.runner import BenchResult, run_bench
 
 __all__ = ["SEEDS_TASKS", "run_suite", "seeds_recipes", "suite_rows"]
 
@@ -82,18 +83,7 @@ def run_suite(args: argparse.Namespace) -> int:
     results: list[BenchResult] = []
     interrupted = False
     for name in SEEDS_TASKS:
-        config = BenchConfig(
-            task=name,
-            size=args.size,
-            recipes=seeds_recipes(args.size),
-            steps=args.steps,
-            warmup=args.warmup,
-            seed=args.seed,
-            device=args.device,
-            recipe_budget_s=args.budget_s,
-            budget_vs_fp32=args.budget_x,
-            memory_steps=args.memory_steps,
-        )
+        config = config_from_args(args, name, seeds_recipes(args.size))
         console.print(f"[bold]{name}[/bold] ({args.size})")
         with BenchProgress(len(config.recipe_list()), console=console) as progress:
             result = run_bench(config, on_event=progress)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from mixprec.scaling.loss_scaler import LossScaler
+from mixprec.scaling.loss_scaler import _OVERRIDABLE, LossScaler
 from mixprec.scaling.rules import preset_config
 
 __all__ = ["GradScaler", "OptState"]
@@ -419,16 +419,8 @@ class GradScaler:
             config = preset_config(state_dict["preset"])
         changes = {
             key: state_dict[key]
-            for key in (
-                "growth_factor",
-                "backoff_factor",
-                "growth_interval",
-                "hysteresis",
-                "min_scale",
-                "max_scale",
-                "consecutive_hysteresis",
-            )
-            if key in state_dict
+            for key in _OVERRIDABLE
+            if key != "init_scale" and key in state_dict
         }
         self._scaler.config = config.replace(init_scale=float(state_dict["scale"]), **changes)
         hyst = state_dict.get("_hysteresis_tracker", self._scaler.config.hysteresis)
