@@ -410,11 +410,11 @@ def test_fp8_recipe_without_float8_says_so(monkeypatch):
 
 
 def test_cuda_context_sets_and_restores_tf32():
-    from mixprec.precision import _CudaContext
+    from mixprec.precision.parts import CudaContext
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for allow in (True, False):
-        with _CudaContext(None, allow):
+        with CudaContext(None, allow):
             assert torch.backends.cuda.matmul.allow_tf32 is allow
             assert torch.backends.cudnn.allow_tf32 is allow
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -1,39 +1,7 @@
-"""``Precision``: train any model and optimizer in any recipe with four calls.
-
->>> import torch, mixprec as mp
->>> model = torch.nn.Linear(4, 2)
->>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
->>> precision = mp.Precision("bf16-mixed")
->>> model, opt = precision.setup(model, opt)
->>> with precision.autocast():
-...     loss = model(torch.randn(8, 4)).square().mean()
->>> precision.backward(loss)
->>> bool(precision.step(opt))
-True
-
-What each call does, per recipe (see :mod:`mixprec.recipes`):
-
-* ``setup`` casts parameters to the recipe's param dtype (norm layers stay fp32), sets up
-  fp32 master weights (:class:`mixprec.master.MasterWeights`) or compensated bf16
-  updates (:class:`mixprec.master.CompensatedUpdate`), and swaps ``Linear`` for
-  ``Float8Linear`` for fp8 recipes.
-* ``autocast`` runs ``torch.autocast`` with the compute dtype when it differs from the
-  param dtype, and sets TF32 on CUDA per the recipe (restored on exit).
-* ``backward`` multiplies the loss by the loss scale and back-propagates.
-* ``step`` gathers fp32 grads, unscales them and checks for inf/NaN (one foreach kernel
-  per device and dtype), clips, steps or skips, copies masters back, zeroes the grads and
-  updates the scale once every optimizer has stepped.
-
-Host syncs: none in ``backward``; in ``step`` none when no loss scaling is active or the
-optimizer is fused (``fused=True`` Adam, AdamW, SGD: the skip decision is passed to its
-kernel as ``found_inf``); otherwise exactly one (reading ``found_inf``). ``bf16-true``
-with AdamW / Adam / SGD steps bf16 states itself (:mod:`mixprec.master.bf16_step`, no
-syncs; it takes no ``found_inf``, so a loss-scaled custom recipe syncs once).
-"""
+"""Precision: setup / autocast / backward / step / state_dict (see :mod:`mixprec.precision`)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -41,134 +9,17 @@ from torch import nn
 
 from mixprec import distributed
 from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
+from mixprec.precision.parts import (
+    CudaContext,
+    NoAutocast,
+    OptimizerPlan,
+    StepResult,
+    clip_grads_,
+    make_scaler,
+)
 from mixprec.recipes import Recipe, get_recipe
-from mixprec.scaling import LossScaler
 
-__all__ = ["Precision", "StepResult"]
-
-
-class StepResult:
-    """What :meth:`Precision.step` returns: whether the optimizer stepped.
-
-    ``bool(result)`` is True when the step was taken, False when it was skipped because a
-    gradient was inf/NaN. On the sync-free path the answer is still on the device
-    (``result.found_inf``, a 0-dim fp32 tensor, 1.0 when skipped).
-
-    .. warning:: ``bool(result)`` then waits for the device (one host sync). Keep the
-        object and look at it later (or never) to keep the loop sync-free.
-
-    Example:
-        >>> bool(StepResult(True)), bool(StepResult(found_inf=torch.tensor(1.0)))
-        (True, False)
-    """
-
-    __slots__ = ("_known", "found_inf")
-
-    def __init__(self, stepped: bool | None = None, *, found_inf: torch.Tensor | None = None):
-        self._known = stepped
-        self.found_inf = found_inf
-
-    def __bool__(self) -> bool:
-        if self._known is None:
-            self._known = not bool(self.found_inf.item())  # host sync, by request
-        return self._known
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, (bool, StepResult)):
-            return bool(self) == bool(other)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(bool(self))
-
-    def __repr__(self) -> str:
-        if self._known is None:
-            return "StepResult(pending: bool() reads found_inf from the device)"
-        return f"StepResult({self._known})"
-
-
-class _NoAutocast(contextlib.ContextDecorator):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _CudaContext(contextlib.ContextDecorator):
-    """torch.autocast (optional) plus the recipe's TF32 flags, restored on exit."""
-
-    def __init__(self, dtype: torch.dtype | None, allow_tf32: bool) -> None:
-        self.dtype = dtype
-        self.allow_tf32 = allow_tf32
-        self._saved: list = []
-
-    def __enter__(self):
-        self._saved.append(
-            (
-                torch.backends.cuda.matmul.allow_tf32,
-                torch.backends.cudnn.allow_tf32,
-                torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else None,
-            )
-        )
-        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
-        torch.backends.cudnn.allow_tf32 = self.allow_tf32
-        if self._saved[-1][2] is not None:
-            self._saved[-1][2].__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        matmul, cudnn, autocast = self._saved.pop()
-        if autocast is not None:
-            autocast.__exit__(*exc)
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
-        return False
-
-
-class _OptimizerPlan:
-    """What ``step`` does for one optimizer, decided once in ``setup``."""
-
-    __slots__ = (
-        "optimizer", "params", "names", "n_groups", "masters", "compensated", "fused",
-        "last_epoch", "_model_names",
-    )  # fmt: skip
-
-    def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
-        self.optimizer = optimizer
-        self.masters: MasterWeights | None = masters
-        self.compensated: CompensatedUpdate | None = compensated
-        self._model_names = names
-        self.refresh()
-        self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        self.last_epoch = 0
-
-    def refresh(self) -> None:
-        """Cache the tensors whose .grad the optimizer reads (masters stand in for params)."""
-        groups = self.optimizer.param_groups
-        if self.masters is not None or self.compensated is not None:
-            if hasattr(self, "n_groups") and len(groups) != self.n_groups:
-                raise RuntimeError(
-                    f"the optimizer has {len(groups)} param groups, {self.n_groups} at setup(): "
-                    "with a low-precision-parameter recipe add every param group before "
-                    "precision.setup(model, optimizer)"
-                )
-        self.n_groups = len(groups)
-        self.params = [p for g in groups for p in g["params"]]
-        stand_in = self.masters.low_params_by_master() if self.masters is not None else {}
-        names = self._model_names
-        self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
-
-    def grads(self) -> list[torch.Tensor | None]:
-        return [p.grad for p in self.params]
-
-
-def _make_scaler(recipe: Recipe) -> LossScaler:
-    if recipe.loss_scaling == "dynamic":
-        return LossScaler.from_preset(recipe.scaler_preset)
-    if recipe.loss_scaling == "static":
-        return LossScaler.static(recipe.static_scale)
-    return LossScaler.disabled()
+__all__ = ["Precision"]
 
 
 class Precision:
@@ -205,10 +56,10 @@ class Precision:
         self.recipe = get_recipe(recipe_or_name)
         self._grad_comm_dtype = grad_comm_dtype  # mixprec.distributed
         self._dist: distributed.DistributedSetup | None = None
-        self.scaler = scaler if scaler is not None else _make_scaler(self.recipe)
+        self.scaler = scaler if scaler is not None else make_scaler(self.recipe)
         self._scaling = bool(getattr(self.scaler, "enabled", True))
         self._seed = seed
-        self._plans: dict[int, _OptimizerPlan] = {}
+        self._plans: dict[int, OptimizerPlan] = {}
         self._epoch = 0  # number of backward() calls so far
         self._stepped: set[int] = set()  # optimizers stepped in the current iteration
         self._found_infs: list[torch.Tensor] = []
@@ -261,7 +112,7 @@ class Precision:
             elif recipe.update != "plain":
                 seed = self._seed if self._seed is not None else torch.initial_seed()
                 compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
-            self._plans[id(opt)] = _OptimizerPlan(opt, masters, compensated, names)
+            self._plans[id(opt)] = OptimizerPlan(opt, masters, compensated, names)
         model = distributed.finish_setup(self._dist, model, wrapped)  # DDP: re-wrap if cast
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
 
@@ -295,9 +146,9 @@ class Precision:
         recipe = self.recipe
         dtype = recipe.compute_dtype if recipe.uses_autocast else None
         if self._device_type == "cuda":
-            return lambda: _CudaContext(dtype, recipe.allow_tf32)
+            return lambda: CudaContext(dtype, recipe.allow_tf32)
         if dtype is None:
-            return _NoAutocast
+            return NoAutocast
         device_type = self._device_type
         return lambda: torch.autocast(device_type, dtype=dtype)
 
@@ -390,7 +241,7 @@ class Precision:
             opt.zero_grad(set_to_none=True)
         return self._end_step(plan, result, found_inf)
 
-    def _unscale_and_step(self, plan: _OptimizerPlan, max_grad_norm: float | None):
+    def _unscale_and_step(self, plan: OptimizerPlan, max_grad_norm: float | None):
         opt = plan.optimizer
         # bf16-true with AdamW / Adam / SGD: the compensated bf16-state step stands in for
         # opt.step() (it takes no grad_scale / found_inf: a skip is decided on the host)
@@ -404,7 +255,7 @@ class Precision:
                 found_inf = self._dist.reduce_found_inf(found_inf)
             if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
                 present = [g for g in grads if g is not None]
-                self.last_grad_norm = self._dist.clip_(present, max_grad_norm, _clip_)
+                self.last_grad_norm = self._dist.clip_(present, max_grad_norm, clip_grads_)
         if found_inf is None:
             step()
             result = StepResult(True)
@@ -423,7 +274,7 @@ class Precision:
             result = StepResult(stepped, found_inf=found_inf)
         return result, found_inf
 
-    def _end_step(self, plan: _OptimizerPlan, result: StepResult, found_inf) -> StepResult:
+    def _end_step(self, plan: OptimizerPlan, result: StepResult, found_inf) -> StepResult:
         if self._scaling:
             self._found_infs.append(found_inf)
         self._stepped.add(id(plan.optimizer))
@@ -479,23 +330,3 @@ class Precision:
                 plan.masters.load_state_dict(saved["masters"])
             if plan.compensated is not None:
                 plan.compensated.load_state_dict(saved["compensated"])
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale ``grads`` in place so their total 2-norm is at most ``max_norm`` (no sync).
-
-    ``total = sqrt(sum_i ||g_i||^2)``, ``g_i *= min(1, max_norm / (total + 1e-6))``, as
-    ``torch.nn.utils.clip_grad_norm_``. Returns ``total`` (0-dim fp32 tensor).
-    """
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    device = grads[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    by_dtype: dict = {}
-    for g in grads:
-        by_dtype.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, dtype), group in by_dtype.items():
-        torch._foreach_mul_(group, coef.to(dev, dtype))
-    return total

@@ -1,0 +1,169 @@
+"""The pieces of one training step that :class:`~mixprec.precision.Precision` puts together.
+
+The step's result (:class:`StepResult`, readable without a host sync), the autocast / TF32
+contexts, the per-optimizer plan decided once in ``setup``, the loss scaler a recipe asks
+for, and sync-free gradient clipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mixprec.master import CompensatedUpdate, MasterWeights
+from mixprec.recipes import Recipe
+from mixprec.scaling import LossScaler
+
+__all__ = [
+    "CudaContext",
+    "NoAutocast",
+    "OptimizerPlan",
+    "StepResult",
+    "clip_grads_",
+    "make_scaler",
+]
+
+
+class StepResult:
+    """What :meth:`Precision.step` returns: whether the optimizer stepped.
+
+    ``bool(result)`` is True when the step was taken, False when it was skipped because a
+    gradient was inf/NaN. On the sync-free path the answer is still on the device
+    (``result.found_inf``, a 0-dim fp32 tensor, 1.0 when skipped).
+
+    .. warning:: ``bool(result)`` then waits for the device (one host sync). Keep the
+        object and look at it later (or never) to keep the loop sync-free.
+
+    Example:
+        >>> bool(StepResult(True)), bool(StepResult(found_inf=torch.tensor(1.0)))
+        (True, False)
+    """
+
+    __slots__ = ("_known", "found_inf")
+
+    def __init__(self, stepped: bool | None = None, *, found_inf: torch.Tensor | None = None):
+        self._known = stepped
+        self.found_inf = found_inf
+
+    def __bool__(self) -> bool:
+        if self._known is None:
+            self._known = not bool(self.found_inf.item())  # host sync, by request
+        return self._known
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (bool, StepResult)):
+            return bool(self) == bool(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bool(self))
+
+    def __repr__(self) -> str:
+        if self._known is None:
+            return "StepResult(pending: bool() reads found_inf from the device)"
+        return f"StepResult({self._known})"
+
+
+class NoAutocast(contextlib.ContextDecorator):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class CudaContext(contextlib.ContextDecorator):
+    """torch.autocast (optional) plus the recipe's TF32 flags, restored on exit."""
+
+    def __init__(self, dtype: torch.dtype | None, allow_tf32: bool) -> None:
+        self.dtype = dtype
+        self.allow_tf32 = allow_tf32
+        self._saved: list = []
+
+    def __enter__(self):
+        self._saved.append(
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else None,
+            )
+        )
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        if self._saved[-1][2] is not None:
+            self._saved[-1][2].__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        matmul, cudnn, autocast = self._saved.pop()
+        if autocast is not None:
+            autocast.__exit__(*exc)
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+        return False
+
+
+class OptimizerPlan:
+    """What ``step`` does for one optimizer, decided once in ``setup``."""
+
+    __slots__ = (
+        "optimizer", "params", "names", "n_groups", "masters", "compensated", "fused",
+        "last_epoch", "_model_names",
+    )  # fmt: skip
+
+    def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
+        self.optimizer = optimizer
+        self.masters: MasterWeights | None = masters
+        self.compensated: CompensatedUpdate | None = compensated
+        self._model_names = names
+        self.refresh()
+        self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self.last_epoch = 0
+
+    def refresh(self) -> None:
+        """Cache the tensors whose .grad the optimizer reads (masters stand in for params)."""
+        groups = self.optimizer.param_groups
+        if self.masters is not None or self.compensated is not None:
+            if hasattr(self, "n_groups") and len(groups) != self.n_groups:
+                raise RuntimeError(
+                    f"the optimizer has {len(groups)} param groups, {self.n_groups} at setup(): "
+                    "with a low-precision-parameter recipe add every param group before "
+                    "precision.setup(model, optimizer)"
+                )
+        self.n_groups = len(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        stand_in = self.masters.low_params_by_master() if self.masters is not None else {}
+        names = self._model_names
+        self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
+
+
+def make_scaler(recipe: Recipe) -> LossScaler:
+    if recipe.loss_scaling == "dynamic":
+        return LossScaler.from_preset(recipe.scaler_preset)
+    if recipe.loss_scaling == "static":
+        return LossScaler.static(recipe.static_scale)
+    return LossScaler.disabled()
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale ``grads`` in place so their total 2-norm is at most ``max_norm`` (no sync).
+
+    ``total = sqrt(sum_i ||g_i||^2)``, ``g_i *= min(1, max_norm / (total + 1e-6))``, as
+    ``torch.nn.utils.clip_grad_norm_``. Returns ``total`` (0-dim fp32 tensor).
+    """
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    device = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    by_dtype: dict = {}
+    for g in grads:
+        by_dtype.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, dtype), group in by_dtype.items():
+        torch._foreach_mul_(group, coef.to(dev, dtype))
+    return total
