@@ -273,6 +273,21 @@ def test_detach_removes_every_hook():
     assert {kind for _, kind in monitor.keys()} == {"output"}  # no gradient was measured
 
 
+def test_hooks_only_on_measured_steps():
+    """A step that every=N skips runs without a single hook; a measured step has them all."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    with Monitor(model, formats=["fp16"], every=3) as monitor:
+        counts = []
+        for _ in range(4):
+            counts.append(_hook_count(model))
+            model(torch.randn(2, 3)).sum().backward()
+            monitor.step()
+        assert counts[0] > 0 and counts[1:3] == [0, 0] and counts[3] == counts[0]
+    assert _hook_count(model) == 0
+    assert monitor.steps == [0, 3]
+    assert monitor.stats("0.weight", "param_grad", step=3).numel == 9
+
+
 def test_loss_scale_recorded_and_verdict_recommends():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))

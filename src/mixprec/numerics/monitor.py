@@ -164,12 +164,31 @@ class Monitor:
         return self._attached and self._step % self.every == 0
 
     def attach(self) -> Monitor:
-        """Register the hooks (idempotent). Returns ``self``."""
+        """Start watching the model (idempotent). Returns ``self``.
+
+        Hooks are registered only for the steps that are measured: at the start of a
+        measured step (here, or in :meth:`step`) and removed when it ends, so the steps
+        ``every=N`` skips run the model exactly as without a monitor (no module hook puts
+        ``Module.__call__`` on its slow path, no parameter hook runs in backward).
+        """
         if self._attached:
             return self
+        self._attached = True
+        self._sync_hooks()
+        self._maybe_snapshot()
+        return self
+
+    def _sync_hooks(self) -> None:
+        """Hooks registered exactly while the current step is measured."""
+        if self.sampling and not self._handles:
+            self._register_hooks()
+        elif not self.sampling and self._handles:
+            self._remove_hooks()
+
+    def _register_hooks(self) -> None:
         want = set(self.kinds)
         for path, module in self.model.named_modules():
-            if want & {"grad_input"}:
+            if "grad_input" in want:
                 self._handles.append(
                     module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True)
                 )
@@ -181,15 +200,15 @@ class Monitor:
                     self._handles.append(
                         p.register_post_accumulate_grad_hook(self._param_hook(name))
                     )
-        self._attached = True
-        self._maybe_snapshot()
-        return self
 
-    def detach(self) -> None:
-        """Remove every hook (module, parameter and pending tensor hooks)."""
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def detach(self) -> None:
+        """Remove every hook (module, parameter and pending tensor hooks)."""
+        self._remove_hooks()
         self._clear_seen()
         self._snapshot.clear()
         self._attached = False
@@ -317,6 +336,8 @@ class Monitor:
                 )
         self._clear_seen()
         self._step += 1
+        if self._attached:
+            self._sync_hooks()
         self._maybe_snapshot()
         if self._step - self._last_readout_step >= self.report_every:
             self.readout()
