@@ -30,21 +30,18 @@ full shard) also weights and their compute copies.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from mixprec.memory.specs import ModelSpec, get_spec, load_config, spec_from_config
+from mixprec.memory.counts import OPTIMIZERS, _optimizer_of, _resolve
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "estimate"]
 
 Optimizer = Literal["adamw", "adam", "sgd", "sgd-momentum", "adafactor"]
-OPTIMIZERS: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1, "adafactor": 1}
 Accounting = Literal["mixprec", "zero"]
 _ZERO_STAGES = {0: 0, 1: 1, 2: 2, 3: 3, "fsdp": 3, "full_shard": 3, "shard_grad_op": 2}
 PARTS = (
@@ -159,132 +156,6 @@ class MemoryEstimate:
             "peak_phase": self.peak_phase, "bytes_per_param": self.bytes_per_param,
             "formulas": dict(self.formulas),
         }  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class _Params:
-    """Parameter counts that decide the model states."""
-
-    total: int
-    norm: int  # parameters of normalisation layers
-    matmul: int  # read by matmuls (get autocast copies)
-    linear_weights: int  # Linear weight matrices (get fp8 copies)
-    linear_layers: int
-    largest: int  # elements of the largest parameter tensor
-    tensors: int  # parameter tensors (one Adam step counter each)
-    factored: int | None  # Adafactor state elements (None: shapes unknown)
-    # how the optimizer steps: "single" (a tensor at a time, torch's CPU default),
-    # "foreach" (all tensors at once, torch's CUDA default) or "fused" (one kernel)
-    impl: str = "foreach"
-    buffers: int = 0  # bytes of module buffers
-
-
-def _default_impl(params: list[torch.Tensor]) -> str:
-    """torch's default: foreach when every parameter is on CUDA, else one tensor at a time."""
-    return "foreach" if params and all(p.device.type == "cuda" for p in params) else "single"
-
-
-def _optimizer_of(optimizer, params: list[torch.Tensor]) -> tuple[str, str | None]:
-    """(name in OPTIMIZERS, implementation or None for the default) of a name or optimizer."""
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        return optimizer, None
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a name or a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    kind = type(optimizer).__name__.lower()
-    if kind == "sgd" and optimizer.defaults.get("momentum", 0):
-        kind = "sgd-momentum"
-    if kind not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer {type(optimizer).__name__} is not one the estimator knows; "
-            f"pass the closest of {', '.join(OPTIMIZERS)} by name"
-        )
-    if optimizer.defaults.get("fused"):
-        return kind, "fused"
-    if optimizer.defaults.get("foreach"):
-        return kind, "foreach"
-    if optimizer.defaults.get("foreach") is False:
-        return kind, "single"
-    return kind, _default_impl(params)
-
-
-def _params_of_module(model: nn.Module) -> _Params:
-    from mixprec.master import is_norm_module
-
-    params = list(model.parameters())
-    norm = matmul = lin_w = lin_n = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        if is_norm_module(module):
-            norm += sum(p.numel() for p in own)
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            matmul += sum(p.numel() for p in module.parameters(recurse=False))
-        if isinstance(module, nn.Linear):
-            lin_w += module.weight.numel()
-            lin_n += 1
-        seen.update(id(p) for p in own)
-    factored = sum(
-        (p.shape[-2] + p.shape[-1]) * math.prod(p.shape[:-2]) if p.dim() >= 2 else p.numel()
-        for p in params
-    )
-    return _Params(
-        total=sum(p.numel() for p in params), norm=norm, matmul=matmul,
-        linear_weights=lin_w, linear_layers=lin_n,
-        largest=max((p.numel() for p in params), default=0), tensors=len(params),
-        factored=factored, impl=_default_impl(params),
-        buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
-    )  # fmt: skip
-
-
-def _params_of_spec(spec: ModelSpec) -> _Params:
-    c = spec.param_counts()
-    h, big = spec.hidden_size, spec.vocab_size * spec.hidden_size
-    # parameter tensors: per layer, and outside the layers (embeddings, final norm, head)
-    per_layer = {"gpt2": 12, "bert": 16, "llama": 9}[spec.family]
-    outside = {"gpt2": 4, "bert": 7, "llama": 2 if spec.tie_word_embeddings else 3}[spec.family]
-    return _Params(
-        c.total,
-        c.norm,
-        c.matmul,
-        c.linear_weights,
-        c.linear_layers,
-        max(big, h * spec.intermediate_size),
-        per_layer * spec.num_layers + outside,
-        None,
-    )
-
-
-def _resolve(model_or_spec) -> tuple[str, _Params, ModelSpec | None, nn.Module | None]:
-    if isinstance(model_or_spec, nn.Module):
-        return type(model_or_spec).__name__, _params_of_module(model_or_spec), None, model_or_spec
-    if isinstance(model_or_spec, bool) or not isinstance(
-        model_or_spec, (int, str, Path, dict, ModelSpec)
-    ):
-        raise TypeError(
-            "model_or_spec must be an nn.Module, a ModelSpec, a preset name, a config.json "
-            f"path, a config dict or a parameter count, got {type(model_or_spec).__name__}"
-        )
-    if isinstance(model_or_spec, int):
-        if model_or_spec <= 0:
-            raise ValueError(f"parameter count {model_or_spec} must be positive")
-        n = model_or_spec
-        return f"{n:,} params", _Params(n, 0, n, n, 0, 0, 0, None), None, None
-    if isinstance(model_or_spec, dict):
-        spec = spec_from_config(model_or_spec)
-    elif isinstance(model_or_spec, ModelSpec):
-        spec = model_or_spec
-    else:
-        text = str(model_or_spec)
-        is_path = isinstance(model_or_spec, Path) or text.endswith(".json") or "/" in text
-        is_path = is_path or Path(text).is_file() or Path(text).is_dir()
-        spec = load_config(text) if is_path else get_spec(text)
-    return spec.name, _params_of_spec(spec), spec, None
 
 
 def _positive(name: str, value) -> None:
