@@ -2,16 +2,22 @@
 
 The torch-ops path of :meth:`StatsLayout.compute` reads each tensor about a dozen times
 (mask, keys, lookup, ``bincount``, extremes); on a CPU that costs more than the layer that
-produced the tensor. This kernel does the same computation in one pass: for every element
-it forms the same key, looks up the same interval table and counts it, and tracks the same
-extremes. Results are bit-identical to the torch path (tested). Large tensors are split
-into ``torch.get_num_threads()`` chunks run on Python threads (``ctypes`` releases the
-GIL), so no second OpenMP runtime competes with torch's.
+produced the tensor. This kernel does the same computation in one pass. For fp32 and bf16
+tensors (bf16 widened exactly to fp32 bits) it computes each value's interval
+``(a >> 23) + #{thresholds t <= a}`` by comparing eight values at a time with every
+threshold in vector registers (no table lookup per element, no branch), counts it in one
+of eight private sub-histograms, and tracks the extremes in vector registers; fp16 tensors
+read the interval from their 2**15-entry table. Results are bit-identical to the torch
+path (tested). Large tensors are split into ``torch.get_num_threads()`` chunks, one on
+the calling thread and the rest on Python threads (``ctypes`` releases the GIL), so no
+second OpenMP runtime competes with torch's.
 
-It is compiled once per machine into the user's private cache folder (``cc -O3 -shared``,
-about a second)
-and loaded with ``ctypes``. Without a compiler, or if the build fails, ``load()``
-returns ``None`` and the torch path is used.
+It is compiled once per machine into the user's private cache folder (about a second)
+with ``cc -O3 -march=native`` when the CPU's feature flags can be read (the file name
+holds a hash of the source, compiler, flags and CPU flags, so a shared cache folder never
+serves code built for another CPU), else with plain ``cc -O3``, and loaded with
+``ctypes``. Without a compiler, or if the build fails, ``load()`` returns ``None`` and
+the torch path is used.
 """
 
 from __future__ import annotations
@@ -29,56 +35,128 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-#define MAXB 2048
-#define LANES 4 /* interleaved sub-histograms: no store-to-load stall on repeated bins */
+#define MAXB 2048      /* intervals (fp16 table) */
+#define MAXT 32        /* thresholds */
+#define HB (256 + MAXT + 8) /* intervals of the threshold kernels, padded: the lanes'
+                               sub-histograms must not map to the same cache sets */
+#define W 8            /* vector lanes (int32): one AVX2 register */
+#define FLUSH (1 << 26) /* vectors between flushes of the 32-bit lane counters */
 
-static void finish(int64_t *out, int64_t nb, int64_t local[LANES][MAXB]) {
-    for (int64_t j = 0; j < nb; j++) {
-        int64_t s = 0;
-        for (int l = 0; l < LANES; l++) s += local[l][j];
-        out[j] = s;
-    }
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+/* One scalar element, exactly as a vector lane does it. */
+static inline void one(int32_t a, const int32_t *tm1, int nt, uint32_t *h, int32_t *top,
+                       int32_t *low) {
+    int32_t idx = a >> 23;
+    for (int j = 0; j < nt; j++) idx += a > tm1[j];
+    h[idx]++;
+    if (a > *top) *top = a;
+    int32_t m = (a - 1) & 0x7FFFFFFF; /* zero becomes the largest */
+    if (m < *low) *low = m;
 }
 
-/* fp32 values: key k = (a >> 12) + ((a - 1) >> 12) + 1 (arithmetic shifts), interval lut[k].
-   out: nb counts, max |x| bits, smallest non-zero |x| bits (0x80000000 when none). */
-void mp_stats_f32(const uint32_t *x, int64_t n, const int16_t *lut, int64_t nb, int64_t *out) {
-    static __thread int64_t local[LANES][MAXB];
-    memset(local, 0, sizeof(local));
-    uint32_t top = 0, low = 0xFFFFFFFFu;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t a = x[i] & 0x7FFFFFFFu;
-        int32_t s = (int32_t)a;
-        int32_t k = (s >> 12) + ((s - 1) >> 12) + 1;
-        local[i & (LANES - 1)][lut[k]]++;
-        top = a > top ? a : top;
-        uint32_t m = a - 1u; /* zero becomes the largest */
-        low = m < low ? m : low;
+/* |x| as fp32 bit patterns a (fp32 values, or bf16 values widened: bits << 16).
+   Interval of a: (a >> 23) + #{thresholds t <= a}, i.e. + #{a > t - 1}: the same index as
+   StatsLayout.interval_of_bits. Thresholds tm1[j] = t_j - 1 are compared in vectors (no table
+   lookup per element); the interval is counted in one of W private sub-histograms (one per
+   lane, so repeated bins do not stall on store-to-load forwarding).
+   out: nb counts, max a, smallest non-zero a (-1 when none). */
+static void stats32(const void *src, int bf16, int64_t n, const int32_t *tm1_in, int nt,
+                    int64_t nb, int64_t *out) {
+    static __thread uint32_t h[W][HB];
+    int32_t tm1[MAXT];
+    vi tv[MAXT];
+    int ntv = (nt + 3) & ~3; /* padded to a multiple of 4: INT32_MAX is never exceeded */
+    for (int j = 0; j < ntv; j++) {
+        tm1[j] = j < nt ? tm1_in[j] : 0x7FFFFFFF;
+        for (int l = 0; l < W; l++) tv[j][l] = tm1[j];
     }
-    finish(out, nb, local);
-    out[nb] = (int64_t)top;
-    out[nb + 1] = low == 0xFFFFFFFFu ? 0x80000000LL : (int64_t)low + 1;
+    memset(h, 0, sizeof(h));
+    memset(out, 0, (size_t)nb * sizeof(int64_t));
+    vi top = {0}, low, mask;
+    for (int l = 0; l < W; l++) { low[l] = 0x7FFFFFFF; mask[l] = 0x7FFFFFFF; }
+    const int32_t *x32 = (const int32_t *)src;
+    const uint16_t *x16 = (const uint16_t *)src;
+    int64_t nv = n / W;
+    for (int64_t v0 = 0; v0 < nv; v0 += FLUSH) {
+        int64_t v1 = v0 + FLUSH < nv ? v0 + FLUSH : nv;
+        for (int64_t v = v0; v < v1; v++) {
+            vi a;
+            if (bf16) {
+                vh b;
+                memcpy(&b, x16 + v * W, sizeof(b));
+                a = __builtin_convertvector(b, vi) << 16;
+            } else {
+                memcpy(&a, x32 + v * W, sizeof(a));
+            }
+            a &= mask;
+            vi idx = a >> 23;
+            for (int j = 0; j < ntv; j += 4) {
+                idx -= (a > tv[j]) + (a > tv[j + 1]) + (a > tv[j + 2]) + (a > tv[j + 3]);
+            }
+            vi gt = a > top;
+            top = (a & gt) | (top & ~gt);
+            vi m = (a - 1) & mask;
+            vi lt = m < low;
+            low = (m & lt) | (low & ~lt);
+            for (int l = 0; l < W; l++) h[l][idx[l]]++;
+        }
+        for (int l = 0; l < W; l++) {
+            for (int64_t j = 0; j < nb; j++) out[j] += h[l][j];
+        }
+        memset(h, 0, sizeof(h));
+    }
+    int32_t t = 0, lo = 0x7FFFFFFF;
+    for (int l = 0; l < W; l++) {
+        if (top[l] > t) t = top[l];
+        if (low[l] < lo) lo = low[l];
+    }
+    for (int64_t i = nv * W; i < n; i++) {
+        int32_t a = bf16 ? (int32_t)((uint32_t)x16[i] << 16) : x32[i];
+        one(a & 0x7FFFFFFF, tm1, nt, h[0], &t, &lo);
+    }
+    for (int64_t j = 0; j < nb; j++) out[j] += h[0][j];
+    out[nb] = t;
+    out[nb + 1] = lo == 0x7FFFFFFF ? -1 : (int64_t)lo + 1;
 }
 
-/* fp16 / bf16 values: interval lut[bits & 0x7fff]; extremes as 16-bit patterns. */
+/* fp32 values: out[nb] = max |x| bits, out[nb + 1] = smallest non-zero |x| bits
+   (0x80000000 when none), as the torch path. */
+void mp_stats_f32(const void *x, int64_t n, const int32_t *tm1, int64_t nt, int64_t nb,
+                  int64_t *out) {
+    stats32(x, 0, n, tm1, (int)nt, nb, out);
+    if (out[nb + 1] < 0) out[nb + 1] = 0x80000000LL;
+}
+
+/* bf16 values, widened exactly to fp32; extremes as bf16 bit patterns (0x8000: none). */
+void mp_stats_bf16(const void *x, int64_t n, const int32_t *tm1, int64_t nt, int64_t nb,
+                   int64_t *out) {
+    stats32(x, 1, n, tm1, (int)nt, nb, out);
+    out[nb] >>= 16;
+    out[nb + 1] = out[nb + 1] < 0 ? 0x8000LL : out[nb + 1] >> 16;
+}
+
+/* fp16 values: interval lut[bits & 0x7fff]; extremes as 16-bit patterns. */
 void mp_stats_16(const uint16_t *x, int64_t n, const int16_t *lut, int64_t nb, int64_t *out) {
-    static __thread int64_t local[LANES][MAXB];
+    static __thread int64_t local[4][MAXB];
     memset(local, 0, sizeof(local));
     uint32_t top = 0, low = 0xFFFFu;
     for (int64_t i = 0; i < n; i++) {
         uint32_t a = x[i] & 0x7FFFu;
-        local[i & (LANES - 1)][lut[a]]++;
+        local[i & 3][lut[a]]++;
         top = a > top ? a : top;
         uint32_t m = (a - 1u) & 0xFFFFu;
         low = m < low ? m : low;
     }
-    finish(out, nb, local);
+    for (int64_t j = 0; j < nb; j++) out[j] = local[0][j] + local[1][j] + local[2][j] + local[3][j];
     out[nb] = (int64_t)top;
     out[nb + 1] = low == 0xFFFFu ? 0x8000LL : (int64_t)low + 1;
 }
 """
 
 MAX_INTERVALS = 2048
+MAX_THRESHOLDS = 32
 PARALLEL_MIN = 1 << 18  # elements per tensor before it is split over threads
 _lib = None
 _tried = False
@@ -103,36 +181,71 @@ def _private_folder() -> Path | None:
     return folder
 
 
+def _cpu_flags() -> str | None:
+    """The CPU's feature flags (Linux), or None when they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _compile(cc: str, folder: Path, flags: list[str]) -> Path | None:
+    """Build the library with ``flags`` unless built already; its path, or None on failure.
+
+    The file name holds a hash of the source, the compiler, the flags and (for
+    ``-march=native``) this CPU's feature flags, so a cache folder shared by machines with
+    different CPUs (a home folder on a cluster) never loads code built for another CPU.
+    """
+    ident = "\0".join([_SOURCE, cc, *flags])
+    if "-march=native" in flags:
+        ident += "\0" + (_cpu_flags() or "")
+    tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    lib_path = folder / f"numerics_{tag}.so"
+    if lib_path.exists():
+        return lib_path
+    src = folder / f"numerics_{tag}_{os.getpid()}.c"
+    tmp = folder / f"numerics_{tag}_{os.getpid()}.so"
+    src.write_text(_SOURCE)
+    cmd = [cc, *flags, "-shared", "-fPIC", str(src), "-o", str(tmp)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        tmp.unlink(missing_ok=True)
+        return None
+    finally:
+        src.unlink(missing_ok=True)
+    os.replace(tmp, lib_path)  # atomic: concurrent builders agree
+    return lib_path
+
+
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
     folder = _private_folder()
-    if folder is None:
+    if cc is None or folder is None:
         return None
-    lib_path = folder / f"numerics_{tag}.so"
-    if not lib_path.exists():
-        src = folder / f"numerics_{tag}_{os.getpid()}.c"
-        tmp = folder / f"numerics_{tag}_{os.getpid()}.so"
-        src.write_text(_SOURCE)
-        cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(tmp)]
+    # Vector code for this CPU when its flags are known; else the portable baseline.
+    tries = [["-O3", "-march=native"]] if _cpu_flags() else []
+    tries.append(["-O3"])
+    for flags in tries:
+        lib_path = _compile(cc, folder, flags)
+        if lib_path is None:
+            continue
         try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            src.unlink(missing_ok=True)
-        os.replace(tmp, lib_path)  # atomic: concurrent builders agree
-    try:
-        lib = ctypes.CDLL(str(lib_path))
-    except OSError:
-        return None
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    for fn in (lib.mp_stats_f32, lib.mp_stats_16):
-        fn.argtypes = [*args, ctypes.c_void_p]
-        fn.restype = None
-    return lib
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError:
+            continue
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        for fn in (lib.mp_stats_f32, lib.mp_stats_bf16):
+            fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]
+            fn.restype = None
+        lib.mp_stats_16.argtypes = [ptr, i64, ptr, i64, ptr]
+        lib.mp_stats_16.restype = None
+        return lib
+    return None
 
 
 def load() -> ctypes.CDLL | None:
@@ -144,28 +257,33 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-def run(fn, x, lut, nb: int, out, threads: int) -> None:
-    """``fn`` over contiguous CPU tensor ``x`` into int64 ``out`` (``nb + 2``), threaded."""
+def run(fn, x, args: tuple, nb: int, out, threads: int) -> None:
+    """``fn(ptr, n, *args, nb, out)`` over contiguous CPU tensor ``x`` into int64 ``out``.
+
+    ``out`` has ``nb + 2`` entries; tensors of ``PARALLEL_MIN`` elements or more are split
+    into ``threads`` chunks whose counts are summed, maxima maxed and minima minned.
+    """
     n = x.numel()
     if threads <= 1 or n < PARALLEL_MIN:
-        fn(x.data_ptr(), n, lut.data_ptr(), nb, out.data_ptr())
+        fn(x.data_ptr(), n, *args, nb, out.data_ptr())
         return
     import torch
 
     global _pool
-    if _pool is None or _pool._max_workers < threads:
+    if _pool is None or _pool._max_workers < threads - 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mixprec-stats")
+        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="mixprec-stats")
     parts = torch.empty((threads, nb + 2), dtype=torch.int64)
     step = -(-n // threads)
     size = x.element_size()
-    base, lut_ptr = x.data_ptr(), lut.data_ptr()
+    base = x.data_ptr()
     jobs = []
-    for i in range(threads):
+    for i in range(1, threads):  # chunk 0 runs on this thread meanwhile
         lo, hi = i * step, min(n, (i + 1) * step)
         ptr = parts[i].data_ptr()
-        jobs.append(_pool.submit(fn, base + lo * size, max(hi - lo, 0), lut_ptr, nb, ptr))
+        jobs.append(_pool.submit(fn, base + lo * size, max(hi - lo, 0), *args, nb, ptr))
+    fn(base, min(n, step), *args, nb, parts[0].data_ptr())
     for job in jobs:
         job.result()
     torch.sum(parts[:, :nb], dim=0, out=out[:nb])

@@ -211,6 +211,12 @@ class StatsLayout:
         self.fine_exact = all((int(b) & 0xFFF) in (0, 1) for b in self.thresholds)
         self._interval_binade = self._binade_of_intervals()
         self._luts: dict[tuple, torch.Tensor] = {}
+        # The C kernel compares with ``threshold - 1`` ("a > t - 1" is "a >= t").
+        self._tm1 = torch.tensor(self.thresholds - 1, dtype=torch.int32)
+        self._c_ok = (
+            self.n_intervals <= _cpu_kernel.MAX_INTERVALS
+            and len(self.thresholds) <= _cpu_kernel.MAX_THRESHOLDS
+        )
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     # -- host-side reference ------------------------------------------------------------
@@ -275,9 +281,9 @@ class StatsLayout:
         x = x.detach()
         n = x.numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if self.kernel == "auto" and n and x.device.type == "cpu" and (half or self.fine_exact):
+        if self.kernel == "auto" and n and x.device.type == "cpu" and self._c_ok:
             lib = _cpu_kernel.load()
-            if lib is not None and self.n_intervals <= _cpu_kernel.MAX_INTERVALS:
+            if lib is not None:
                 return self._compute_c(lib, x)
         if half:
             a, low_src = self._scratch(n, torch.int16, x.device, 2)
@@ -316,19 +322,23 @@ class StatsLayout:
         return torch.cat([counts.to(torch.int64), top, low])
 
     def _compute_c(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`compute` in one pass of the C kernel (:mod:`._cpu_kernel`); same result."""
+        """:meth:`compute` in one pass of the C kernel (:mod:`._cpu_kernel`); same result.
+
+        fp32 and bf16 (widened exactly) compare each value with the thresholds in vector
+        registers; fp16 reads the interval from its 2**15-entry table.
+        """
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             x = x.float()
-        x = x.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
         out = torch.empty(self.vector_len, dtype=torch.int64)
         threads = torch.get_num_threads()
-        if x.dtype == torch.float32:
-            lut = self._lut("fine", x.device)
-            fn = lib.mp_stats_f32
+        if x.dtype == torch.float16:
+            fn, args = lib.mp_stats_16, (self._lut("fp16_i16", x.device).data_ptr(),)
         else:
-            lut = self._lut("bf16_i16" if x.dtype == torch.bfloat16 else "fp16_i16", x.device)
-            fn = lib.mp_stats_16
-        _cpu_kernel.run(fn, x, lut, self.n_intervals, out, threads)
+            fn = lib.mp_stats_f32 if x.dtype == torch.float32 else lib.mp_stats_bf16
+            args = (self._tm1.data_ptr(), len(self.thresholds))
+        _cpu_kernel.run(fn, x, args, self.n_intervals, out, threads)
         return out
 
     # -- readout ------------------------------------------------------------------------
