@@ -288,6 +288,24 @@ def test_hooks_only_on_measured_steps():
     assert monitor.stats("0.weight", "param_grad", step=3).numel == 9
 
 
+def test_updates_are_the_parameter_differences():
+    """The 'update' record of each step is exactly p_after - p_before (buffers are reused)."""
+    lin = nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    diffs = []
+    with Monitor(lin, formats=["fp16"], track=["updates"]) as monitor:
+        for _ in range(3):
+            before = lin.weight.detach().clone()
+            lin(torch.randn(5, 4)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+            diffs.append((lin.weight.detach() - before).abs())
+    for step, d in enumerate(diffs):
+        s = monitor.stats("weight", "update", step=step)
+        assert s.max_abs == float(d.max()) and s.min_nonzero_abs == float(d[d > 0].min())
+
+
 def test_loss_scale_recorded_and_verdict_recommends():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))

@@ -310,10 +310,21 @@ class Monitor:
         self._seen.clear()
 
     def _maybe_snapshot(self) -> None:
-        self._snapshot.clear()
-        if self.sampling and "update" in self.kinds:
-            with torch.no_grad():
-                self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        """Copy the parameters before a measured step, into buffers kept between steps.
+
+        A fresh multi-MB tensor per step costs page faults on the CPU; the buffers are
+        reused (and freed when a step is not measured, or on :meth:`detach`).
+        """
+        if not (self.sampling and "update" in self.kinds):
+            self._snapshot.clear()
+            return
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                old = self._snapshot.get(n)
+                if old is None or old.shape != p.shape or old.dtype != p.dtype:
+                    self._snapshot[n] = p.detach().clone()
+                else:
+                    old.copy_(p.detach())
 
     def step(self, *, scale: float | torch.Tensor | None = None) -> None:
         """End the current step: measure weights and updates, then advance the step count.
@@ -329,7 +340,11 @@ class Monitor:
                         self._record(p, (name, "weight"))
                     old = self._snapshot.get(name)
                     if old is not None and old.shape == p.shape:
-                        self._record(p.detach().float() - old.float(), (name, "update"))
+                        if p.dtype == torch.float32 and old.dtype == torch.float32:
+                            update = torch.sub(p.detach(), old, out=old)  # reused buffer
+                        else:
+                            update = p.detach().float() - old.float()
+                        self._record(update, (name, "update"))
             if scale is not None:
                 self._scales[self._step] = (
                     scale.detach().clone() if isinstance(scale, torch.Tensor) else float(scale)
