@@ -48,11 +48,13 @@ def _format_list(names: list[str] | None, default: Sequence[str]) -> list:
         raise CliError(str(exc)) from None
 
 
-def _console():
+def wide_console():
+    """A rich Console for the commands' tables: the terminal's width, or 160 columns
+    when writing to a file or pipe (so wide tables stay readable there)."""
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:  # files and pipes: wide enough for every column
+    if not console.is_terminal:
         console = Console(width=max(console.width, 160))
     return console
 
@@ -61,7 +63,7 @@ def _formats_table(args: argparse.Namespace) -> int:
     from mixprec.formats import FORMATS
     from mixprec.formats.report import format_table
 
-    _console().print(format_table(_format_list(args.formats, list(FORMATS))))
+    wide_console().print(format_table(_format_list(args.formats, list(FORMATS))))
     return 0
 
 
@@ -76,7 +78,7 @@ def _formats_explain(args: argparse.Namespace) -> int:
             f"value {args.value!r} is not a number (e.g. 0.001, 1e-8, 0x1p-14)"
         ) from None
     default = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
-    _console().print(explain_table(value, _format_list(args.formats, default)))
+    wide_console().print(explain_table(value, _format_list(args.formats, default)))
     return 0
 
 
@@ -193,6 +195,7 @@ def _diagnose(args: argparse.Namespace) -> int:
             every=args.every,
             seed=args.seed,
             device=args.device,
+            console=wide_console(),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -22,7 +22,6 @@ holds when the machine's load slows every recipe alike.
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_arguments", "parse_budget", "run"]
 
@@ -139,13 +138,12 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_listing())
         return 0
-    from rich.console import Console
-
     from mixprec.bench.console import BenchProgress, print_summary
     from mixprec.bench.recommend import recommend
     from mixprec.bench.report import write_report
     from mixprec.bench.runner import run_bench
     from mixprec.bench.tasks import TASKS, get_task
+    from mixprec.cli import wide_console
 
     args.budget_s, args.budget_x = parse_budget(args.budget)
     if args.suite:
@@ -160,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = config_from_args(args, task_name, _recipes(args.recipes))
     task = get_task(task_name, args.size, seed=args.seed)
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = wide_console()
     with BenchProgress(len(config.recipe_list()), console=console) as progress:
         result = run_bench(config, task=task, on_event=progress)
     verdict = recommend(result)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mixprec.bench.command import config_from_args
@@ -71,15 +70,15 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
 
 def run_suite(args: argparse.Namespace) -> int:
     """Run the seeds suite with the bench options in ``args``; write ``args.out``."""
-    from rich.console import Console
     from rich.table import Table
 
     from mixprec.bench.console import BenchProgress
     from mixprec.bench.recommend import recommend
     from mixprec.bench.report import _markdown_table, to_json, write_report
+    from mixprec.cli import wide_console
 
     out = Path(args.out)
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = wide_console()
     results: list[BenchResult] = []
     interrupted = False
     for name in SEEDS_TASKS:
