@@ -320,6 +320,28 @@ def test_nearest_matches_torch_casts(name):
         assert same_bits(q(xs, f, overflow=overflow), ref16)[~skip].all()
 
 
+@pytest.mark.parametrize(("name", "overflow"), [("fp8_e5m2", "inf"), ("fp8_e4m3fn", "saturate")])
+def test_native_fast_paths_equal_the_general_algorithm(name, overflow, monkeypatch):
+    """quantize takes torch's own cast where it is bit-exact; the layout-driven algorithm
+    (forced here) must give the same bits, so neither path can drift from the other."""
+    from mixprec.formats import rounding
+
+    f = FORMATS[name]
+    rng = np.random.default_rng(5)
+    inputs = [all_patterns(torch.float16), all_patterns(torch.bfloat16),
+              torch.from_numpy(tricky_fp32(f, ML[name], rng, n_random=200_000))]  # fmt: skip
+    fast = [q(x, f, overflow=overflow) for x in inputs]
+    assert rounding._plan(f, torch.float32, "nearest", overflow).native is not None
+    monkeypatch.setattr(rounding, "_NATIVE_OVERFLOW", {})
+    rounding._plan.cache_clear()
+    try:
+        assert rounding._plan(f, torch.float32, "nearest", overflow).native is None
+        for x, got in zip(inputs, fast):
+            assert same_bits(got, q(x, f, overflow=overflow)).all()
+    finally:
+        rounding._plan.cache_clear()
+
+
 def torch_differences(x: torch.Tensor, f: FloatFormat) -> torch.Tensor:
     """torch casts 0 to e8m0's smallest value 2^-127; ml_dtypes and quantize give NaN."""
     if f.name != "e8m0fnu":

@@ -154,14 +154,20 @@ def _window(compute: torch.dtype, lo: int, hi: int, m: int) -> _Window:
     return _Window((lo + bias) << p, (hi + bias) << p, (p - m) << p)
 
 
+# Formats whose torch cast (from fp32, bf16 or fp16) is bit-exact round-to-nearest-even,
+# and the overflow rule that cast follows: IEEE-like ones go to inf, float8_e4m3fn
+# saturates (inf included). Other overflow settings take the general algorithm.
+_NATIVE_OVERFLOW = {"bf16": "inf", "fp16": "inf", "fp8_e5m2": "inf", "fp8_e4m3fn": "saturate"}
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(f: FloatFormat, dtype: torch.dtype, rounding: str, overflow: str) -> _Plan:
     p_in, emin_in, emax_in = _DTYPE_INFO[dtype]
     m = f.mantissa_bits
-    native = f.torch_dtype if f.name in ("bf16", "fp16") else None
+    # torch's own casts round to nearest even; each overflows in one way (listed here).
+    native = f.torch_dtype if _NATIVE_OVERFLOW.get(f.name) == overflow else None
     if native is not None and dtype != torch.float64 and rounding == "nearest":
-        if overflow == "inf":  # torch's casts: round to nearest even, overflow to inf
-            return _Plan(dtype, False, None, (), native)
+        return _Plan(dtype, False, None, (), native)
     identity = m >= p_in and f.min_exponent - m <= emin_in - p_in
     # Exponent window of the magic number (see the module docstring).
     lo = max(f.min_exponent, emin_in - p_in + m)
