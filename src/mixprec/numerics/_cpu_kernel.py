@@ -67,7 +67,7 @@ static void stats32(const void *src, int bf16, int64_t n, const int32_t *tm1_in,
     static __thread uint32_t h[W][HB];
     int32_t tm1[MAXT];
     vi tv[MAXT];
-    int ntv = (nt + 3) & ~3; /* padded to a multiple of 4: INT32_MAX is never exceeded */
+    int ntv = (nt + 1) & ~1; /* padded to a multiple of 2: INT32_MAX is never exceeded */
     for (int j = 0; j < ntv; j++) {
         tm1[j] = j < nt ? tm1_in[j] : 0x7FFFFFFF;
         for (int l = 0; l < W; l++) tv[j][l] = tm1[j];
@@ -92,9 +92,7 @@ static void stats32(const void *src, int bf16, int64_t n, const int32_t *tm1_in,
             }
             a &= mask;
             vi idx = a >> 23;
-            for (int j = 0; j < ntv; j += 4) {
-                idx -= (a > tv[j]) + (a > tv[j + 1]) + (a > tv[j + 2]) + (a > tv[j + 3]);
-            }
+            for (int j = 0; j < ntv; j += 2) idx -= (a > tv[j]) + (a > tv[j + 1]);
             vi gt = a > top;
             top = (a & gt) | (top & ~gt);
             vi m = (a - 1) & mask;
