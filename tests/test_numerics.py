@@ -76,11 +76,14 @@ def test_c_kernel_matches_torch_ops(dtype):
         assert torch.equal(fast.compute(t), ref.compute(t))
 
 
-def test_c_kernel_split_over_threads(monkeypatch):
+@pytest.mark.parametrize("pool", ["library", "python threads"])
+def test_c_kernel_split_over_threads(monkeypatch, pool):
     from mixprec.numerics import _cpu_kernel
 
     if _cpu_kernel.load() is None:
         pytest.skip("no C compiler: the torch path is the only path")
+    if pool == "python threads":
+        monkeypatch.setattr(_cpu_kernel, "_OPENMP", False)
     monkeypatch.setattr(_cpu_kernel, "PARALLEL_MIN", 100)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # 3 uneven chunks
     fmts = [get_format(n) for n in ("fp16", "fp8_e5m2")]

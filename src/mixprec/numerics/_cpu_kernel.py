@@ -8,12 +8,15 @@ tensors (bf16 widened exactly to fp32 bits) it computes each value's interval
 threshold in vector registers (no table lookup per element, no branch), counts it in one
 of eight private sub-histograms, and tracks the extremes in vector registers; fp16 tensors
 read the interval from their 2**15-entry table. Results are bit-identical to the torch
-path (tested). Large tensors are split into ``torch.get_num_threads()`` chunks, one on
-the calling thread and the rest on Python threads (``ctypes`` releases the GIL), so no
-second OpenMP runtime competes with torch's.
+path (tested). Large tensors are split into ``torch.get_num_threads()`` chunks. When
+torch runs on GNU OpenMP (its CPU wheels do), the kernel is built with ``-fopenmp`` and
+its ``libgomp.so.1`` resolves to torch's copy, so the chunks run on torch's own OpenMP
+threads, already awake (with Python threads instead, torch's idle OpenMP worker spinning
+on a core halved their speed). Otherwise one chunk runs on the calling thread and the
+rest on Python threads (``ctypes`` releases the GIL).
 
 It is compiled once per machine into the user's private cache folder (about a second)
-with ``cc -O3 -march=native`` when the CPU's feature flags can be read (the file name
+with ``cc -O3 -march=native [-fopenmp]`` when the CPU's feature flags can be read (the file name
 holds a hash of the source, compiler, flags and CPU flags, so a shared cache folder never
 serves code built for another CPU), else with plain ``cc -O3``, and loaded with
 ``ctypes``. Without a compiler, or if the build fails, ``load()`` returns ``None`` and
@@ -151,11 +154,44 @@ void mp_stats_16(const uint16_t *x, int64_t n, const int16_t *lut, int64_t nb, i
     out[nb] = (int64_t)top;
     out[nb + 1] = low == 0xFFFFu ? 0x8000LL : (int64_t)low + 1;
 }
+
+/* fn over `threads` chunks of x (elements of `size` bytes) into parts[threads][nb + 2],
+   then summed / maxed / minned into out. With OpenMP the chunks run on the process's
+   OpenMP team: the very threads torch's own operators use (same libgomp), already awake,
+   instead of extra threads competing with them for the cores. */
+typedef void (*kern32)(const void *, int64_t, const int32_t *, int64_t, int64_t, int64_t *);
+
+void mp_stats_par(int64_t which, const char *x, int64_t n, int64_t size, const void *table,
+                  int64_t nt, int64_t nb, int64_t *out, int64_t threads, int64_t *parts) {
+    int64_t step = (n + threads - 1) / threads;
+    int64_t w = nb + 2;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
+#endif
+    for (int64_t t = 0; t < threads; t++) {
+        int64_t lo = t * step < n ? t * step : n;
+        int64_t hi = lo + step < n ? lo + step : n;
+        int64_t *p = parts + t * w;
+        if (which == 0)
+            mp_stats_f32(x + lo * size, hi - lo, (const int32_t *)table, nt, nb, p);
+        else if (which == 1)
+            mp_stats_bf16(x + lo * size, hi - lo, (const int32_t *)table, nt, nb, p);
+        else
+            mp_stats_16((const uint16_t *)(x + lo * size), hi - lo, (const int16_t *)table, nb, p);
+    }
+    for (int64_t j = 0; j < w; j++) out[j] = parts[j];
+    for (int64_t t = 1; t < threads; t++) {
+        const int64_t *p = parts + t * w;
+        for (int64_t j = 0; j < nb; j++) out[j] += p[j];
+        if (p[nb] > out[nb]) out[nb] = p[nb];
+        if (p[nb + 1] < out[nb + 1]) out[nb + 1] = p[nb + 1];
+    }
+}
 """
 
 MAX_INTERVALS = 2048
 MAX_THRESHOLDS = 32
-PARALLEL_MIN = 1 << 18  # elements per tensor before it is split over threads
+PARALLEL_MIN = 1 << 16  # elements per tensor before it is split over threads
 _lib = None
 _tried = False
 _pool = None
@@ -220,13 +256,37 @@ def _compile(cc: str, folder: Path, flags: list[str]) -> Path | None:
     return lib_path
 
 
+def _torch_gomp_loaded() -> bool:
+    """Whether this process has GNU OpenMP loaded (torch's CPU wheels bring libgomp.so.1).
+
+    Only then is the kernel built with ``-fopenmp``: its ``libgomp.so.1`` then resolves to
+    the copy already loaded, so the kernel shares torch's OpenMP threads instead of starting
+    a second runtime whose threads would compete with torch's.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            return any("/libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+_OPENMP = False  # whether the loaded library runs its chunks on the OpenMP team
+_KINDS = {"f32": 0, "bf16": 1, "f16": 2}
+
+
 def _build() -> ctypes.CDLL | None:
+    global _OPENMP
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     folder = _private_folder()
     if cc is None or folder is None:
         return None
-    # Vector code for this CPU when its flags are known; else the portable baseline.
-    tries = [["-O3", "-march=native"]] if _cpu_flags() else []
+    # Vector code for this CPU when its flags are known, on torch's OpenMP threads when
+    # it uses GNU OpenMP; else the portable baseline on Python threads.
+    tries = []
+    if _cpu_flags():
+        if _torch_gomp_loaded():
+            tries.append(["-O3", "-march=native", "-fopenmp"])
+        tries.append(["-O3", "-march=native"])
     tries.append(["-O3"])
     for flags in tries:
         lib_path = _compile(cc, folder, flags)
@@ -242,6 +302,9 @@ def _build() -> ctypes.CDLL | None:
             fn.restype = None
         lib.mp_stats_16.argtypes = [ptr, i64, ptr, i64, ptr]
         lib.mp_stats_16.restype = None
+        lib.mp_stats_par.argtypes = [i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr]
+        lib.mp_stats_par.restype = None
+        _OPENMP = "-fopenmp" in flags
         return lib
     return None
 
@@ -255,33 +318,48 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-def run(fn, x, args: tuple, nb: int, out, threads: int) -> None:
-    """``fn(ptr, n, *args, nb, out)`` over contiguous CPU tensor ``x`` into int64 ``out``.
+def run(lib, kind: str, x, table, nt: int, nb: int, out, threads: int) -> None:
+    """Statistics of contiguous CPU tensor ``x`` into int64 ``out`` (``nb + 2`` entries).
 
-    ``out`` has ``nb + 2`` entries; tensors of ``PARALLEL_MIN`` elements or more are split
-    into ``threads`` chunks whose counts are summed, maxima maxed and minima minned.
+    ``kind`` is ``"f32"``, ``"bf16"`` (``table``: the thresholds minus one, ``nt`` of them)
+    or ``"f16"`` (``table``: the interval of each 15-bit magnitude). Tensors of
+    ``PARALLEL_MIN`` elements or more are split into ``threads`` chunks whose counts are
+    summed, maxima maxed and minima minned: on the OpenMP team when the library has it,
+    else one chunk on this thread and the rest on Python threads (``ctypes`` releases the
+    GIL).
     """
-    n = x.numel()
-    if threads <= 1 or n < PARALLEL_MIN:
-        fn(x.data_ptr(), n, *args, nb, out.data_ptr())
-        return
     import numpy as np
 
+    n = x.numel()
+    base, optr = x.data_ptr(), out.data_ptr()
+    single = threads <= 1 or n < PARALLEL_MIN
+    if kind == "f16":
+        call = lambda p, m, o: lib.mp_stats_16(p, m, table, nb, o)  # noqa: E731
+    else:
+        fn = lib.mp_stats_f32 if kind == "f32" else lib.mp_stats_bf16
+        call = lambda p, m, o: fn(p, m, table, nt, nb, o)  # noqa: E731
+    if single:
+        call(base, n, optr)
+        return
+    parts = np.empty((threads, nb + 2), dtype=np.int64)
+    if _OPENMP:
+        lib.mp_stats_par(
+            _KINDS[kind], base, n, x.element_size(), table, nt, nb, optr, threads,
+            parts.ctypes.data,
+        )  # fmt: skip
+        return
     global _pool
     if _pool is None or _pool._max_workers < threads - 1:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="mixprec-stats")
-    parts = np.empty((threads, nb + 2), dtype=np.int64)  # numpy: cheaper per call than torch
     step = -(-n // threads)
     size = x.element_size()
-    base = x.data_ptr()
     jobs = []
     for i in range(1, threads):  # chunk 0 runs on this thread meanwhile
-        lo, hi = i * step, min(n, (i + 1) * step)
-        ptr = parts[i].ctypes.data
-        jobs.append(_pool.submit(fn, base + lo * size, max(hi - lo, 0), *args, nb, ptr))
-    fn(base, min(n, step), *args, nb, parts[0].ctypes.data)
+        lo, hi = min(n, i * step), min(n, (i + 1) * step)
+        jobs.append(_pool.submit(call, base + lo * size, hi - lo, parts[i].ctypes.data))
+    call(base, min(n, step), parts[0].ctypes.data)
     for job in jobs:
         job.result()
     res = out.numpy()

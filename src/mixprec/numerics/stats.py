@@ -334,11 +334,11 @@ class StatsLayout:
         out = torch.empty(self.vector_len, dtype=torch.int64)
         threads = torch.get_num_threads()
         if x.dtype == torch.float16:
-            fn, args = lib.mp_stats_16, (self._lut("fp16_i16", x.device).data_ptr(),)
+            kind, table, nt = "f16", self._lut("fp16_i16", x.device).data_ptr(), 0
         else:
-            fn = lib.mp_stats_f32 if x.dtype == torch.float32 else lib.mp_stats_bf16
-            args = (self._tm1.data_ptr(), len(self.thresholds))
-        _cpu_kernel.run(fn, x, args, self.n_intervals, out, threads)
+            kind = "f32" if x.dtype == torch.float32 else "bf16"
+            table, nt = self._tm1.data_ptr(), len(self.thresholds)
+        _cpu_kernel.run(lib, kind, x, table, nt, self.n_intervals, out, threads)
         return out
 
     # -- readout ------------------------------------------------------------------------
