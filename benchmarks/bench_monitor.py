@@ -6,7 +6,11 @@ Three copies of the same model and optimizer train on the same batches, steps in
 * ``none``: no monitor;
 * ``every=1``: a monitor measuring every step (all default formats and tensor kinds);
 * ``idle``: a monitor attached but not measuring (``every`` larger than the run), i.e. the
-  cost of the hooks on the steps ``every=N`` skips.
+  cost of an attached monitor on the steps ``every=N`` skips (it registers no hooks
+  there, so this should be the noise floor).
+* with ``--control``, a second unmonitored copy ``none-2``: its "overhead" is how much two
+  identical copies differ on this machine (memory placement, cache, load), the scale
+  against which ``idle`` and ``every=100`` are read.
 
 Figures printed (medians over ``--reps`` steps per copy, after ``--warmup``):
 
@@ -23,6 +27,7 @@ readout happens inside the timed step it falls on.
 Usage::
 
     .venv/bin/python benchmarks/bench_monitor.py [--reps 30] [--warmup 3] [--recipe fp32]
+        [--threads 2] [--direct --reps 100] [--control]
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--size", default="small", help="gpt task size (default small)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--direct", action="store_true", help="also time every=100 directly")
+    parser.add_argument("--control", action="store_true", help="add a second unmonitored copy")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +62,8 @@ def main() -> None:
     configs = {"none": None, "every=1": 1, "idle": 10**9}
     if args.direct:
         configs["every=100"] = 100
+    if args.control:
+        configs["none-2"] = None
     runs = {}
     for name, every in configs.items():
         precision = Precision(args.recipe)
