@@ -115,6 +115,9 @@ def main() -> None:
                 runs["none"][4][:w]
             )
             print(f"overhead every=100 (direct, mean of {w} steps): {100 * (direct - 1):6.1f}%")
+            if args.control:
+                ctrl = statistics.mean(runs["none-2"][4][:w]) / statistics.mean(runs["none"][4][:w])
+                print(f"  noise floor: none-2 vs none, mean of {w} steps: {100 * (ctrl - 1):6.1f}%")
 
 
 if __name__ == "__main__":
