@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixprec.formats import FORMATS
 from mixprec.recipes import RECIPES
@@ -27,3 +28,22 @@ FORMAT_NAMES = list(FORMATS)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that copy a device value to the host (a sync on an accelerator)."""
+
+    SYNC_OPS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNC_OPS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))

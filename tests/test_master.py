@@ -13,6 +13,7 @@ from mixprec.master import (
     is_norm_module,
     stochastic_round_to_bf16,
 )
+from tests.conftest import SyncCounter
 
 
 class MyRMSNorm(nn.Module):  # a hand-written norm: recognised by its class name
@@ -388,15 +389,6 @@ def test_bf16_step_falls_back_for_other_optimizers():
         native.begin()  # a plain opt.step() in between would lose small updates
 
 
-class _CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -417,7 +409,7 @@ def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
         with precision.autocast():
             loss = model(x.bfloat16()).float().square().mean()
         precision.backward(loss)
-        with _CountSyncs() as syncs:
+        with SyncCounter() as syncs:
             precision.step(opt, max_grad_norm=max_grad_norm)
         assert syncs.count == 0
     assert all(

@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixprec import RECIPES, Precision, Recipe
 from mixprec.scaling import LossScaler
-from tests.conftest import RECIPE_NAMES
+from tests.conftest import RECIPE_NAMES, SyncCounter
 
 try:
     from mixprec.float8 import convert_to_float8  # noqa: F401
@@ -151,15 +150,6 @@ def test_checkpoint_resume_is_bit_exact(name, fused):
 
 
 # -- sync-free ----------------------------------------------------------------------------
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _tiny(name, *, fused):
@@ -180,13 +170,13 @@ def test_fp16_mixed_step_with_fused_adamw_is_sync_free(max_grad_norm):
     model, opt, precision = _tiny("fp16-mixed", fused=True)
     for _ in range(3):
         loss = _loss(model, precision)
-        with _CountSyncs() as backward_syncs:
+        with SyncCounter() as backward_syncs:
             precision.backward(loss)
-        with _CountSyncs() as step_syncs:
+        with SyncCounter() as step_syncs:
             result = precision.step(opt, max_grad_norm=max_grad_norm)
         assert backward_syncs.count == 0
         assert step_syncs.count == 0
-    with _CountSyncs() as read:
+    with SyncCounter() as read:
         assert bool(result) is True  # reading the answer is the (one, requested) sync
     assert read.count == 1
 
@@ -198,10 +188,10 @@ def test_fp16_mixed_step_with_unfused_optimizer_syncs_once():
     precision = Precision("fp16-mixed")
     model, opt = precision.setup(model, opt)
     precision.backward(_loss(model, precision))
-    with _CountSyncs() as syncs:
+    with SyncCounter() as syncs:
         result = precision.step(opt)
     assert syncs.count == 1
-    with _CountSyncs() as read:
+    with SyncCounter() as read:
         assert bool(result) is True
     assert read.count == 0  # already known
 

@@ -11,30 +11,15 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
 from mixprec.scaling import GradScaler, LossScaler, ScaleFloorError, apply_rule_, preset_config
+from tests.conftest import SyncCounter
 
 INF, NAN = float("inf"), float("nan")
 
 
 # -- helpers --------------------------------------------------------------------------------
-class SyncCounter(TorchDispatchMode):
-    """Counts ops that copy a device value to the host (a sync on an accelerator)."""
-
-    SYNC_OPS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.SYNC_OPS:
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _mlp(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
