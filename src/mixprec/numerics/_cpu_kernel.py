@@ -7,8 +7,11 @@ tensors (bf16 widened exactly to fp32 bits) it computes each value's interval
 ``(a >> 23) + #{thresholds t <= a}`` by comparing eight values at a time with every
 threshold in vector registers (no table lookup per element, no branch), counts it in one
 of eight private sub-histograms, and tracks the extremes in vector registers; fp16 tensors
-read the interval from their 2**15-entry table. Results are bit-identical to the torch
-path (tested). Large tensors are split into ``torch.get_num_threads()`` chunks. When
+read the interval from their 2**15-entry table. The loops prefetch 2 KB ahead: the
+tensors a training step produces are read back from memory, and on the machine measured the
+hardware prefetcher alone left the loop waiting (2.1 ns per fp32 value, 0.75 ns with the
+prefetch, one core). Results are bit-identical to the torch path (tested). Large
+tensors are split into ``torch.get_num_threads()`` chunks. When
 torch runs on GNU OpenMP (its CPU wheels do), the kernel is built with ``-fopenmp`` and
 its ``libgomp.so.1`` resolves to torch's copy, so the chunks run on torch's own OpenMP
 threads, already awake (with Python threads instead, torch's idle OpenMP worker spinning
@@ -44,6 +47,7 @@ _SOURCE = r"""
                                sub-histograms must not map to the same cache sets */
 #define W 8            /* vector lanes (int32): one AVX2 register */
 #define FLUSH (1 << 26) /* vectors between flushes of the 32-bit lane counters */
+#define AHEAD 2048      /* bytes prefetched ahead (see the module doc) */
 
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
@@ -67,7 +71,9 @@ static inline void one(int32_t a, const int32_t *tm1, int nt, uint32_t *h, int32
    out: nb counts, max a, smallest non-zero a (-1 when none). */
 static void stats32(const void *src, int bf16, int64_t n, const int32_t *tm1_in, int nt,
                     int64_t nb, int64_t *out) {
-    static __thread uint32_t h[W][HB];
+    uint32_t h[W][HB] __attribute__((aligned(64))); /* on the stack: a thread-local array is
+                                                     reached through __tls_get_addr (-fPIC),
+                                                     measured 12% slower */
     int32_t tm1[MAXT];
     vi tv[MAXT];
     int ntv = (nt + 1) & ~1; /* padded to a multiple of 2: INT32_MAX is never exceeded */
@@ -86,6 +92,8 @@ static void stats32(const void *src, int bf16, int64_t n, const int32_t *tm1_in,
         int64_t v1 = v0 + FLUSH < nv ? v0 + FLUSH : nv;
         for (int64_t v = v0; v < v1; v++) {
             vi a;
+            if ((v & (bf16 ? 3 : 1)) == 0) /* once per 64-byte line */
+                __builtin_prefetch((const char *)src + (v * W << (bf16 ? 1 : 2)) + AHEAD, 0, 3);
             if (bf16) {
                 vh b;
                 memcpy(&b, x16 + v * W, sizeof(b));
@@ -144,6 +152,7 @@ void mp_stats_16(const uint16_t *x, int64_t n, const int16_t *lut, int64_t nb, i
     memset(local, 0, sizeof(local));
     uint32_t top = 0, low = 0xFFFFu;
     for (int64_t i = 0; i < n; i++) {
+        if ((i & 31) == 0) __builtin_prefetch((const char *)(x + i) + AHEAD, 0, 3);
         uint32_t a = x[i] & 0x7FFFu;
         local[i & 3][lut[a]]++;
         top = a > top ? a : top;
