@@ -226,6 +226,31 @@ def test_tuple_outputs_and_weight_sharing():
     assert monitor.stats("shared.weight", "param_grad").numel == 16
 
 
+def test_a_gradient_reaching_several_tensors_is_measured_once(monkeypatch):
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.lin(x)  # the add hands its output's gradient on, unchanged
+
+    model = Residual()
+    monitor = Monitor(model, formats=["fp16"]).attach()
+    measured = []
+    compute = monitor.layout.compute
+    monkeypatch.setattr(monitor.layout, "compute", lambda t: measured.append(t) or compute(t))
+    out = model(torch.randn(5, 4))
+    measured.clear()
+    (out * torch.arange(20.0).view(5, 4)).sum().backward()
+    # one gradient for both outputs, then the weight's and the bias's gradients
+    assert len(measured) == 3
+    root, lin = monitor.stats("", "grad_output"), monitor.stats("lin", "grad_output")
+    assert root.count == lin.count == 1 and root.numel == 20
+    assert (root.zeros, root.max_abs) == (lin.zeros, lin.max_abs) == (1, 19.0)
+    monitor.detach()
+
+
 def test_inplace_activation_gradients():
     lin, relu = nn.Linear(3, 6), nn.ReLU(inplace=True)
     model = nn.Sequential(lin, relu)

@@ -20,7 +20,8 @@ version of the tensor, so in-place activations (``ReLU(inplace=True)``) are meas
 correctly. ``grad_input`` is the gradient autograd computes for that tensor: the sum over
 all its uses, as in ``tensor.grad``. A tensor seen by several modules (a module's output is
 the next one's input, or a container returns its child's output) is measured once and
-filed under every ``(module, kind)`` it belongs to.
+filed under every ``(module, kind)`` it belongs to; so is a gradient autograd hands to
+several tensors (``x + f(x)`` passes one gradient on to ``f``'s output unchanged).
 
 Each measurement is one int64 vector on the tensor's device (:mod:`.stats`); the vectors
 are read out in one transfer per reporting interval (``report_every`` steps, or when a
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -144,6 +146,7 @@ class Monitor:
         self._seq = 0
         self._pending: list[_Record] = []
         self._seen: dict[tuple[int, int], _Seen] = {}
+        self._grads: dict[int, tuple] = {}  # id(gradient) -> (weakref, version, record)
         self._snapshot: dict[str, torch.Tensor] = {}
         self._scales: dict[int, object] = {}
         # host side results
@@ -253,7 +256,7 @@ class Monitor:
 
             def hook(grad: torch.Tensor) -> None:
                 if self._attached and grad is not None:
-                    self._record(grad, *keys)
+                    self._record_grad(grad, keys)
 
             try:
                 entry.handle = tensor.register_hook(hook)
@@ -261,6 +264,21 @@ class Monitor:
                 entry.grad_keys = None
         elif key not in entry.grad_keys:
             entry.grad_keys.append(key)
+
+    def _record_grad(self, grad: torch.Tensor, keys: list) -> None:
+        """Measure a gradient once, however many hooked tensors receive it.
+
+        Autograd hands the same gradient tensor to several tensors (``a + b`` passes its
+        output's gradient on to both, so a residual block's output and its last layer's
+        output get one tensor); it is measured once and filed under all their keys.
+        """
+        entry = self._grads.get(id(grad))
+        if entry is not None and entry[0]() is grad and entry[1] == grad._version:
+            rec = entry[2]
+            rec.keys.extend(k for k in keys if k not in rec.keys)
+            return
+        rec = self._record(grad, *keys)
+        self._grads[id(grad)] = (weakref.ref(grad), grad._version, rec)
 
     def _pre_hook(self, path: str):
         def pre_hook(module, args, kwargs):
@@ -308,6 +326,7 @@ class Monitor:
             if entry.handle is not None:
                 entry.handle.remove()
         self._seen.clear()
+        self._grads.clear()
 
     def _maybe_snapshot(self) -> None:
         """Copy the parameters before a measured step, into buffers kept between steps.
