@@ -93,6 +93,28 @@ def test_c_kernel_split_over_threads(monkeypatch, pool):
         assert torch.equal(fast.compute(t), ref.compute(t))
 
 
+def test_portable_build_matches_torch_ops(tmp_path, monkeypatch):
+    """The kernel built without -march=native and OpenMP (other CPUs) gives the same result."""
+    import shutil
+
+    from mixprec.numerics import _cpu_kernel
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    path = _cpu_kernel._compile(cc, tmp_path, ["-O3"])
+    assert path is not None
+    monkeypatch.setattr(_cpu_kernel, "_lib", _cpu_kernel._open(path))
+    monkeypatch.setattr(_cpu_kernel, "_tried", True)
+    monkeypatch.setattr(_cpu_kernel, "_OPENMP", False)
+    monkeypatch.setattr(_cpu_kernel, "PARALLEL_MIN", 100)
+    fmts = [get_format(n) for n in ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")]
+    fast, ref = StatsLayout(fmts), StatsLayout(fmts, kernel="torch")
+    x = _known_tensor()
+    for t in (x, x.bfloat16(), x.half(), x[:1001]):
+        assert torch.equal(fast.compute(t), ref.compute(t))
+
+
 def test_histogram_and_max_by_hand():
     layout = StatsLayout([get_format("fp16")])
     x = torch.tensor([0.0, 1.0, 1.5, -3.0, 2.0**-130, 2.0**-20, 65520.0])

@@ -324,8 +324,8 @@ class StatsLayout:
     def _compute_c(self, lib, x: torch.Tensor) -> torch.Tensor:
         """:meth:`compute` in one pass of the C kernel (:mod:`._cpu_kernel`); same result.
 
-        fp32 and bf16 (widened exactly) compare each value with the thresholds in vector
-        registers; fp16 reads the interval from its 2**15-entry table.
+        fp32 compares each value with the thresholds in vector registers; fp16 and bf16 read
+        the interval from their format's 2**15-entry table.
         """
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             x = x.float()
@@ -333,11 +333,11 @@ class StatsLayout:
             x = x.contiguous()
         out = torch.empty(self.vector_len, dtype=torch.int64)
         threads = torch.get_num_threads()
-        if x.dtype == torch.float16:
-            kind, table, nt = "f16", self._lut("fp16_i16", x.device).data_ptr(), 0
+        if x.dtype == torch.float32:
+            kind, table, nt = "f32", self._tm1.data_ptr(), len(self.thresholds)
         else:
-            kind = "f32" if x.dtype == torch.float32 else "bf16"
-            table, nt = self._tm1.data_ptr(), len(self.thresholds)
+            lut = "fp16_i16" if x.dtype == torch.float16 else "bf16_i16"
+            kind, table, nt = "16", self._lut(lut, x.device).data_ptr(), 0
         _cpu_kernel.run(lib, kind, x, table, nt, self.n_intervals, out, threads)
         return out
 
