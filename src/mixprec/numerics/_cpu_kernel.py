@@ -41,9 +41,8 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-#define MAXB 2048      /* intervals (fp16 table) */
 #define MAXT 32        /* thresholds */
-#define HB (256 + MAXT + 8) /* intervals of the threshold kernels, padded: the lanes'
+#define HB (256 + MAXT + 8) /* intervals (at most 256 + MAXT), padded: the lanes'
                                sub-histograms must not map to the same cache sets */
 #define W 8            /* vector lanes (int32): one AVX2 register */
 #define FLUSH (1 << 26) /* vectors between flushes of the 32-bit lane counters */
@@ -204,8 +203,8 @@ void mp_stats_par(int64_t which, const char *x, int64_t n, int64_t size, const v
 }
 """
 
-MAX_INTERVALS = 2048
-MAX_THRESHOLDS = 32
+MAX_THRESHOLDS = 32  # MAXT
+MAX_INTERVALS = 256 + MAX_THRESHOLDS  # every interval index fits the kernels' histograms
 PARALLEL_MIN = 1 << 16  # elements per tensor before it is split over threads
 _lib = None
 _tried = False
