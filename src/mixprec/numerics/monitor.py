@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import weakref
 from collections.abc import Iterable
 
 import torch
@@ -146,7 +145,6 @@ class Monitor:
         self._seq = 0
         self._pending: list[_Record] = []
         self._seen: dict[tuple[int, int], _Seen] = {}
-        self._grads: dict[int, tuple] = {}  # id(gradient) -> (weakref, version, record)
         self._snapshot: dict[str, torch.Tensor] = {}
         self._scales: dict[int, object] = {}
         # host side results
@@ -256,7 +254,7 @@ class Monitor:
 
             def hook(grad: torch.Tensor) -> None:
                 if self._attached and grad is not None:
-                    self._record_grad(grad, keys)
+                    self._record_once(grad, keys)
 
             try:
                 entry.handle = tensor.register_hook(hook)
@@ -265,20 +263,18 @@ class Monitor:
         elif key not in entry.grad_keys:
             entry.grad_keys.append(key)
 
-    def _record_grad(self, grad: torch.Tensor, keys: list) -> None:
-        """Measure a gradient once, however many hooked tensors receive it.
+    def _record_once(self, tensor: torch.Tensor, keys: list) -> None:
+        """Measure a tensor once per step and version, however many keys it is met under.
 
-        Autograd hands the same gradient tensor to several tensors (``a + b`` passes its
-        output's gradient on to both, so a residual block's output and its last layer's
-        output get one tensor); it is measured once and filed under all their keys.
+        A module's output is also its container's output; autograd hands one gradient to
+        several tensors (``a + b`` passes its output's gradient on to both, so a residual
+        block's output and its last layer's output get the same tensor).
         """
-        entry = self._grads.get(id(grad))
-        if entry is not None and entry[0]() is grad and entry[1] == grad._version:
-            rec = entry[2]
-            rec.keys.extend(k for k in keys if k not in rec.keys)
-            return
-        rec = self._record(grad, *keys)
-        self._grads[id(grad)] = (weakref.ref(grad), grad._version, rec)
+        entry = self._seen_entry(tensor)
+        if entry.record is None:
+            entry.record = self._record(tensor, *keys)
+        else:
+            entry.record.keys.extend(k for k in keys if k not in entry.record.keys)
 
     def _pre_hook(self, path: str):
         def pre_hook(module, args, kwargs):
@@ -301,11 +297,7 @@ class Monitor:
             key = (path, "output")
             for t in _tensors(output):
                 if want_out:
-                    entry = self._seen_entry(t)
-                    if entry.record is None:
-                        entry.record = self._record(t, key)
-                    elif key not in entry.record.keys:
-                        entry.record.keys.append(key)
+                    self._record_once(t, [key])
                 if want_grad and torch.is_grad_enabled():
                     self._hook_grad(t, (path, "grad_output"))
             if is_root:  # end of the forward pass: forget identities, keep the hooks
@@ -326,7 +318,6 @@ class Monitor:
             if entry.handle is not None:
                 entry.handle.remove()
         self._seen.clear()
-        self._grads.clear()
 
     def _maybe_snapshot(self) -> None:
         """Copy the parameters before a measured step, into buffers kept between steps.

@@ -86,7 +86,7 @@ class _Record:
 
 
 class _Seen:
-    """A tensor met in this forward pass (by identity and version)."""
+    """A tensor met in this step, forward output or gradient (by identity and version)."""
 
     __slots__ = ("ref", "record", "grad_keys", "handle")
 
