@@ -62,6 +62,14 @@ static inline void one(int32_t a, const int32_t *tm1, int nt, uint32_t *h, int32
     if (m < *low) *low = m;
 }
 
+/* Add the lanes' sub-histograms into out[0 .. nb) and clear them. */
+static void flush(uint32_t h[W][HB], int64_t nb, int64_t *out) {
+    for (int l = 0; l < W; l++) {
+        for (int64_t j = 0; j < nb; j++) out[j] += h[l][j];
+    }
+    memset(h, 0, sizeof(uint32_t) * W * HB);
+}
+
 /* |x| as fp32 bit patterns a.
    Interval of a: (a >> 23) + #{thresholds t <= a}, i.e. + #{a > t - 1}: the same index as
    StatsLayout.interval_of_bits. Thresholds tm1[j] = t_j - 1 are compared in vectors (no table
@@ -102,10 +110,7 @@ static void stats32(const int32_t *x32, int64_t n, const int32_t *tm1_in, int nt
             low = (m & lt) | (low & ~lt);
             for (int l = 0; l < W; l++) h[l][idx[l]]++;
         }
-        for (int l = 0; l < W; l++) {
-            for (int64_t j = 0; j < nb; j++) out[j] += h[l][j];
-        }
-        memset(h, 0, sizeof(h));
+        flush(h, nb, out);
     }
     int32_t t = 0, lo = 0x7FFFFFFF;
     for (int l = 0; l < W; l++) {
@@ -152,10 +157,7 @@ void mp_stats_16(const uint16_t *x, int64_t n, const int16_t *lut, int64_t nb, i
             low = (m & lt) | (low & ~lt);
             for (int l = 0; l < W; l++) h[l][lut[a[l]]]++;
         }
-        for (int l = 0; l < W; l++) {
-            for (int64_t j = 0; j < nb; j++) out[j] += h[l][j];
-        }
-        memset(h, 0, sizeof(h));
+        flush(h, nb, out);
     }
     uint32_t t = 0, lo = 0xFFFFu;
     for (int l = 0; l < W; l++) {
