@@ -5,8 +5,9 @@ device: max |x|, smallest non-zero |x|, the zero and non-finite fractions, and f
 target format the fractions that would overflow, be subnormal or flush to zero if cast to
 it, plus a log2 histogram (:mod:`.stats`, one-pass C kernel on the CPU in
 :mod:`._cpu_kernel`). It finds the first inf/NaN in execution order and explains skipped
-steps (:mod:`.records`). :mod:`.report` renders verdicts, a rich table and JSON,
-:mod:`.plots` the PNGs; :mod:`.diagnose` runs ``mixprec diagnose``.
+steps (:mod:`.records`); its readout and queries are in :mod:`.results`. :mod:`.report`
+renders verdicts, a rich table and JSON, :mod:`.plots` the PNGs; :mod:`.diagnose` runs
+``mixprec diagnose``.
 
 Example:
     >>> import torch

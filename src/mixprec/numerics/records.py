@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FirstNonFinite", "NonFiniteError", "describe"]
+__all__ = ["KINDS", "PHASE", "FirstNonFinite", "NonFiniteError", "describe"]
+
+KINDS = ("output", "grad_output", "grad_input", "param_grad", "weight", "update")
+PHASE = {  # the phase in which each kind of tensor is measured
+    "output": "forward",
+    "grad_output": "backward",
+    "grad_input": "backward",
+    "param_grad": "backward",
+    "weight": "update",
+    "update": "update",
+}
 
 
 def describe(path: str, kind: str) -> str:
