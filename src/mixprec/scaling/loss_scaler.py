@@ -10,7 +10,7 @@ import torch
 
 from mixprec.scaling.kernels import NONE_INDEX, GradChecker, LocateMethod
 from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
-from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, StepLog
+from mixprec.scaling.telemetry import ScalerRecord, StepLog
 
 __all__ = ["LossScaler"]
 
@@ -26,7 +26,7 @@ _OVERRIDABLE = (
 )
 
 
-class LossScaler:
+class LossScaler(ScalerRecord):
     """Scales the loss, unscales and checks gradients, and moves the scale; never syncs.
 
     One interface for no scaling (``enabled=False``: every method is a no-op), a static
@@ -343,88 +343,6 @@ class LossScaler:
             segments.append((offset, names, call))
             offset += count
         return first, tuple(segments)
-
-    # -- floor check and telemetry -----------------------------------------------------------
-    @property
-    def steps(self) -> int:
-        """Number of :meth:`update` calls (known on the host)."""
-        return self._steps
-
-    @property
-    def steps_skipped(self) -> torch.Tensor:
-        """Steps whose gradients overflowed (int64 0-dim tensor, no sync)."""
-        self._ensure_state(None)
-        return self._log.skipped.clone()
-
-    @property
-    def steps_taken(self) -> torch.Tensor:
-        """Steps whose optimizer update ran: ``steps - steps_skipped`` (tensor, no sync)."""
-        return self._steps - self.steps_skipped
-
-    def check(self) -> None:
-        """Raise :class:`ScaleFloorError` if, among the steps not yet checked,
-        ``floor_patience`` consecutive ones overflowed with the scale at ``min_scale``.
-
-        Scans the on-device record of those steps on the host (one copy of the record,
-        so one sync). Steps that left the record (more than ``history_len`` since the
-        last check) are not seen. One error covers all steps recorded so far.
-        """
-        if not self.enabled or self._scale is None or self.config.min_scale <= 0:
-            return
-        log = self._log
-        start = max(self._floor_scanned, log.origin, self._steps - log.capacity)
-        if start > self._floor_scanned:
-            self._floor_streak = 0  # unseen steps: count afresh
-        if start >= self._steps:
-            return
-        scales, overflowed = torch.stack([log.scale, log.overflow.float()]).tolist()
-        for step in range(start, self._steps):
-            slot = step % log.capacity
-            at_floor = overflowed[slot] and scales[slot] <= self.config.min_scale
-            self._floor_streak = self._floor_streak + 1 if at_floor else 0
-            if self._floor_streak >= self.floor_patience:
-                # Report once for everything recorded so far; a caller that catches the
-                # error and trains on is told again after floor_patience more such steps.
-                self._floor_scanned, self._floor_streak = self._steps, 0
-                self._raise_floor_error(step)
-        self._floor_scanned = self._steps
-
-    def _raise_floor_error(self, step: int) -> None:
-        name = self._log.name_at(step, self._steps)
-        where = (
-            f"the first non-finite gradient was {name!r}"
-            if name
-            else (
-                "the first non-finite gradient was not recorded (locate_nonfinite=False or "
-                "found_inf came from outside unscale_)"
-            )
-        )
-        raise ScaleFloorError(
-            f"loss scale is at its floor min_scale={self.config.min_scale:g} and "
-            f"{self.floor_patience} consecutive steps overflowed (through step {step}); {where}. "
-            "Lowering the scale cannot help: the gradients are inf/NaN at the smallest scale. "
-            "Look for an overflow in the forward pass (fp16 activations past 65504, log(0), "
-            "division by zero), lower the learning rate, or train in bf16."
-        )
-
-    def telemetry(self) -> ScalerTelemetry:
-        """Read the record to the host (syncs) after running the floor check.
-
-        Example:
-            >>> LossScaler().telemetry().steps
-            0
-        """
-        if not self.enabled:
-            return ScalerTelemetry(0, 0, 1.0, (), 0, ())
-        self._ensure_state(None)
-        self.check()
-        return self._log.read(self._steps, self.get_scale())
-
-    def first_nonfinite(self, step: int) -> str | None:
-        """Name of the first non-finite gradient of ``step`` (syncs), if recorded."""
-        if not self.enabled or self._log is None:
-            return None
-        return self._log.name_at(step, self._steps)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
