@@ -7,11 +7,12 @@ it computes each value's interval ``(a >> 23) + #{thresholds t <= a}`` by compar
 values at a time with every threshold in vector registers (no table lookup per element, no
 branch), counts it in one of eight private sub-histograms, and tracks the extremes in vector
 registers. fp16 and bf16 tensors read the interval from their format's 2**15-entry table
-(64 KB, cache-resident), which is about twice as fast as comparing (0.42-0.46 against 0.95
-ns per bf16 value, one core). The loops prefetch 2 KB ahead: the tensors a training step produces
-are read back from memory, and on the machine measured the hardware prefetcher alone left
-the loop waiting (2.1 ns per fp32 value, 0.75 ns with the prefetch, one core). Results are
-bit-identical to the torch path (tested). Large tensors are split into
+(64 KB, cache-resident), which is about twice as fast as comparing. The loops prefetch 2 KB
+ahead: the tensors a training step produces are read back from memory, and the hardware
+prefetcher alone left the loop waiting. (While developing, on the project's CPU, one core:
+bf16 0.42-0.46 ns a value by table against 0.95 by comparing; fp32 2.1 ns a value from
+memory without the prefetch, 0.75 with it. ``benchmarks/bench_stats.py`` times the
+kernel as it is.) Results are bit-identical to the torch path (tested). Large tensors are split into
 ``torch.get_num_threads()`` chunks. When torch runs on GNU OpenMP (its CPU wheels do), the
 kernel is built with ``-fopenmp`` and its ``libgomp.so.1`` resolves to torch's copy, so the
 chunks run on torch's own OpenMP threads, already awake (with Python threads instead,
