@@ -20,7 +20,11 @@ Figures printed (medians over ``--reps`` steps per copy, after ``--warmup``):
 * ``overhead(every=N) = ((N - 1) * t(idle) + t(every=1)) / N / t(none) - 1`` for N = 100
   (target <= 2%): one measured step in N, the others idle;
 * with ``--direct``, a fourth copy runs ``every=100`` and its mean step time over whole
-  windows of 100 steps is compared to ``none``'s mean (needs ``--reps`` >= 100).
+  windows of 100 steps is compared to ``none``'s mean (needs ``--reps`` >= 100);
+* with ``--breakdown``, where the every=1 time goes: the time inside
+  ``StatsLayout.compute`` per step of the every=1 copy (its calls are timed), and a copy
+  ``stub`` whose monitor measures every step with a statistics function that returns a
+  zero vector at once, i.e. the cost of the hooks, records and parameter snapshot alone.
 
 The monitor reads its results out every 50 steps (``report_every``), as in real use; the
 readout happens inside the timed step it falls on.
@@ -28,7 +32,7 @@ readout happens inside the timed step it falls on.
 Usage::
 
     .venv/bin/python benchmarks/bench_monitor.py [--reps 30] [--warmup 3] [--recipe fp32]
-        [--threads 2] [--direct --reps 100] [--control]
+        [--threads 2] [--direct --reps 100] [--control] [--breakdown]
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--direct", action="store_true", help="also time every=100 directly")
     parser.add_argument("--control", action="store_true", help="add a second unmonitored copy")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="time the statistics; add a stub-kernel copy"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +73,10 @@ def main() -> None:
         configs["every=100"] = 100
     if args.control:
         configs["none-2"] = None
+    if args.breakdown:
+        configs["stub"] = 1
     runs = {}
+    stats_time = [0.0]  # seconds inside StatsLayout.compute of the every=1 copy
     for name, every in configs.items():
         precision = Precision(args.recipe)
         model = copy.deepcopy(base)
@@ -76,6 +86,11 @@ def main() -> None:
             monitor = Monitor(model, every=every)
             if every == 10**9:
                 monitor.step()  # step 0 is measured by every N: move past it
+            if name == "stub":
+                zeros = torch.zeros(monitor.layout.vector_len, dtype=torch.int64)
+                monitor.layout.compute = lambda x, zeros=zeros: zeros
+            elif name == "every=1" and args.breakdown:
+                monitor.layout.compute = _timed(monitor.layout.compute, stats_time)
             monitor.attach()
         runs[name] = (model, opt, precision, monitor, [])
 
@@ -93,12 +108,16 @@ def main() -> None:
 
     names = list(configs)
     rng = random.Random(0)
+    stats_per_step = []  # seconds of statistics in each timed step of the every=1 copy
     for i in range(args.warmup + args.reps):
         order = rng.sample(names, len(names))
         for name in order:
+            before = stats_time[0]
             dt = one_step(name, i)
             if i >= args.warmup:
                 runs[name][4].append(dt)
+                if name == "every=1":
+                    stats_per_step.append(stats_time[0] - before)
     med = {name: statistics.median(runs[name][4]) for name in names}
     base_t = med["none"]
     print(f"numerics monitor overhead: gpt/{args.size}, recipe {args.recipe}, "
@@ -121,6 +140,24 @@ def main() -> None:
             if args.control:
                 ctrl = statistics.mean(runs["none-2"][4][:w]) / statistics.mean(runs["none"][4][:w])
                 print(f"  noise floor: none-2 vs none, mean of {w} steps: {100 * (ctrl - 1):6.1f}%")
+    if args.breakdown:
+        extra = med["every=1"] - base_t
+        stats_ms = 1e3 * statistics.median(stats_per_step)
+        print(f"every=1 breakdown: {1e3 * extra:.1f} ms/step over none, of which "
+              f"{stats_ms:.1f} ms inside StatsLayout.compute (median per step); "
+              f"stub-kernel monitor: {100 * (med['stub'] / base_t - 1):.1f}%")  # fmt: skip
+
+
+def _timed(fn, total: list[float]):
+    """``fn`` that adds the seconds it takes to ``total[0]``."""
+
+    def timed(x):
+        t0 = time.perf_counter()
+        out = fn(x)
+        total[0] += time.perf_counter() - t0
+        return out
+
+    return timed
 
 
 if __name__ == "__main__":
