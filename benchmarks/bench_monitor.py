@@ -76,7 +76,7 @@ def main() -> None:
     if args.breakdown:
         configs["stub"] = 1
     runs = {}
-    stats_time = [0.0]  # seconds inside StatsLayout.compute of the every=1 copy
+    stats_time = [0.0, 0]  # seconds inside StatsLayout.compute of the every=1 copy, values
     for name, every in configs.items():
         precision = Precision(args.recipe)
         model = copy.deepcopy(base)
@@ -108,16 +108,16 @@ def main() -> None:
 
     names = list(configs)
     rng = random.Random(0)
-    stats_per_step = []  # seconds of statistics in each timed step of the every=1 copy
+    stats_per_step = []  # (seconds, values) of statistics in each timed step of every=1
     for i in range(args.warmup + args.reps):
         order = rng.sample(names, len(names))
         for name in order:
-            before = stats_time[0]
+            before = list(stats_time)
             dt = one_step(name, i)
             if i >= args.warmup:
                 runs[name][4].append(dt)
                 if name == "every=1":
-                    stats_per_step.append(stats_time[0] - before)
+                    stats_per_step.append([a - b for a, b in zip(stats_time, before)])
     med = {name: statistics.median(runs[name][4]) for name in names}
     base_t = med["none"]
     print(f"numerics monitor overhead: gpt/{args.size}, recipe {args.recipe}, "
@@ -142,19 +142,22 @@ def main() -> None:
                 print(f"  noise floor: none-2 vs none, mean of {w} steps: {100 * (ctrl - 1):6.1f}%")
     if args.breakdown:
         extra = med["every=1"] - base_t
-        stats_ms = 1e3 * statistics.median(stats_per_step)
+        stats_ms = 1e3 * statistics.median(t for t, _ in stats_per_step)
+        values = statistics.median(v for _, v in stats_per_step)
         print(f"every=1 breakdown: {1e3 * extra:.1f} ms/step over none, of which "
-              f"{stats_ms:.1f} ms inside StatsLayout.compute (median per step); "
+              f"{stats_ms:.1f} ms inside StatsLayout.compute (median per step, "
+              f"{values / 1e6:.1f} M values); "
               f"stub-kernel monitor: {100 * (med['stub'] / base_t - 1):.1f}%")  # fmt: skip
 
 
 def _timed(fn, total: list[float]):
-    """``fn`` that adds the seconds it takes to ``total[0]``."""
+    """``fn`` that adds the seconds it takes to ``total[0]``, the values it sees to ``total[1]``."""
 
     def timed(x):
         t0 = time.perf_counter()
         out = fn(x)
         total[0] += time.perf_counter() - t0
+        total[1] += x.numel()
         return out
 
     return timed
