@@ -6,8 +6,9 @@ ml_dtypes.finfo, and an exact rational-arithmetic rounding written here from the
 Where the references disagree with quantize (and why) -- asserted below, not skipped:
 * fp6/fp4 have no NaN: ml_dtypes turns NaN into ±0; quantize keeps NaN (a NaN in training
   should stay visible).
-* e8m0fnu from float32/bfloat16 subnormals in [2^-127, 1.5 * 2^-127): ml_dtypes and torch
-  give 2^-126; the nearest value (and quantize's answer) is 2^-127.
+* e8m0fnu from float32/bfloat16 subnormals in [2^-127, 1.5 * 2^-127): torch and ml_dtypes
+  before 0.7 give 2^-126; the nearest value (and quantize's answer) is 2^-127. There the
+  tests compare quantize with the exact oracle, whatever the installed ml_dtypes does.
 * torch's float8_e4m3fn cast saturates (finite and infinite inputs go to ±448), where
   ml_dtypes gives NaN: it equals quantize(..., overflow="saturate").
 * torch casts 0 to float8_e8m0fnu's smallest value 2^-127; ml_dtypes (and quantize) give
@@ -19,6 +20,7 @@ Where the references disagree with quantize (and why) -- asserted below, not ski
 from __future__ import annotations
 
 import math
+import zlib
 from fractions import Fraction
 
 import ml_dtypes
@@ -220,17 +222,19 @@ def test_nearest_matches_ml_dtypes_on_every_16bit_pattern(name, dtype):
 @pytest.mark.parametrize("name", ML_NAMES + list(ML_CUSTOM))
 def test_nearest_matches_ml_dtypes_on_fp32(name):
     f, ml_type = fmt_of(name), ml_of(name)
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # the same inputs in every process
     x = torch.from_numpy(tricky_fp32(f, ml_type, rng, n_random=600_000))
     assert x.numel() >= 1_000_000
     got, ref = q(x, f), ml_reference(x, ml_type)
     skip = known_differences(x, f)
     bad = ~same_bits(got, ref) & ~skip
     assert not bad.any(), (x[bad][:5], got[bad][:5], ref[bad][:5])
-    if f.name == "e8m0fnu":  # where ml_dtypes rounds up, quantize is the nearer value
-        d = skip & x.isfinite()
-        err_got, err_ref = ((t[d].double() - x[d].double()).abs() for t in (got, ref))
-        assert (err_got <= err_ref).all() and (err_got < err_ref).any()
+    if f.name == "e8m0fnu":  # where ml_dtypes releases differ, the exact oracle decides
+        d = (skip & x.isfinite()).nonzero().flatten()
+        assert d.numel() > 0
+        xs = x[d[:: max(1, d.numel() // 2000)]]
+        exact = torch.tensor([oracle_nearest(float(v), f) for v in xs], dtype=torch.float32)
+        assert same_bits(q(xs, f), exact).all()
 
 
 def test_float64_inputs_match_exact_oracle():
