@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-report
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint docs bench clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests benchmarks examples)
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
+
 test: lint
 	$(BIN)/python -m pytest -q -n 2
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) site build dist .pytest_cache .ruff_cache
