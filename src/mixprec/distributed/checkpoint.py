@@ -4,8 +4,11 @@ Each rank writes one file, ``rank-{rank:05d}-of-{world:05d}.pt``, holding exactl
 needs to continue: the model's state dict (under FSDP2 its DTensor shards), the optimizer's
 (with its sharded states), ``Precision.state_dict()`` (loss scaler, master weights) and the
 rank's RNG states. Tensors are saved as they are, bit for bit, and loaded with
-``weights_only=True``. Resharding onto a different number of ranks is not supported: use
-``torch.distributed.checkpoint`` for that.
+``weights_only=True``. fp8 models save their scaling state (``Float8Linear``'s amax
+histories and scales are buffers of the state dict, the same on every rank once synced);
+a weight that FSDP2 all-gathers in fp8 is saved as the high-precision shard it wraps, so
+the file holds plain tensors only. Resharding onto a different number of ranks is not
+supported: use ``torch.distributed.checkpoint`` for that.
 """
 
 from __future__ import annotations
@@ -18,13 +21,37 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixprec.distributed.core import world_size
+from mixprec.distributed.core import is_sharded, world_size
 
 __all__ = ["checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _plain(tensor):
+    """A weight all-gathered in fp8 saved as the high-precision tensor it wraps."""
+    from mixprec.distributed.fp8_all_gather import Float8AllGatherWeight
+
+    if is_sharded(tensor) and isinstance(tensor.to_local(), Float8AllGatherWeight):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            tensor.to_local()._tensor,
+            tensor.device_mesh,
+            tensor.placements,
+            run_check=False,
+            shape=tensor.shape,
+            stride=tensor.stride(),
+        )
+    if isinstance(tensor, Float8AllGatherWeight):
+        return tensor._tensor
+    return tensor
+
+
+def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in state.items()}
 
 
 def checkpoint_path(
@@ -65,7 +92,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "world_size": world_size(),
-        "model": model.state_dict(),
+        "model": _plain_state(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "precision": precision.state_dict() if precision is not None else None,
         "rng": {"torch": torch.get_rng_state()},

@@ -98,7 +98,14 @@ class _Float8LinearFn(torch.autograd.Function):
             "update": update,
         }
         x8, sx = cast_to_float8(x, state[0], state[1], fwd8, **kw)
-        w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
+        if hasattr(weight, "float8_data_and_scale"):
+            # Already fp8: FSDP2 all-gathered it in fp8 with the scale of the global amax
+            # (mixprec.distributed.fp8_all_gather); the scale buffer records what was used.
+            w8, sw = weight.float8_data_and_scale(fwd8)
+            if update:
+                state[3].copy_(sw)
+        else:
+            w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
         if "output" in cfg.gemms:
             out = scaled_mm(
                 x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=emulate
