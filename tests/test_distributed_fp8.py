@@ -172,6 +172,7 @@ def _resume(rank: int, mode: str, directory: str):
     model, opt, precision = build()
     _loop(model, precision, opt, batches[:3], rank)
     path = mpd.save_checkpoint(directory, model=model, optimizer=opt, precision=precision)
+    saved = (flat(model), _fp8_state(model))
     saved_types = sorted(
         {
             type(mpd.local_tensor(v)).__name__
@@ -187,6 +188,8 @@ def _resume(rank: int, mode: str, directory: str):
         "straight": (straight, *straight_state),
         "resumed": (resumed, flat(model), _fp8_state(model)),
         "saved_types": saved_types,
+        "saved": saved,
+        "directory": directory,
     }
 
 
@@ -329,6 +332,26 @@ def test_fp8_checkpoint_resumes_bit_exactly(fp8_battery, mode):
         for key in state:
             assert torch.equal(state[key], state2[key]), key
         assert result["saved_types"] == ["Tensor"]  # plain shards: no tensor subclass saved
+
+
+def test_ddp_fp8_checkpoint_loads_on_one_process(fp8_battery):
+    """A replicated (DDP) checkpoint of two ranks resumes in one process, with a warning."""
+    result, _ = _both(fp8_battery, "resume_ddp_delayed")
+    model = _model()
+    precision = Precision(DELAYED)
+    model, opt = precision.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    with pytest.warns(UserWarning, match="written by 2 rank"):
+        mpd.load_checkpoint(result["directory"], model=model, optimizer=opt, precision=precision)
+    params, state = result["saved"]
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), params)
+    assert len(state) == len(_fp8_state(model)) == 18  # 3 layers x 3 roles x (history, scale)
+    for key, value in _fp8_state(model).items():  # "module." prefix: saved without it
+        assert torch.equal(value, state["module." + key]), key
+    x, y = _batches(1)[0]
+    with precision.autocast():
+        loss = (model(x).float() - y).square().mean()
+    precision.backward(loss)
+    assert precision.step(opt)
 
 
 # -- refusals -------------------------------------------------------------------------------
