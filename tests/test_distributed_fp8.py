@@ -388,3 +388,40 @@ def test_sync_is_a_no_op_on_one_process():
     model = _model()
     convert_to_float8(model, config=Float8Config(scaling="delayed"))
     assert mpd.sync_float8_amax_history(model) == 0
+
+
+def test_float8_linear_uses_a_gathered_fp8_weight_as_is():
+    """One process: a layer fed the fp8 weight computes what casting the hp weight gives."""
+    torch.manual_seed(3)
+    plain = Float8Linear(32, 16)
+    e4m3 = torch.float8_e4m3fn
+    scale = amax_to_scale(tensor_to_amax(plain.weight), e4m3)
+    data = hp_tensor_and_scale_to_float8(plain.weight, scale, e4m3)
+    gathered = Float8Linear(32, 16)
+    gathered.bias = plain.bias
+    gathered.weight = nn.Parameter(mpd.Float8GatheredWeight(data, scale, torch.float32))
+    x = torch.randn(8, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, out2 = plain(x), gathered(x2)
+    assert torch.equal(out, out2)
+    assert torch.equal(gathered.weight_scale, scale)  # the scale it came with is recorded
+    out.square().sum().backward()
+    out2.square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.equal(plain.weight.grad, gathered.weight.grad)
+    # used as is, not cast again: a scale a quarter of current scaling's is kept
+    quarter = scale / 4
+    gathered.weight = nn.Parameter(
+        mpd.Float8GatheredWeight(
+            hp_tensor_and_scale_to_float8(plain.weight, quarter, e4m3), quarter, torch.float32
+        )
+    )
+    gathered(x2)
+    assert torch.equal(gathered.weight_scale, quarter)
+    weight = gathered.weight
+    assert torch.equal(weight * 1, weight._data.float() * torch.reciprocal(quarter))  # other ops
+    with pytest.raises(RuntimeError, match="read-only"):
+        with torch.no_grad():
+            weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="all-gathered as torch.float8_e4m3fn"):
+        weight.float8_data_and_scale(torch.float8_e5m2)

@@ -195,7 +195,8 @@ class Float8GatheredWeight(torch.Tensor):
     """An all-gathered fp8 weight and its scale, seen from outside as a ``param_dtype`` tensor.
 
     ``Float8Linear`` takes ``float8_data_and_scale()`` and multiplies in fp8 directly. Any
-    other op sees the dequantised weight ``data * (1 / scale)`` in ``param_dtype``.
+    other op sees the dequantised weight ``data * (1 / scale)`` in ``param_dtype``; an op
+    that would write into it raises ``RuntimeError`` (the write would be lost).
     """
 
     _data: torch.Tensor
@@ -242,6 +243,13 @@ class Float8GatheredWeight(torch.Tensor):
         if func in _GATHERED_VIEWS and isinstance(args[0], cls):
             src = args[0]
             return cls(func(src._data, *args[1:], **kwargs), src._scale, src.dtype)
+        if func._schema.is_mutable and isinstance(args[0], cls):
+            # a write would land in a dequantised copy and vanish: refuse it
+            raise RuntimeError(
+                f"{func} would modify an fp8 all-gathered weight, which is a read-only copy of "
+                "the sharded weight for this forward/backward; modify the sharded parameter "
+                "(outside forward) instead"
+            )
         args, kwargs = pytree.tree_map_only(cls, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
 

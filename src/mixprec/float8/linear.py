@@ -174,6 +174,11 @@ class Float8Linear(nn.Linear):
     ``state_dict``: ``{input,weight,grad_output}_amax_history`` (length ``history_len``
     for delayed scaling, 1 for current) and ``{input,weight,grad_output}_scale``.
 
+    A weight that arrives already in fp8, one with a ``float8_data_and_scale(fp8_dtype)``
+    method returning ``(data, scale)`` (FSDP2's fp8 all-gather,
+    :mod:`mixprec.distributed.fp8_all_gather`), is used as it is; ``weight_scale`` then
+    records the scale it came with.
+
     The state advances only in training mode (``module.training``): eval mode, with or
     without ``torch.no_grad``, reads it and leaves it unchanged. Every forward in training
     mode advances it, so activation recomputation advances it twice.
