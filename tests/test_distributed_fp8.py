@@ -86,7 +86,17 @@ def _trajectory(rank: int, mode: str) -> dict:
     kinds = [type(m).__name__ for m in model.modules()]
     out = {"losses": losses, "bytes": per_step, "fp8_layers": kinds.count("Float8Linear")}
     if mode == "fsdp2_fp8":
-        out["gathered"] = _check_gathered_weight(model)
+        # the shards FSDP2 all-gathers carry a scale precomputed after the last step (one
+        # all-reduce for all weights), computed from their current values
+        group = model._get_fsdp_state()._fsdp_param_group
+        held = [p._sharded_local_tensor for p in group.fsdp_params]
+        shards = [t for t in held if isinstance(t, mpd.Float8AllGatherWeight)]
+        out["precomputed"] = [t._precomputed is not None for t in shards]
+        with torch.no_grad():  # a write makes the precomputed scales stale: they must go
+            for layer in (m for m in model.modules() if isinstance(m, Float8Linear)):
+                layer.weight.mul_(2.0)
+        out["cleared"] = [t._precomputed is None for t in shards]
+        out["gathered"] = _check_gathered_weight(model)  # with scales of the doubled weights
         out["weight_kinds"] = sorted({type(p.to_local()).__name__ for p in model.parameters()})
     return out
 
@@ -300,6 +310,8 @@ def test_fp8_all_gather_moves_half_the_bytes_of_bf16(fp8_battery):
 def test_fp8_gathered_weight_is_the_cast_of_the_full_weight(fp8_battery):
     for result in _both(fp8_battery, "trajectory_fsdp2_fp8"):
         assert result["gathered"] == [(True, True, True)] * 3
+        assert result["precomputed"] == [True, True, True]
+        assert result["cleared"] == [True, True, True]
         assert "Float8AllGatherWeight" in result["weight_kinds"]
 
 

@@ -27,8 +27,8 @@ Two tensor subclasses carry it, using FSDP2's all-gather extension points
 
 :func:`precompute_float8_scales` computes every weight's scale with one all-reduce after the
 optimizer step (``Precision.step`` calls it); without it each all-gather reduces its own
-amax. A precomputed scale is used only while the shard it was computed from is unchanged
-(its version counter), so a forgotten call costs an all-reduce, never a stale scale.
+amax. Any write into a shard (an optimizer step, ``load_state_dict``) clears its
+precomputed scale, so a forgotten call costs an all-reduce, never a stale scale.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Float8AllGatherWeight(torch.Tensor):
     """
 
     _tensor: torch.Tensor
-    _precomputed: tuple[torch.Tensor, int] | None
+    _precomputed: torch.Tensor | None
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor, config, precomputed=None):
@@ -115,7 +115,7 @@ class Float8AllGatherWeight(torch.Tensor):
     def __init__(self, tensor: torch.Tensor, config, precomputed=None) -> None:
         self._tensor = tensor
         self._config = config
-        self._precomputed = precomputed  # (scale, version of _tensor it was computed from)
+        self._precomputed = precomputed  # scale from precompute_float8_scales; any write clears it
 
     def __repr__(self) -> str:
         return f"Float8AllGatherWeight({self._tensor!r}, format={self._config.forward_format})"
@@ -129,6 +129,10 @@ class Float8AllGatherWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:  # a write (optimizer step, load): the scale is stale
+            for leaf in pytree.tree_leaves((args, kwargs)):
+                if isinstance(leaf, cls):
+                    leaf._precomputed = None
         config = None
 
         def unwrap(t: Float8AllGatherWeight) -> torch.Tensor:
@@ -145,8 +149,8 @@ class Float8AllGatherWeight(torch.Tensor):
     def _scale(self, mesh) -> torch.Tensor:
         """The scale of the full weight: precomputed, or from this shard's amax all-reduced."""
         pre = self._precomputed
-        if pre is not None and pre[1] == self._tensor._version:
-            return pre[0]
+        if pre is not None:
+            return pre
         amax = tensor_to_amax(self._tensor)
         if mesh is not None and mesh.size() > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
@@ -342,7 +346,7 @@ def float8_all_gather_modules(model: nn.Module) -> list[Float8Linear]:
         for m in model.modules()
         if isinstance(m, Float8Linear)
         and is_sharded(m.weight)
-        and isinstance(m.weight.to_local(), Float8AllGatherWeight)
+        and isinstance(m.weight._local_tensor, Float8AllGatherWeight)
     ]
 
 
@@ -353,7 +357,7 @@ def precompute_float8_scales(model: nn.Module) -> int:
     ``scale_i = amax_to_scale(max over ranks of max |W_i shard|)`` for every layer i, the
     amaxes of all layers stacked into one tensor and reduced once per process group. Call it
     after the optimizer step (``Precision.step`` does); the next all-gathers use these scales
-    while the shards stay unchanged.
+    until a write into a shard clears its scale.
 
     Returns:
         The number of weights whose scale was computed (0 when none travel in fp8).
@@ -368,11 +372,12 @@ def precompute_float8_scales(model: nn.Module) -> int:
         weight = module.weight
         mesh = weight.device_mesh  # reduce over the mesh dimensions the weight is sharded on
         groups = tuple(mesh.get_group(d) for d, p in enumerate(weight.placements) if p.is_shard())
-        by_group.setdefault(groups, []).append(weight.to_local())
+        # the very object FSDP2 calls fsdp_pre_all_gather on (to_local() may return an alias)
+        by_group.setdefault(groups, []).append(weight._local_tensor)
     for groups, shards in by_group.items():
         amaxes = torch.stack([tensor_to_amax(s._tensor) for s in shards])
         for group in groups:
             dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for shard, amax in zip(shards, amaxes, strict=True):
-            shard._precomputed = (_scale_from_amax(amax, shard._config), shard._tensor._version)
+            shard._precomputed = _scale_from_amax(amax, shard._config)
     return len(modules)
