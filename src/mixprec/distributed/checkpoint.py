@@ -37,11 +37,11 @@ def _plain(tensor):
     """A weight all-gathered in fp8 saved as the high-precision tensor it wraps."""
     from mixprec.distributed.fp8_all_gather import Float8AllGatherWeight
 
-    if is_sharded(tensor) and isinstance(tensor.to_local(), Float8AllGatherWeight):
+    if is_sharded(tensor) and isinstance(tensor._local_tensor, Float8AllGatherWeight):
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(
-            tensor.to_local()._tensor,
+            tensor._local_tensor._tensor,
             tensor.device_mesh,
             tensor.placements,
             run_check=False,
