@@ -559,9 +559,13 @@ def test_single_process_checkpoint_and_world_size_mismatch(tmp_path):
     with pytest.warns(UserWarning, match="not bit-exactly"):
         mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
     assert torch.equal(_flat(model), before)
-    # a sharded checkpoint does not
+    # a sharded checkpoint of two ranks needs both files; one that does not say its
+    # strategy (written before it was recorded) only resumes on its own number of ranks
     state = torch.load(moved, weights_only=True)
-    torch.save({**state, "strategy": "fsdp2"}, moved)
+    torch.save({**state, "strategy": "fsdp2", "world_size": 2}, moved)
+    with pytest.raises(FileNotFoundError, match="rank-00001-of-00002.pt"):
+        mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
+    torch.save({k: v for k, v in state.items() if k != "strategy"}, moved)
     with pytest.raises(FileNotFoundError, match="number of ranks that wrote it"):
         mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
 

@@ -183,6 +183,12 @@ def _resume(rank: int, mode: str, directory: str):
     _loop(model, precision, opt, batches[:3], rank)
     path = mpd.save_checkpoint(directory, model=model, optimizer=opt, precision=precision)
     saved = (flat(model), _fp8_state(model))
+    full = []  # every parameter in full (the shards of both ranks, rows in rank order)
+    for p in model.parameters():
+        local = mpd.local_tensor(p.detach()).float()
+        parts = [torch.empty_like(local) for _ in range(WORLD)]
+        dist.all_gather(parts, local)
+        full.append(torch.cat(parts) if mpd.is_sharded(p) else local)
     saved_types = sorted(
         {
             type(mpd.local_tensor(v)).__name__
@@ -199,6 +205,7 @@ def _resume(rank: int, mode: str, directory: str):
         "resumed": (resumed, flat(model), _fp8_state(model)),
         "saved_types": saved_types,
         "saved": saved,
+        "full": full,
         "directory": directory,
     }
 
@@ -364,6 +371,32 @@ def test_ddp_fp8_checkpoint_loads_on_one_process(fp8_battery):
         loss = (model(x).float() - y).square().mean()
     precision.backward(loss)
     assert precision.step(opt)
+
+
+def test_fsdp2_fp8_checkpoint_of_two_ranks_loads_on_one(fp8_battery, monkeypatch):
+    """The shards of both ranks' files are rebuilt for one rank (FSDP2, fp8 all-gather)."""
+    result, _ = _both(fp8_battery, "resume_fsdp2_fp8")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = mpd.shard_model(_model(), "fp8-mixed", fp8_all_gather=True)
+        precision = Precision("fp8-mixed")
+        model, opt = precision.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        with pytest.warns(UserWarning, match="loaded from all 2 files"):
+            mpd.load_checkpoint(
+                result["directory"], model=model, optimizer=opt, precision=precision
+            )
+        for p, expected in zip(model.parameters(), result["full"], strict=True):
+            assert torch.equal(mpd.local_tensor(p.detach()).float(), expected)
+        moments = [opt.state[p]["exp_avg"] for p in model.parameters()]
+        assert all(m.abs().sum() > 0 for m in moments)  # Adam's state came along
+        x, y = _batches(1)[0]
+        with precision.autocast():
+            loss = (model(x).float() - y).square().mean()
+        precision.backward(loss)
+        assert precision.step(opt)
+    finally:
+        dist.destroy_process_group()
 
 
 # -- refusals -------------------------------------------------------------------------------

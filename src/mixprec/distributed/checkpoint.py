@@ -7,10 +7,10 @@ rank's RNG states. Tensors are saved as they are, bit for bit, and loaded with
 ``weights_only=True``. fp8 models save their scaling state (``Float8Linear``'s amax
 histories and scales are buffers of the state dict, the same on every rank once synced);
 a weight that FSDP2 all-gathers in fp8 is saved as the high-precision shard it wraps, so
-the file holds plain tensors only. A replicated checkpoint (DDP, one process) also loads
-on another number of ranks (rank 0's file; RNG not restored, with a warning). Resharding an
-FSDP2 checkpoint onto a different number of ranks is not supported: use
-``torch.distributed.checkpoint`` for that.
+the file holds plain tensors only. On another number of ranks a checkpoint still loads,
+not bit-exactly (the RNG state is not restored; a warning says so): a replicated one (DDP,
+one process) from rank 0's file, an FSDP2 one from every rank's file, its shards rebuilt
+for this run (:mod:`mixprec.distributed.reshard`; FSDP2's 1-D ``Shard(0)`` only).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mixprec.distributed.core import is_sharded, strategy_of, world_size
+from mixprec.distributed.reshard import reshard_state
 
 __all__ = ["checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
@@ -122,18 +123,20 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore this rank's part of a checkpoint in place; returns its ``extra`` dict.
 
-    Call after ``Precision.setup`` with the same recipe and strategy. The same number of
-    ranks resumes bit-exactly. A checkpoint of replicated state (DDP or one process) also
-    loads on a different number of ranks, DDP or not: every rank reads rank 0's file, with a
-    warning that the RNG state is not restored (bit-exact continuation needs the same ranks).
+    Call after ``Precision.setup`` with the same recipe. The same number of ranks resumes
+    bit-exactly. Another number of ranks loads the same state, with a warning that the RNG
+    state is not restored (bit-exact continuation needs the same ranks): a replicated
+    checkpoint (DDP, one process) from rank 0's file, into a model with or without DDP; an
+    FSDP2 checkpoint from every rank's file, shards rebuilt for this run's sharding.
 
     Raises:
-        FileNotFoundError: no file for this rank, and the checkpoint is sharded (FSDP2) or
-            holds no rank 0 file (names the path and what the directory holds).
-        ValueError: the file says it was written by a different number of ranks.
+        FileNotFoundError: no file for this rank and no usable checkpoint of another number
+            of ranks (a rank's file missing, no rank-0 file; names the paths).
+        ValueError: the file says it was written by a different number of ranks, or a
+            tensor is sharded other than FSDP2's 1-D ``Shard(0)``.
 
     Warns:
-        UserWarning: a replicated checkpoint loaded on a different number of ranks.
+        UserWarning: a checkpoint loaded on a different number of ranks.
 
     Example:
         >>> load_checkpoint("ckpt", model=model, optimizer=opt, precision=p)  # doctest: +SKIP
@@ -141,7 +144,7 @@ def load_checkpoint(
     path = checkpoint_path(directory)
     resharded = not path.exists()
     if resharded:
-        path, state = _replicated_state(directory, path)
+        source, state = _state_for_this_world(directory, path, _unwrapped(model), optimizer)
     else:
         state = torch.load(path, weights_only=True)  # tensors return to the devices they left
         if state["world_size"] != world_size():
@@ -156,9 +159,9 @@ def load_checkpoint(
     if resharded:
         warnings.warn(
             f"checkpoint {directory} was written by {state['world_size']} rank(s) and this run "
-            f"has {world_size()}: the model, optimizer and precision state are replicated "
-            f"(strategy {state['strategy']!r}) and were loaded from {path.name}; the RNG state "
-            "was not restored, so the run continues correctly but not bit-exactly",
+            f"has {world_size()}: the model, optimizer and precision state (strategy "
+            f"{state['strategy']!r}) were loaded from {source}; the RNG state was not "
+            "restored, so the run continues correctly but not bit-exactly",
             UserWarning,
             stacklevel=2,
         )
@@ -175,17 +178,31 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _replicated_state(directory, missing: Path) -> tuple[Path, dict]:
-    """Rank 0's file of a replicated (DDP / one-process) checkpoint, for another rank count."""
+def _state_for_this_world(directory, missing: Path, module, optimizer) -> tuple[str, dict]:
+    """A checkpoint of another number of ranks: rank 0's file when replicated (DDP, one
+    process); every rank's file, shards rebuilt for this run, when FSDP2."""
+    import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights_only loads)
+
     files = sorted(Path(directory).glob("rank-*-of-*.pt"))
     first = [p for p in files if p.name.startswith("rank-00000-of-")]
     state = torch.load(first[0], weights_only=True) if len(first) == 1 else None
-    if state is None or state.get("strategy") not in ("ddp", "none"):
-        what = "sharded (FSDP2) " if state is not None else ""
-        raise FileNotFoundError(
-            f"no checkpoint file {missing} for rank {_rank()} of {world_size()}"
-            + (f"; the directory holds {[p.name for p in files[:4]]}" if files else "")
-            + f" (a {what}checkpoint resumes on the number of ranks that wrote it; "
-            "resharding needs torch.distributed.checkpoint)"
-        )
-    return first[0], state
+    strategy = None if state is None else state.get("strategy")
+    if strategy in ("ddp", "none"):
+        return first[0].name, state
+    if strategy == "fsdp2":
+        world = state["world_size"]
+        paths = [checkpoint_path(directory, rank, world) for rank in range(world)]
+        absent = [p.name for p in paths if not p.exists()]
+        if absent:
+            raise FileNotFoundError(
+                f"checkpoint {directory} of {world} FSDP2 ranks lacks {absent[:4]}: every "
+                "rank's file is needed to rebuild the shards for another number of ranks"
+            )
+        states = [state] + [torch.load(p, weights_only=True) for p in paths[1:]]
+        return f"all {world} files", reshard_state(states, module, optimizer)
+    raise FileNotFoundError(
+        f"no checkpoint file {missing} for rank {_rank()} of {world_size()}"
+        + (f"; the directory holds {[p.name for p in files[:4]]}" if files else "")
+        + " (a checkpoint whose rank-0 file does not say its strategy resumes on the number "
+        "of ranks that wrote it)"
+    )
