@@ -7,6 +7,9 @@ or many::
     torchrun --standalone --nproc-per-node 2 examples/train_distributed.py --recipe bf16-mixed
     torchrun --standalone --nproc-per-node 2 examples/train_distributed.py \\
         --strategy fsdp2 --recipe bf16-master --grad-comm bf16
+    # fp8 Linear layers under FSDP2, weights all-gathered in fp8; print bytes per step
+    torchrun --standalone --nproc-per-node 2 examples/train_distributed.py \\
+        --strategy fsdp2 --recipe fp8-mixed --fp8-all-gather --count-bytes
     # two machines, 8 GPUs each (run the same line on both)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id demo --rdzv-backend c10d \\
         --rdzv-endpoint node0.example.com:29500 examples/train_distributed.py --size base
@@ -44,6 +47,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--grad-comm", choices=tuple(COMM), default=None, help="gradient communication dtype"
     )
+    parser.add_argument(
+        "--fp8-all-gather", action="store_true", help="FSDP2: all-gather fp8 weights in fp8"
+    )
+    parser.add_argument(
+        "--count-bytes", action="store_true", help="FSDP2: print all-gather bytes per step"
+    )
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint", default=None, help="directory for per-rank checkpoints")
@@ -51,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.resume and not args.checkpoint:
         parser.error("--resume needs --checkpoint DIR")
+    if (args.fp8_all_gather or args.count_bytes) and args.strategy != "fsdp2":
+        parser.error("--fp8-all-gather and --count-bytes need --strategy fsdp2")
     return args
 
 
@@ -83,7 +94,10 @@ def main() -> None:
             model, device_ids=[device] if device.type == "cuda" else None
         )
     else:
-        model = mpd.shard_model(model, args.recipe, grad_comm_dtype=comm)
+        model = mpd.shard_model(
+            model, args.recipe, grad_comm_dtype=comm, fp8_all_gather=args.fp8_all_gather
+        )
+    counts = mpd.count_fsdp_bytes(model) if args.count_bytes else None
     precision = mp.Precision(args.recipe, grad_comm_dtype=comm)
     model, opt = precision.setup(model, task.build_optimizer(model))
 
@@ -121,6 +135,13 @@ def main() -> None:
                     f"skipped {int(skipped.item())}  {time.perf_counter() - t0:.1f}s"
                 )
 
+    if counts is not None and rank == 0:  # this rank's collectives, per training step
+        n = steps - start
+        print(
+            f"bytes/step on rank 0: all-gather {counts.all_gather / n:.0f} "
+            f"({counts.all_gather_calls / n:g} calls), reduce-scatter "
+            f"{counts.reduce_scatter / n:.0f} ({counts.reduce_scatter_calls / n:g} calls)"
+        )
     with precision.autocast(), torch.no_grad():
         metrics = task.evaluate(model)  # every rank runs it: FSDP2 all-gathers in forward
     if rank == 0:

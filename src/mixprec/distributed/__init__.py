@@ -7,6 +7,9 @@ mixprec runs on PyTorch's own engine and adds what precision needs there:
   (which recipe/strategy combinations hold is tabled in :mod:`mixprec.distributed.plan`).
 * :func:`grad_comm_hook`: DDP gradient all-reduce in fp32, bf16 or fp16.
 * :func:`fsdp_policy`, :func:`shard_model`: a recipe as FSDP2's ``MixedPrecisionPolicy``.
+* fp8: :func:`sync_float8_amax_history` (delayed scaling: one set of scales for all
+  ranks), ``shard_model(..., fp8_all_gather=True)`` (FSDP2 all-gathers weights in fp8,
+  :mod:`~mixprec.distributed.fp8_all_gather`), :func:`count_fsdp_bytes`.
 * :func:`reduce_found_inf`: the rank-consistent inf/NaN verdict (``all_reduce`` MAX) that
   ``Precision.step`` takes before stepping or skipping, so every rank keeps the same scale.
 * :func:`save_checkpoint`, :func:`load_checkpoint`: per-rank files, bit-exact resume.
@@ -20,6 +23,7 @@ Example (run with ``torchrun --nproc-per-node 2 train.py``)::
 """
 
 from mixprec.distributed.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mixprec.distributed.comm_bytes import CommBytes, count_fsdp_bytes
 from mixprec.distributed.core import (
     Strategy,
     global_grad_norm,
@@ -31,6 +35,13 @@ from mixprec.distributed.core import (
     world_size,
 )
 from mixprec.distributed.ddp import COMM_DTYPES, grad_comm_hook, register_grad_comm_hook, rewrap_ddp
+from mixprec.distributed.fp8_all_gather import (
+    Float8AllGatherWeight,
+    Float8GatheredWeight,
+    enable_float8_all_gather,
+    precompute_float8_scales,
+)
+from mixprec.distributed.fp8_sync import sync_float8_amax_history
 from mixprec.distributed.fsdp import fsdp_policies, fsdp_policy, shard_model
 from mixprec.distributed.plan import (
     DistributedSetup,
@@ -43,12 +54,17 @@ from mixprec.distributed.plan import (
 
 __all__ = [
     "COMM_DTYPES",
+    "CommBytes",
+    "Float8AllGatherWeight",
+    "Float8GatheredWeight",
     "DistributedSetup",
     "Strategy",
     "begin_setup",
     "check_fsdp_model",
     "check_recipe",
     "checkpoint_path",
+    "count_fsdp_bytes",
+    "enable_float8_all_gather",
     "finish_setup",
     "fsdp_policies",
     "fsdp_policy",
@@ -58,6 +74,7 @@ __all__ = [
     "load_checkpoint",
     "local_recipe",
     "local_tensor",
+    "precompute_float8_scales",
     "reduce_found_inf",
     "register_grad_comm_hook",
     "require_process_group",
@@ -65,5 +82,6 @@ __all__ = [
     "save_checkpoint",
     "shard_model",
     "strategy_of",
+    "sync_float8_amax_history",
     "world_size",
 ]

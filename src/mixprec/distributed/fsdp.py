@@ -11,7 +11,8 @@ recipe       storage  param_dtype  reduce       what mixprec does on top
 fp32, tf32   fp32     --           fp32         nothing
 fp16-mixed   fp32     fp16         fp32         autocast fp16, dynamic loss scaling
 bf16-mixed   fp32     bf16         fp32         autocast bf16
-fp8-mixed    refused: Float8Linear weights are not sharded with FSDP2 here; use DDP
+fp8-mixed    fp32     bf16 or fp8  fp32         Linears -> Float8Linear before sharding;
+                                                autocast bf16 (fp8: fp8_all_gather=True)
 fp16-master  fp32     fp16         fp16         dynamic loss scaling (shards = master)
 bf16-master  fp32     bf16         fp32         nothing (shards = master)
 bf16-true    refused: FSDP2 has no compensated (Kahan / stochastic) update; use bf16-master
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from mixprec.distributed.core import require_process_group
+from mixprec.distributed.fp8_all_gather import enable_float8_all_gather
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["NORM_TYPES", "fsdp_policy", "fsdp_policies", "shard_model"]
@@ -69,7 +71,7 @@ def fsdp_policy(recipe: str | Recipe, *, grad_comm_dtype: torch.dtype | None = N
     check_recipe("fsdp2", recipe, grad_comm_dtype=grad_comm_dtype)
     if recipe.master_dtype is not None:
         param_dtype = recipe.param_dtype
-    elif recipe.uses_autocast and recipe.fp8 == "off":
+    elif recipe.uses_autocast:
         param_dtype = recipe.compute_dtype
     else:
         param_dtype = None
@@ -106,6 +108,14 @@ def fsdp_policies(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
     return found
 
 
+def _convert_before_sharding(model: nn.Module, recipe: Recipe) -> None:
+    from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
+
+    if any(isinstance(m, Float8Linear) for m in model.modules()):
+        return  # converted by the caller, with its own config and filter
+    convert_to_float8(model, config=Float8Config(scaling=recipe.fp8))
+
+
 def _default_blocks(model: nn.Module) -> list[nn.Module]:
     """Every element of every ``nn.ModuleList`` (transformer blocks, ResNet stages)."""
     return [m for module in model.modules() if isinstance(module, nn.ModuleList) for m in module]
@@ -119,12 +129,18 @@ def shard_model(
     grad_comm_dtype: torch.dtype | None = None,
     blocks: Iterable[nn.Module] | Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     reshard_after_forward: bool = True,
+    fp8_all_gather: bool = False,
 ) -> nn.Module:
     """Shard an fp32 ``model`` with FSDP2 so that it carries out ``recipe``; in place.
 
     ``fully_shard`` is applied bottom-up: normalisation layers (fp32 policy, when the recipe
     keeps norms in fp32 and the policy's ``param_dtype`` is 16-bit), then each block, then
     the root, all with :func:`fsdp_policy`. Pass the result to ``Precision.setup``.
+
+    For an fp8 recipe the eligible ``nn.Linear`` layers are first converted to
+    ``Float8Linear`` (``convert_to_float8`` with the recipe's scaling; layers converted
+    before are kept as they are): FSDP2 holds on to the modules it shards, so converting
+    after sharding would leave their weights unsharded.
 
     Args:
         model: fp32 module on its device (the fp32 shards become the master weights).
@@ -134,10 +150,14 @@ def shard_model(
         blocks: modules to shard one by one, or a function of the model returning them
             (default: every element of every ``nn.ModuleList``).
         reshard_after_forward: free the gathered parameters after forward (ZeRO-3) or not.
+        fp8_all_gather: all-gather each ``Float8Linear`` weight in fp8 (1 byte an element
+            instead of the compute dtype's 2), scaled from the global amax
+            (:mod:`mixprec.distributed.fp8_all_gather`). fp8 recipes with current scaling.
 
     Raises:
         RuntimeError: no process group initialised.
-        ValueError: a recipe FSDP2 cannot honour, or parameters not in fp32.
+        ValueError: a recipe FSDP2 cannot honour, parameters not in fp32, or
+            ``fp8_all_gather`` with a recipe or layer it does not apply to.
 
     Example:
         >>> model = shard_model(task.build_model(), "bf16-master")  # doctest: +SKIP
@@ -154,6 +174,15 @@ def shard_model(
             f"weights and {policy} makes the working copy), but {wrong[0][0]} is "
             f"{wrong[0][1]}: shard the model before casting it"
         )
+    if fp8_all_gather and recipe.fp8 == "off":
+        raise ValueError(
+            f"fp8_all_gather=True but recipe {str(recipe)!r} has no fp8 layers; use an fp8 "
+            "recipe such as 'fp8-mixed'"
+        )
+    if recipe.fp8 != "off":
+        _convert_before_sharding(model, recipe)
+        if fp8_all_gather:
+            enable_float8_all_gather(model)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if recipe.keep_norms_fp32 and _is_16bit(policy.param_dtype):
         for module in model.modules():

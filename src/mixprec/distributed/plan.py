@@ -8,7 +8,9 @@ recipe        DDP                                   FSDP2 (``fully_shard``)
 fp32, tf32    yes                                   yes
 fp16-mixed    yes                                   yes (policy param_dtype fp16 or none)
 bf16-mixed    yes                                   yes (policy param_dtype bf16 or none)
-fp8-mixed     yes                                   no: Float8Linear is not FSDP2-aware
+fp8-mixed     yes (delayed amax histories synced)   yes: Linears converted before sharding
+                                                    (shard_model), weights all-gathered in
+                                                    the compute dtype or in fp8
 fp16-master   yes (DDP re-wrapped after the cast)   yes: fp32 shards are the master weights,
 bf16-master   yes (DDP re-wrapped after the cast)   policy param_dtype must be the recipe's
 bf16-true     yes (DDP re-wrapped after the cast)   no: no compensated update on shards
@@ -36,6 +38,8 @@ from mixprec.distributed.core import (
     strategy_of,
 )
 from mixprec.distributed.ddp import COMM_DTYPES, register_grad_comm_hook, rewrap_ddp
+from mixprec.distributed.fp8_all_gather import precompute_float8_scales
+from mixprec.distributed.fp8_sync import sync_float8_amax_history
 from mixprec.recipes import Recipe
 
 __all__ = ["DistributedSetup", "begin_setup", "check_recipe", "finish_setup", "local_recipe"]
@@ -75,11 +79,6 @@ def check_recipe(
     if strategy != "fsdp2":
         return
     prefix = f"recipe {str(recipe)!r} cannot run under FSDP2: "
-    if recipe.fp8 != "off":
-        raise ValueError(
-            prefix + "Float8Linear keeps plain weight tensors and amax history that "
-            "fully_shard does not shard or all-gather; use DistributedDataParallel for fp8"
-        )
     if recipe.update != "plain":
         raise ValueError(
             prefix + f"update={recipe.update!r} compensates low-precision parameters in place, "
@@ -107,9 +106,16 @@ def check_fsdp_model(model: nn.Module, recipe: Recipe, grad_comm_dtype=None) -> 
         ValueError: naming the parameter or module and the fix.
     """
     from mixprec.distributed.fsdp import NORM_TYPES, fsdp_policies
+    from mixprec.float8.linear import Float8Linear
 
     check_recipe("fsdp2", recipe, grad_comm_dtype=grad_comm_dtype)
     fix = "shard the fp32 model with mixprec.distributed.shard_model(model, recipe)"
+    if recipe.fp8 != "off" and not any(isinstance(m, Float8Linear) for m in model.modules()):
+        raise ValueError(
+            f"recipe {str(recipe)!r} runs fp8 Linear layers, but this FSDP2 model has no "
+            "Float8Linear: under FSDP2 the layers must be converted before fully_shard (FSDP2 "
+            f"holds on to the modules it sharded); {fix}"
+        )
     for name, param in model.named_parameters():
         if not is_sharded(param):
             raise ValueError(
@@ -156,12 +162,16 @@ def local_recipe(strategy: Strategy, recipe: Recipe) -> Recipe:
     Under DDP the gradients are reduced in the parameters' dtype (DDP's buckets hold it)
     after they are accumulated, so a master recipe's fp32 gradients are made from the
     reduced 16-bit ones at the step (``grad_dtype = param_dtype`` locally) instead of being
-    accumulated into fp32 before the all-reduce. Otherwise the recipe itself.
+    accumulated into fp32 before the all-reduce. Under FSDP2 an fp8 recipe's Linear layers
+    were converted before sharding (FSDP2 holds the modules it sharded), so the local recipe
+    has ``fp8="off"``: nothing is converted again. Otherwise the recipe itself.
 
     Example:
         >>> local_recipe("fsdp2", get_recipe("bf16-master")).param_dtype  # doctest: +SKIP
         torch.float32
     """
+    if strategy == "fsdp2" and recipe.fp8 != "off":  # converted before sharding
+        recipe = recipe.replace(fp8="off")
     if strategy == "none" or recipe.master_dtype is None:
         return recipe
     if strategy == "ddp":
@@ -201,6 +211,26 @@ class DistributedSetup:
     def reduce_found_inf(self, found_inf: torch.Tensor) -> torch.Tensor:
         """``all_reduce(found_inf, MAX)`` for a distributed model with more than one rank."""
         return reduce_found_inf(found_inf) if self.is_distributed else found_inf
+
+    def before_step(self) -> None:
+        """Once an iteration, before the first optimizer steps: agree on the fp8 state.
+
+        Delayed-scaling amax histories are reduced over ranks (MAX) and the scales
+        recomputed (:func:`~mixprec.distributed.fp8_sync.sync_float8_amax_history`), so every
+        rank casts with the same scales. One collective; none without delayed fp8 layers.
+        """
+        if self.is_distributed:
+            sync_float8_amax_history(self.module)
+
+    def after_step(self) -> None:
+        """Once an iteration, after every optimizer stepped: FSDP2 fp8 all-gather scales.
+
+        Computes the scale of every weight that is all-gathered in fp8 with one all-reduce
+        (:func:`~mixprec.distributed.fp8_all_gather.precompute_float8_scales`); nothing
+        otherwise.
+        """
+        if self.strategy == "fsdp2":
+            precompute_float8_scales(self.module)
 
     def clip_(self, grads: list[torch.Tensor], max_norm: float, clip_fn) -> torch.Tensor:
         """Clip to a total 2-norm of ``max_norm``; returns the norm before clipping.

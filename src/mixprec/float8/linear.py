@@ -98,7 +98,14 @@ class _Float8LinearFn(torch.autograd.Function):
             "update": update,
         }
         x8, sx = cast_to_float8(x, state[0], state[1], fwd8, **kw)
-        w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
+        if hasattr(weight, "float8_data_and_scale"):
+            # Already fp8: FSDP2 all-gathered it in fp8 with the scale of the global amax
+            # (mixprec.distributed.fp8_all_gather); the scale buffer records what was used.
+            w8, sw = weight.float8_data_and_scale(fwd8)
+            if update:
+                state[3].copy_(sw)
+        else:
+            w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
         if "output" in cfg.gemms:
             out = scaled_mm(
                 x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=emulate
@@ -166,6 +173,11 @@ class Float8Linear(nn.Linear):
     gradient to ``config.backward_format``. The scaling state is six buffers saved in
     ``state_dict``: ``{input,weight,grad_output}_amax_history`` (length ``history_len``
     for delayed scaling, 1 for current) and ``{input,weight,grad_output}_scale``.
+
+    A weight that arrives already in fp8, one with a ``float8_data_and_scale(fp8_dtype)``
+    method returning ``(data, scale)`` (FSDP2's fp8 all-gather,
+    :mod:`mixprec.distributed.fp8_all_gather`), is used as it is; ``weight_scale`` then
+    records the scale it came with.
 
     The state advances only in training mode (``module.training``): eval mode, with or
     without ``torch.no_grad``, reads it and leaves it unchanged. Every forward in training

@@ -219,6 +219,8 @@ class Precision:
                 "step() called twice for the same optimizer without backward() in between: "
                 "call precision.backward(loss) once per micro-batch, then step() once"
             )
+        if not self._stepped:  # first optimizer of the iteration: ranks agree on fp8 scales
+            self._dist.before_step()
         opt = plan.optimizer
         if len(opt.param_groups) != plan.n_groups:  # add_param_group() after setup()
             plan.refresh()
@@ -283,6 +285,8 @@ class Precision:
         return result
 
     def _finish_iteration(self) -> None:
+        if self._dist is not None:
+            self._dist.after_step()  # FSDP2 fp8 all-gather: next scales, one all-reduce
         if self._scaling and self._found_infs:
             found = self._found_infs[0]
             for other in self._found_infs[1:]:
