@@ -109,8 +109,10 @@ def test_delayed_scale_sequence_follows_pseudocode(reduce, power_of_two):
         update_delayed_scale(
             hist, scale, torch.tensor(amax), E4M3, reduce=reduce, power_of_two=power_of_two
         )
-        a = amax if math.isfinite(amax) else 0.0
-        r_hist = [a, *r_hist[:-1]]
+        if not math.isfinite(amax):  # a non-finite amax advances nothing
+            assert hist.tolist() == r_hist and scale.item() == r_scale
+            continue
+        r_hist = [amax, *r_hist[:-1]]
         r = max(r_hist) if reduce == "max" else r_hist[0]
         if r > 0:
             s = 448.0 / r
@@ -492,3 +494,112 @@ def test_scaled_cast_matches_mixprec_quantize(dtype):
     scale = amax_to_scale(torch.tensor(1e4), dtype)  # values up to 2**30 saturate
     out = hp_tensor_and_scale_to_float8(x, scale, dtype).double()
     torch.testing.assert_close(out, ref_quantize(x * scale, dtype), rtol=0, atol=0)
+
+
+# -- non-finite values are never hidden (issue 13 §3) ------------------------------------
+def _nonfinite_twins(scaling: str):
+    torch.manual_seed(0)
+    ref = nn.Linear(32, 48)
+    layer = Float8Linear.from_linear(copy.deepcopy(ref), Float8Config(scaling=scaling))
+    layer(torch.randn(8, 32)).sum().backward()  # a clean step: delayed state is initialised
+    layer.zero_grad()
+    return ref, layer
+
+
+def _grads(module, x, g):
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.backward(g)
+    return out.detach(), x.grad, module.weight.grad
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_nonfinite_is_where_nn_linear_has_it(scaling, where, value):
+    ref, layer = _nonfinite_twins(scaling)
+    x, g = torch.randn(8, 32), torch.randn(8, 48)
+    if where == "input":
+        x[3, 5] = value
+    elif where == "grad_output":
+        g[2, 7] = value
+    else:
+        with torch.no_grad():
+            for m in (ref, layer):
+                m.weight[4, 9] = value
+    role = where
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith(role + "_")}
+    nonfinite = 0
+    for a, b, name in zip(_grads(ref, x, g), _grads(layer, x, g), ("out", "grad_x", "grad_w")):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        nonfinite += int((~torch.isfinite(a)).sum())
+    assert nonfinite > 0  # the reference has non-finite values, and we have them where it does
+    for k, v in before.items():  # the state of the role with the non-finite amax stays
+        assert torch.equal(layer.state_dict()[k], v), k
+
+
+def test_nonfinite_input_keeps_other_rows_exact_scale():
+    # The scale comes from the finite values: the other rows are what they are without the inf.
+    _, layer = _nonfinite_twins("current")
+    x = torch.randn(8, 32)
+    clean = layer(x).detach()
+    x[0, 0] = math.inf
+    out = layer(x).detach()
+    assert not torch.isfinite(out[0]).any()
+    if x[1:].abs().max() >= x[0, 1:].abs().max():  # row 0's finite values are not the amax
+        assert torch.equal(out[1:], clean[1:])
+    assert torch.isfinite(out[1:]).all()
+
+
+def _scaled_twins():
+    torch.manual_seed(0)
+    # No bias: its gradient (a plain sum of grad_out) would show the inf on its own.
+    plain = nn.Sequential(nn.Linear(32, 64, bias=False), nn.ReLU(), nn.Linear(64, 16, bias=False))
+    fp8 = copy.deepcopy(plain)
+    convert_to_float8(fp8)
+    return plain, fp8
+
+
+@pytest.mark.parametrize("where", ["input", "grad_output"])
+def test_fp16_loss_scaling_skips_and_backs_off_like_nn_linear(where):
+    from mixprec.scaling import LossScaler
+
+    results = []
+    for model in _scaled_twins():
+        precision = mixprec.Precision("fp16-mixed", scaler=LossScaler(init_scale=1024.0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = precision.setup(model, opt)
+        record = []
+        for step in range(2):  # a clean step, then one with an inf
+            before = [p.detach().clone() for p in model.parameters()]
+            scale0 = precision.scaler.get_scale()
+            x = torch.randn(4, 32)
+            if step == 1 and where == "input":
+                x[1, 3] = math.inf
+            with precision.autocast():
+                out = model(x)
+            if step == 1 and where == "grad_output":
+                out.register_hook(lambda g: g.index_fill(1, torch.tensor([5]), math.inf))
+            precision.backward(out.float().pow(2).mean())
+            stepped = bool(precision.step(opt))
+            same = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            record.append((stepped, same, precision.scaler.get_scale() / scale0))
+        results.append(record)
+    assert results[0] == results[1] == [(True, False, 1.0), (False, True, 0.5)], results
+
+
+def test_bf16_monitor_finds_the_fp8_layer_with_the_first_inf():
+    _, model = _scaled_twins()
+    from mixprec.numerics import Monitor
+
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        model[2].weight[3, 3] = math.inf
+    with Monitor(model, formats=["bf16"]) as monitor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        monitor.step()
+    first = monitor.first_nonfinite
+    assert (first.phase, first.path) == ("forward", "2"), first
+    assert monitor.stats("0", "output", step=0).nonfinite == 0
