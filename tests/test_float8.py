@@ -630,3 +630,57 @@ def test_inductor_compiles_without_graph_break_and_matches_eager(scaling):
         for (name, buf), other in zip(eager.named_buffers(), twin.buffers()):
             assert torch.equal(other, buf), name
     assert all(torch.isfinite(p.grad).all() for p in twin.parameters())
+
+
+# -- Hugging Face Conv1D (issue 17) -------------------------------------------------------
+def test_conv1d_is_float8_linear_of_the_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)  # nf = out, nx = in; weight (32, 48)
+    with torch.no_grad():
+        conv.bias.normal_()
+    model = nn.Sequential(conv)
+    report = convert_to_float8(model)
+    assert report.converted == ("0",) and report.layers[0].in_features == 32
+    layer = model[0]
+    assert layer.weight is conv.weight and layer.weight.shape == (32, 48)
+    twin = nn.Linear(32, 48)
+    with torch.no_grad():
+        twin.weight.copy_(conv.weight.t())
+        twin.bias.copy_(conv.bias)
+    twin = Float8Linear.from_linear(twin)
+    x, g = torch.randn(2, 5, 32), torch.randn(2, 5, 48)
+    out, gx, gw = _grads(layer, x, g)
+    out_t, gx_t, gw_t = _grads(twin, x, g)
+    assert torch.equal(out, out_t) and torch.equal(gx, gx_t)
+    assert torch.equal(gw, gw_t.t())  # the (in, out) Parameter gets the transposed gradient
+    ref = Conv1D(48, 32)
+    ref.load_state_dict(layer.state_dict(), strict=False)
+    with torch.no_grad():
+        exact = ref(x)
+    sqnr = 10 * math.log10(exact.pow(2).sum() / (exact - out).pow(2).sum())
+    assert sqnr >= 25.0, sqnr  # the eager Conv1D, within fp8's error
+
+
+def test_gpt2_conv1d_layers_convert_and_train():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(64, (2, 16))
+    with torch.no_grad():
+        ref = model(ids, labels=ids).loss
+    report = convert_to_float8(model)
+    names = {
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    }
+    assert names <= set(report.converted), str(report)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert model.transformer.h[0].attn.c_attn.weight.grad.shape == (32, 96)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mixprec.float8.config import Float8Config
-from mixprec.float8.linear import Float8Linear
+from mixprec.float8.linear import Float8Conv1D, Float8Linear
 
 __all__ = ["Float8ConversionReport", "LayerDecision", "convert_to_float8"]
 
@@ -72,12 +73,37 @@ class Float8ConversionReport:
         return "\n".join(lines)
 
 
-def _dims_reason(linear: nn.Linear) -> str | None:
+def hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` when transformers is already imported, else None.
+
+    Looked up in ``sys.modules`` so that mixprec never imports transformers itself (a
+    model that holds a Conv1D has imported it).
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's Linear, weight stored (in, out))."""
+    conv1d = hf_conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape  # Conv1D: (nx, nf)
+    return in_features, out_features
+
+
+def _dims_reason(linear: nn.Module) -> str | None:
+    in_features, out_features = _features(linear)
     bad = [
         f"{label}={value}"
         for label, value in (
-            ("in_features", linear.in_features),
-            ("out_features", linear.out_features),
+            ("in_features", in_features),
+            ("out_features", out_features),
         )
         if value % _MULTIPLE
     ]
@@ -94,6 +120,9 @@ def convert_to_float8(
     force: Collection[str] = (),
 ) -> Float8ConversionReport:
     """Swap, in place, each eligible ``nn.Linear`` of ``model`` for a ``Float8Linear``.
+
+    Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, weight
+    stored (in, out)) counts as a Linear and becomes a :class:`Float8Conv1D`.
 
     A Linear is eligible when both ``in_features`` and ``out_features`` are multiples of
     16 (what fp8 tensor cores require) and ``module_filter_fn(module, fqn)`` (when given)
@@ -130,7 +159,7 @@ def convert_to_float8(
     # Resolve the dtypes now: a torch build without float8 fails here, not at the first step.
     _ = (config.forward_dtype, config.backward_dtype)
     force = set(force)
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {name: mod for name, mod in model.named_modules() if _is_linear(mod)}
     for name in sorted(force):
         if name not in linears:
             raise ValueError(
@@ -139,10 +168,10 @@ def convert_to_float8(
             )
         reason = _dims_reason(linears[name])
         if reason is not None:
-            lin = linears[name]
+            k, n = _features(linears[name])
             raise ValueError(
-                f"cannot force fp8 on {name!r}: shape (out_features={lin.out_features}, "
-                f"in_features={lin.in_features}) has {reason}; pad the layer or leave it out "
+                f"cannot force fp8 on {name!r}: shape (out_features={n}, "
+                f"in_features={k}) has {reason}; pad the layer or leave it out "
                 "of force"
             )
     decisions: list[LayerDecision] = []
@@ -162,17 +191,18 @@ def convert_to_float8(
             reason = "excluded by module_filter_fn"
         else:
             reason = None
-        decisions.append(
-            LayerDecision(
-                name, lin.in_features, lin.out_features, reason is None, reason or "converted"
-            )
-        )
+        k, n = _features(lin)
+        decisions.append(LayerDecision(name, k, n, reason is None, reason or "converted"))
         if reason is None:
             swaps.append((name, lin))
     for name, lin in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Float8Linear.from_linear(lin, config))
+        if isinstance(lin, nn.Linear):
+            new = Float8Linear.from_linear(lin, config)
+        else:
+            new = Float8Conv1D.from_conv1d(lin, config)
+        setattr(parent, child, new)
     report = Float8ConversionReport(tuple(decisions), config)
     if not swaps:
         details = "; ".join(f"{d.name or '<model>'}: {d.reason}" for d in decisions)

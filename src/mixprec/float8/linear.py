@@ -23,7 +23,7 @@ from torch import nn
 from mixprec.float8.config import Float8Config
 from mixprec.float8.scaling import cast_to_float8, inverse_scale
 
-__all__ = ["ROLES", "Float8Linear", "scaled_mm"]
+__all__ = ["ROLES", "Float8Conv1D", "Float8Linear", "scaled_mm"]
 
 ROLES = ("input", "weight", "grad_output")
 """The three tensors that get an fp8 scale; each has ``<role>_amax_history`` and
@@ -223,14 +223,17 @@ class Float8Linear(nn.Linear):
             )
         new.weight = linear.weight
         new.bias = linear.bias
-        device = linear.weight.device
+        new._fresh_state(linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def _fresh_state(self, device: torch.device) -> None:
+        """Scaling buffers on ``device`` as a new layer has them (histories 0, scales 1)."""
         for role in ROLES:
             for suffix in ("_amax_history", "_scale"):
                 name = role + suffix
-                setattr(new, name, torch.zeros_like(getattr(new, name), device=device))
-            getattr(new, f"{role}_scale").fill_(1.0)
-        new.train(linear.training)
-        return new
+                setattr(self, name, torch.zeros_like(getattr(self, name), device=device))
+            getattr(self, f"{role}_scale").fill_(1.0)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         # The scaling state stays float32 even after model.to(bf16) / a recipe's cast of
@@ -244,6 +247,10 @@ class Float8Linear(nn.Linear):
             getattr(self, role + suffix) for role in ROLES for suffix in ("_amax_history", "_scale")
         )
 
+    def _weight_nk(self) -> torch.Tensor:
+        """The weight as (N, K) = (out_features, in_features); a view, so grads flow back."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -253,7 +260,7 @@ class Float8Linear(nn.Linear):
         lead = x.shape[:-1]
         with torch.autocast(device_type, enabled=False):
             out = _Float8LinearFn.apply(
-                x.reshape(-1, self.in_features), self.weight, self._state(), self, out_dtype
+                x.reshape(-1, self.in_features), self._weight_nk(), self._state(), self, out_dtype
             )
             if self.bias is not None:
                 out = out + self.bias.to(out_dtype)
@@ -265,3 +272,35 @@ class Float8Linear(nn.Linear):
             f"{super().extra_repr()}, scaling={c.scaling}, "
             f"formats={c.forward_format}/{c.backward_format}"
         )
+
+
+class Float8Conv1D(Float8Linear):
+    """fp8 twin of Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Linear).
+
+    ``Conv1D(nf, nx)`` computes ``y = x·W + b`` with its weight stored as (in, out) =
+    (nx, nf), the transpose of ``nn.Linear``'s. This layer keeps that Parameter (same
+    object, same shape, same ``state_dict`` key) and hands the fp8 products its (N, K)
+    view ``weight.t()``, so the numbers are those of a ``Float8Linear`` with weight
+    ``W.t()`` and the gradient lands on the (in, out) Parameter transposed back.
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> layer = Float8Conv1D.from_conv1d(Conv1D(48, 32))
+        >>> tuple(layer.weight.shape), layer(torch.randn(4, 32)).shape
+        ((32, 48), torch.Size([4, 48]))
+    """
+
+    def _weight_nk(self) -> torch.Tensor:
+        return self.weight.t()
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, config: Float8Config | None = None) -> Float8Conv1D:
+        """A Float8Conv1D sharing ``conv``'s weight (in, out) and bias Parameters."""
+        in_features, out_features = conv.weight.shape
+        with torch.device("meta"):
+            new = cls(in_features, out_features, bias=conv.bias is not None, config=config)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new._fresh_state(conv.weight.device)
+        new.train(conv.training)
+        return new
