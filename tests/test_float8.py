@@ -684,3 +684,35 @@ def test_gpt2_conv1d_layers_convert_and_train():
     loss.backward()
     assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
     assert model.transformer.h[0].attn.c_attn.weight.grad.shape == (32, 96)
+
+
+# -- checkpoints between a plain model and its fp8 twin (issue 18) -------------------------
+def _twins(scaling):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    fp8 = copy.deepcopy(plain)
+    convert_to_float8(fp8, config=Float8Config(scaling=scaling))
+    fp8(torch.randn(4, 32)).sum().backward()  # the state has moved away from fresh
+    return plain, fp8
+
+
+def test_current_scaling_checkpoints_load_both_ways_strictly():
+    plain, fp8 = _twins("current")
+    assert set(fp8.state_dict()) == set(plain.state_dict())
+    fp8.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(fp8.state_dict(), strict=True)
+
+
+def test_delayed_scaling_starts_fresh_from_a_plain_checkpoint_and_says_so():
+    plain, fp8 = _twins("delayed")
+    saved = copy.deepcopy(fp8.state_dict())
+    with pytest.warns(UserWarning, match="no fp8 scaling state.*starts fresh"):
+        fp8.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(fp8[0].input_scale, torch.tensor(1.0))
+    assert not fp8[0].input_amax_history.any()
+    fp8.load_state_dict(saved, strict=True)  # present: loaded
+    assert torch.equal(fp8[0].input_amax_history, saved["0.input_amax_history"])
+    plain.load_state_dict(mixprec.float8.without_float8_state(saved), strict=True)
+    partial = {k: v for k, v in saved.items() if not k.startswith("0.input_scale")}
+    with pytest.raises(RuntimeError, match="only part of the delayed-scaling state"):
+        fp8.load_state_dict(partial)

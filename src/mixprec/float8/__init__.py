@@ -11,13 +11,20 @@ Example:
 
 from mixprec.float8.config import FP8_FORMATS, GEMMS, Float8Config, fp8_dtype
 from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
-from mixprec.float8.linear import Float8Linear, scaled_mm
+from mixprec.float8.linear import (
+    STATE_NAMES,
+    Float8Conv1D,
+    Float8Linear,
+    scaled_mm,
+    without_float8_state,
+)
 from mixprec.float8.scaling import (
     amax_to_scale,
     cast_to_float8,
     hp_tensor_and_scale_to_float8,
     inverse_scale,
     tensor_to_amax,
+    tensor_to_finite_amax,
     update_delayed_scale,
 )
 
@@ -26,8 +33,10 @@ __all__ = [
     "GEMMS",
     "Float8Config",
     "Float8ConversionReport",
+    "Float8Conv1D",
     "Float8Linear",
     "LayerDecision",
+    "STATE_NAMES",
     "amax_to_scale",
     "cast_to_float8",
     "convert_to_float8",
@@ -36,5 +45,7 @@ __all__ = [
     "inverse_scale",
     "scaled_mm",
     "tensor_to_amax",
+    "tensor_to_finite_amax",
     "update_delayed_scale",
+    "without_float8_state",
 ]

@@ -17,17 +17,44 @@ accumulation order.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from mixprec.float8.config import Float8Config
 from mixprec.float8.scaling import cast_to_float8, inverse_scale
 
-__all__ = ["ROLES", "Float8Conv1D", "Float8Linear", "scaled_mm"]
+__all__ = [
+    "ROLES",
+    "STATE_NAMES",
+    "Float8Conv1D",
+    "Float8Linear",
+    "scaled_mm",
+    "without_float8_state",
+]
 
 ROLES = ("input", "weight", "grad_output")
 """The three tensors that get an fp8 scale; each has ``<role>_amax_history`` and
 ``<role>_scale`` buffers."""
+STATE_NAMES = tuple(role + suffix for role in ROLES for suffix in ("_amax_history", "_scale"))
+"""Names of the six scaling buffers of a Float8Linear (in ``state_dict`` under delayed
+scaling only)."""
+
+
+def without_float8_state(state_dict: dict) -> dict:
+    """``state_dict`` without fp8 scaling buffers: what the plain (unconverted) model loads.
+
+    Needed only for checkpoints of delayed-scaling models (current scaling keeps its state
+    out of ``state_dict``).
+
+    Example:
+        >>> layer = Float8Linear(16, 16, config=Float8Config(scaling="delayed"))
+        >>> sorted(without_float8_state(layer.state_dict()))
+        ['bias', 'weight']
+    """
+    return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in STATE_NAMES}
+
 
 _E5M2 = {getattr(torch, n) for n in ("float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)}
 _FNUZ = {getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
@@ -163,9 +190,14 @@ class Float8Linear(nn.Linear):
 
     Parameters stay in their high-precision dtype (the optimizer never sees fp8); each
     forward casts x and W to ``config.forward_format`` and each backward casts the output
-    gradient to ``config.backward_format``. The scaling state is six buffers saved in
-    ``state_dict``: ``{input,weight,grad_output}_amax_history`` (length ``history_len``
-    for delayed scaling, 1 for current) and ``{input,weight,grad_output}_scale``.
+    gradient to ``config.backward_format``. The scaling state is six buffers,
+    ``{input,weight,grad_output}_amax_history`` (length ``history_len`` for delayed
+    scaling, 1 for current) and ``{input,weight,grad_output}_scale``. They are in
+    ``state_dict`` under delayed scaling only: a current-scaling layer has the same
+    ``state_dict`` as the ``nn.Linear`` it replaces, so checkpoints load both ways with
+    ``strict=True``. A delayed-scaling layer loads a checkpoint without the state (from a
+    plain model) by starting fresh, with a warning; :func:`without_float8_state` strips
+    the state for the way back.
 
     The state advances only in training mode (``module.training``): eval mode, with or
     without ``torch.no_grad``, reads it and leaves it unchanged. Every forward in training
@@ -184,8 +216,8 @@ class Float8Linear(nn.Linear):
         >>> layer = Float8Linear(32, 16)
         >>> layer(torch.randn(4, 32)).shape
         torch.Size([4, 16])
-        >>> sorted(k for k in layer.state_dict() if k.endswith("_scale"))
-        ['grad_output_scale', 'input_scale', 'weight_scale']
+        >>> sorted(layer.state_dict()) == sorted(nn.Linear(32, 16).state_dict())
+        True
     """
 
     def __init__(
@@ -202,10 +234,15 @@ class Float8Linear(nn.Linear):
         self.config = config if config is not None else Float8Config()
         _ = (self.config.forward_dtype, self.config.backward_dtype)  # no fp8 dtype: fail now
         n = self.config.state_len
+        # Current scaling recomputes every scale from this step's tensors: its buffers are
+        # metadata, kept out of state_dict so that checkpoints move between a plain model
+        # and its fp8 twin with strict=True. Delayed scaling's history is training state.
+        persistent = self.config.scaling == "delayed"
         for role in ROLES:
             hist = torch.zeros(n, dtype=torch.float32, device=self.weight.device)
-            self.register_buffer(f"{role}_amax_history", hist)
-            self.register_buffer(f"{role}_scale", torch.ones((), device=self.weight.device))
+            self.register_buffer(f"{role}_amax_history", hist, persistent=persistent)
+            scale = torch.ones((), device=self.weight.device)
+            self.register_buffer(f"{role}_scale", scale, persistent=persistent)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> Float8Linear:
@@ -234,6 +271,45 @@ class Float8Linear(nn.Linear):
                 name = role + suffix
                 setattr(self, name, torch.zeros_like(getattr(self, name), device=device))
             getattr(self, f"{role}_scale").fill_(1.0)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # A plain nn.Linear's checkpoint (no scaling state) loads with strict=True: delayed
+        # scaling then starts fresh, and says so. A checkpoint's delayed-scaling state is
+        # dropped, with a warning, by a current-scaling layer (which has no use for it).
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        names = [prefix + name for name in STATE_NAMES]
+        present = [n for n in names if n in state_dict]
+        if self.config.scaling == "delayed" and len(present) < len(names):
+            if present:
+                errors.append(
+                    f"{prefix or 'Float8Linear'}: the checkpoint has only part of the "
+                    f"delayed-scaling state ({', '.join(present)}); give all six buffers or none"
+                )
+                return
+            for n in names:
+                if n in missing_keys:
+                    missing_keys.remove(n)
+            self._fresh_state(self.weight.device)
+            warnings.warn(
+                f"{prefix.rstrip('.') or 'Float8Linear'}: the checkpoint has no fp8 scaling state "
+                "(saved from a plain model?); delayed scaling starts fresh",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.config.scaling != "delayed" and present:
+            for n in present:
+                if n in unexpected_keys:
+                    unexpected_keys.remove(n)
+            warnings.warn(
+                f"{prefix.rstrip('.') or 'Float8Linear'}: ignoring the checkpoint's "
+                f"delayed-scaling state, this layer uses {self.config.scaling} scaling",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         # The scaling state stays float32 even after model.to(bf16) / a recipe's cast of
