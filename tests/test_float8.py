@@ -716,3 +716,62 @@ def test_delayed_scaling_starts_fresh_from_a_plain_checkpoint_and_says_so():
     partial = {k: v for k, v in saved.items() if not k.startswith("0.input_scale")}
     with pytest.raises(RuntimeError, match="only part of the delayed-scaling state"):
         fp8.load_state_dict(partial)
+
+
+# -- pad_inner_dim and the saved weight (issue 18) ----------------------------------------
+def test_pad_inner_dim_converts_odd_layers_and_pads_scaled_mm(count_scaled_mm, monkeypatch):
+    shapes = []
+    real = torch._scaled_mm
+
+    def spy(a, b, **kwargs):
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16))
+    twin = copy.deepcopy(model)
+    report = convert_to_float8(model, config=Float8Config(backend="scaled_mm", pad_inner_dim=True))
+    assert report.converted == ("0", "2") and "padded" in report.layers[0].reason
+    convert_to_float8(twin, config=Float8Config(backend="emulate", pad_inner_dim=True), force=["0"])
+    x, g = torch.randn(8, 40), torch.randn(8, 16)
+    got, want = [], []
+    for m, into in ((model, got), (twin, want)):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.backward(g)
+        into += [out.detach(), xi.grad, m[0].weight.grad, m[2].weight.grad]
+    assert len(shapes) == 6 and all(k % 16 == 0 and n % 16 == 0 for _, (k, n) in shapes), shapes
+    for a, b in zip(got, want):  # the same products as the unpadded emulation
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[0].shape == (8, 16) and model[0].weight.grad.shape == (24, 40)
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_recomputed_weight_cast_is_bit_identical_and_saves_no_fp8_weight(scaling):
+    results, saved = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = Float8Linear(
+            64, 32, config=Float8Config(scaling=scaling, recompute_weight_cast=recompute)
+        )
+        torch.manual_seed(1)
+        with torch.no_grad():
+            layer.weight.normal_()
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append((t.dtype, tuple(t.shape)))
+            return t
+
+        for _ in range(2):
+            x = torch.randn(8, 64, requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = layer(x)
+            out.backward(torch.randn(8, 32))
+        results.append((out.detach(), x.grad, layer.weight.grad))
+        saved.append(kept)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    fp8_weight = (torch.float8_e4m3fn, (32, 64))
+    assert fp8_weight in saved[0] and fp8_weight not in saved[1]

@@ -102,6 +102,18 @@ class Float8Config:
             because torch's CPU ``_scaled_mm`` is a reference kernel (about 0.1 GFLOP/s
             measured on this project's CPU, against tens of GFLOP/s for the float32 matmul
             of the emulation).
+        pad_inner_dim: convert layers whose in_features or out_features is not a multiple
+            of 16 (otherwise skipped) and zero-pad the operands of each ``torch._scaled_mm``
+            call to multiples of 16 (the result is sliced back; zeros add nothing to a
+            product, so the numbers are unchanged). Costs a padded copy of each fp8
+            operand per product. Default False, as torchao's ``pad_inner_dim``.
+        recompute_weight_cast: in backward, cast the saved high-precision weight to fp8
+            again (with the forward's scale, so bit-identical) instead of saving the fp8
+            copy of W from forward. The weight is a Parameter that autograd holds anyway,
+            so recomputing saves N·K bytes per forward not yet backpropagated (each
+            micro-batch of gradient accumulation, each pipeline stage in flight) for one
+            more cast in backward. Default True: torchao saves the high-precision weight
+            and casts it again in backward.
 
     Example:
         >>> cfg = Float8Config(scaling="delayed", history_reduce="most_recent")
@@ -121,6 +133,8 @@ class Float8Config:
     power_of_two_scale: bool = False
     gemms: tuple[Gemm, ...] = GEMMS
     backend: Backend = "auto"
+    pad_inner_dim: bool = False
+    recompute_weight_cast: bool = True
 
     def __post_init__(self) -> None:
         if self.scaling not in _SCALINGS:
@@ -143,6 +157,9 @@ class Float8Config:
             raise ValueError(f"gemms={self.gemms!r} must be a tuple drawn from {_choices(GEMMS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {_choices(BACKENDS)}")
+        for field in ("pad_inner_dim", "recompute_weight_cast", "power_of_two_scale"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field}={getattr(self, field)!r} must be True or False")
         for gemm in self.gemms:
             if gemm not in GEMMS:
                 raise ValueError(f"gemms contains {gemm!r}, not one of {_choices(GEMMS)}")

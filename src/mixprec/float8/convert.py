@@ -125,7 +125,8 @@ def convert_to_float8(
     stored (in, out)) counts as a Linear and becomes a :class:`Float8Conv1D`.
 
     A Linear is eligible when both ``in_features`` and ``out_features`` are multiples of
-    16 (what fp8 tensor cores require) and ``module_filter_fn(module, fqn)`` (when given)
+    16 (what fp8 tensor cores require; with ``config.pad_inner_dim`` any shape is, its
+    operands padded) and ``module_filter_fn(module, fqn)`` (when given)
     returns True. The new layers share the old layers' Parameter objects, so an optimizer
     built before the conversion keeps working.
 
@@ -142,7 +143,7 @@ def convert_to_float8(
     Raises:
         RuntimeError: this torch build has no float8 dtypes.
         ValueError: a name in ``force`` is not a Linear of the model, or its dimensions
-            are not multiples of 16.
+            are not multiples of 16 (without ``pad_inner_dim``).
 
     Warns:
         UserWarning: no Linear was converted (the message gives each reason); the model
@@ -167,12 +168,12 @@ def convert_to_float8(
                 f"(Linear layers: {', '.join(repr(n) for n in linears) or 'none'})"
             )
         reason = _dims_reason(linears[name])
-        if reason is not None:
+        if reason is not None and not config.pad_inner_dim:
             k, n = _features(linears[name])
             raise ValueError(
                 f"cannot force fp8 on {name!r}: shape (out_features={n}, "
-                f"in_features={k}) has {reason}; pad the layer or leave it out "
-                "of force"
+                f"in_features={k}) has {reason}; set Float8Config(pad_inner_dim=True) "
+                "or leave it out of force"
             )
     decisions: list[LayerDecision] = []
     swaps: list[tuple[str, nn.Linear]] = []
@@ -185,14 +186,17 @@ def convert_to_float8(
             reason = "nn.MultiheadAttention reads its out_proj weight without calling forward"
         elif name in force:
             reason = None
-        elif (dims := _dims_reason(lin)) is not None:
+        elif (dims := _dims_reason(lin)) is not None and not config.pad_inner_dim:
             reason = dims
         elif module_filter_fn is not None and not module_filter_fn(lin, name):
             reason = "excluded by module_filter_fn"
         else:
             reason = None
         k, n = _features(lin)
-        decisions.append(LayerDecision(name, k, n, reason is None, reason or "converted"))
+        done = "converted"
+        if reason is None and config.pad_inner_dim and _dims_reason(lin) is not None:
+            done = "converted (operands padded to multiples of 16)"
+        decisions.append(LayerDecision(name, k, n, reason is None, reason or done))
         if reason is None:
             swaps.append((name, lin))
     for name, lin in swaps:

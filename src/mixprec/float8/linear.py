@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from mixprec.float8.config import Float8Config
-from mixprec.float8.scaling import cast_to_float8, inverse_scale
+from mixprec.float8.scaling import (
+    cast_to_float8,
+    hp_tensor_and_scale_to_float8,
+    inverse_scale,
+)
 
 __all__ = [
     "ROLES",
@@ -79,6 +83,17 @@ def _scaled_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
+def _pad_to(t: torch.Tensor, dim: int, multiple: int = 16) -> torch.Tensor:
+    """Row-major ``t`` zero-padded at the end of ``dim`` to a multiple of ``multiple``."""
+    extra = -t.shape[dim] % multiple
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    zeros = torch.zeros(shape, dtype=torch.float32, device=t.device).to(t.dtype)
+    return torch.cat([t, zeros], dim=dim)
+
+
 def scaled_mm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -87,12 +102,15 @@ def scaled_mm(
     out_dtype: torch.dtype,
     *,
     emulate: bool = False,
+    pad: bool = False,
 ) -> torch.Tensor:
     """out = (a · b) * inv_a * inv_b for fp8 ``a`` (M, K) and ``b`` (K, N), float32 accumulation.
 
     Uses ``torch._scaled_mm`` (``a`` made row-major, ``b`` column-major, as cuBLAS wants)
     unless ``emulate`` is set or it refuses the operands; then computes
     ``(a.float() @ b.float()) * (inv_a * inv_b)`` in float32, cast to ``out_dtype``.
+    With ``pad`` (``Float8Config.pad_inner_dim``), K and N are zero-padded to multiples of
+    16 for ``torch._scaled_mm`` and the result sliced back to N columns.
 
     Example:
         >>> a = torch.tensor([[1.0, 2.0]]).to(torch.float8_e4m3fn)
@@ -102,7 +120,14 @@ def scaled_mm(
     """
     a = a.contiguous()
     b = b.t().contiguous().t()
-    if not emulate and _scaled_mm_accepts(a, b):
+    if not emulate and pad:
+        n = b.shape[1]
+        a_pad = _pad_to(a, 1)
+        b_pad = _pad_to(_pad_to(b.t().contiguous(), 1), 0).t()  # (K', N') column-major
+        if _scaled_mm_accepts(a_pad, b_pad):
+            out = torch._scaled_mm(a_pad, b_pad, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+            return out[:, :n]
+    elif not emulate and _scaled_mm_accepts(a, b):
         return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
     out = torch.mm(a.to(torch.float32), b.to(torch.float32))
     return out.mul_(inv_a * inv_b).to(out_dtype)
@@ -117,6 +142,7 @@ class _Float8LinearFn(torch.autograd.Function):
         update = module.training
         fwd8 = cfg.forward_dtype
         emulate = ctx.emulate = not cfg.use_scaled_mm(x.device)
+        ctx.pad = cfg.pad_inner_dim
         kw = {
             "scaling": cfg.scaling,
             "reduce": cfg.history_reduce,
@@ -128,15 +154,24 @@ class _Float8LinearFn(torch.autograd.Function):
         w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
         if "output" in cfg.gemms:
             out = scaled_mm(
-                x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=emulate
+                x8,
+                w8.t(),
+                inverse_scale(sx),
+                inverse_scale(sw),
+                out_dtype,
+                emulate=emulate,
+                pad=ctx.pad,
             )  # (M, N)
         else:
             out = torch.mm(x.to(out_dtype), weight.to(out_dtype).t())
         fp8_grads = [g in cfg.gemms for g in ("grad_input", "grad_weight")]
-        # Keep the fp8 copies for the fp8 grad GEMMs (1 byte an element), else the hp tensors.
+        # Keep the fp8 copy of x for an fp8 grad_weight GEMM (1 byte an element), else x.
+        # W: the Parameter itself (held by autograd anyway) when the grad_input GEMM is in
+        # high precision or the cast is recomputed in backward, else its fp8 copy (N·K bytes).
+        ctx.recompute_w = fp8_grads[0] and cfg.recompute_weight_cast
         ctx.save_for_backward(
             x8 if fp8_grads[1] else x,
-            w8 if fp8_grads[0] else weight,
+            w8 if fp8_grads[0] and not ctx.recompute_w else weight,
             sx,
             sw,
         )
@@ -157,6 +192,8 @@ class _Float8LinearFn(torch.autograd.Function):
             g8, sg = cast_to_float8(grad_out, g_hist, g_scale, cfg.backward_dtype, **ctx.kw)
             grad_x = grad_w = None
             if ctx.needs_input_grad[0]:
+                if ctx.recompute_w:  # the forward's scale, so the same bits as in forward
+                    w_saved = hp_tensor_and_scale_to_float8(w_saved, sw, cfg.forward_dtype)
                 if ctx.fp8_grads[0]:
                     grad_x = scaled_mm(
                         g8,
@@ -165,6 +202,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sw),
                         ctx.x_dtype,
                         emulate=ctx.emulate,
+                        pad=ctx.pad,
                     )  # (M, K)
                 else:
                     grad_x = torch.mm(grad_out.to(ctx.out_dtype), w_saved.to(ctx.out_dtype))
@@ -178,6 +216,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sx),
                         ctx.w_dtype,
                         emulate=ctx.emulate,
+                        pad=ctx.pad,
                     )  # (N, K)
                 else:
                     grad_w = torch.mm(grad_out.to(ctx.out_dtype).t(), x_saved.to(ctx.out_dtype))
