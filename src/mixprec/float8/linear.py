@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from mixprec.float8.config import Float8Config
+from mixprec.float8.gemm import scaled_mm
+from mixprec.float8.granular_linear import GranularLinearFn
 from mixprec.float8.scaling import (
     cast_to_float8,
     hp_tensor_and_scale_to_float8,
@@ -58,79 +60,6 @@ def without_float8_state(state_dict: dict) -> dict:
         ['bias', 'weight']
     """
     return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in STATE_NAMES}
-
-
-_E5M2 = {getattr(torch, n) for n in ("float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)}
-_FNUZ = {getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
-
-
-def _scaled_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch._scaled_mm`` takes (a, b) as laid out by this module.
-
-    CPU: any shape, e4m3fn/e5m2 in any pair (it refuses the fnuz formats). CUDA: every
-    dimension but M a multiple of 16, and not e5m2 x e5m2 (cuBLAS refuses it); fnuz
-    formats only on ROCm. Other devices: no.
-    """
-    if not hasattr(torch, "_scaled_mm"):
-        return False
-    if a.dtype in _FNUZ or b.dtype in _FNUZ:
-        return a.device.type == "cuda" and torch.version.hip is not None
-    if a.device.type == "cpu":
-        return True
-    if a.device.type == "cuda":
-        dims_ok = a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0
-        return dims_ok and not (a.dtype in _E5M2 and b.dtype in _E5M2)
-    return False
-
-
-def _pad_to(t: torch.Tensor, dim: int, multiple: int = 16) -> torch.Tensor:
-    """Row-major ``t`` zero-padded at the end of ``dim`` to a multiple of ``multiple``."""
-    extra = -t.shape[dim] % multiple
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    zeros = torch.zeros(shape, dtype=torch.float32, device=t.device).to(t.dtype)
-    return torch.cat([t, zeros], dim=dim)
-
-
-def scaled_mm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    inv_a: torch.Tensor,
-    inv_b: torch.Tensor,
-    out_dtype: torch.dtype,
-    *,
-    emulate: bool = False,
-    pad: bool = False,
-) -> torch.Tensor:
-    """out = (a · b) * inv_a * inv_b for fp8 ``a`` (M, K) and ``b`` (K, N), float32 accumulation.
-
-    Uses ``torch._scaled_mm`` (``a`` made row-major, ``b`` column-major, as cuBLAS wants)
-    unless ``emulate`` is set or it refuses the operands; then computes
-    ``(a.float() @ b.float()) * (inv_a * inv_b)`` in float32, cast to ``out_dtype``.
-    With ``pad`` (``Float8Config.pad_inner_dim``), K and N are zero-padded to multiples of
-    16 for ``torch._scaled_mm`` and the result sliced back to N columns.
-
-    Example:
-        >>> a = torch.tensor([[1.0, 2.0]]).to(torch.float8_e4m3fn)
-        >>> b = torch.tensor([[3.0], [4.0]]).to(torch.float8_e4m3fn)
-        >>> scaled_mm(a, b, torch.tensor(0.5), torch.tensor(1.0), torch.float32)
-        tensor([[5.5000]])
-    """
-    a = a.contiguous()
-    b = b.t().contiguous().t()
-    if not emulate and pad:
-        n = b.shape[1]
-        a_pad = _pad_to(a, 1)
-        b_pad = _pad_to(_pad_to(b.t().contiguous(), 1), 0).t()  # (K', N') column-major
-        if _scaled_mm_accepts(a_pad, b_pad):
-            out = torch._scaled_mm(a_pad, b_pad, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
-            return out[:, :n]
-    elif not emulate and _scaled_mm_accepts(a, b):
-        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
-    out = torch.mm(a.to(torch.float32), b.to(torch.float32))
-    return out.mul_(inv_a * inv_b).to(out_dtype)
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -373,8 +302,9 @@ class Float8Linear(nn.Linear):
         else:
             out_dtype = x.dtype
         lead = x.shape[:-1]
+        fn = _Float8LinearFn if self.config.granularity == "tensorwise" else GranularLinearFn
         with torch.autocast(device_type, enabled=False):
-            out = _Float8LinearFn.apply(
+            out = fn.apply(
                 x.reshape(-1, self.in_features), self._weight_nk(), self._state(), self, out_dtype
             )
             if self.bias is not None:
@@ -384,7 +314,7 @@ class Float8Linear(nn.Linear):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"{super().extra_repr()}, scaling={c.scaling}, "
+            f"{super().extra_repr()}, scaling={c.scaling}, granularity={c.granularity}, "
             f"formats={c.forward_format}/{c.backward_format}"
         )
 
