@@ -198,8 +198,9 @@ class Float8Config:
     def from_recipe_name(cls, name: str, **overrides) -> Float8Config:
         """The named configurations of torchao's ``Float8LinearConfig.from_recipe_name``, and MX.
 
-        ``"tensorwise"``: the default. ``"rowwise"``: rowwise scales, every operand in
-        e4m3fn (as torchao: rowwise scales leave gradients enough range).
+        ``"tensorwise"``: the default. ``"rowwise"``: rowwise scales rounded down to powers
+        of two, every operand in e4m3fn (as torchao: rowwise scales leave gradients
+        enough range).
         ``"rowwise_with_gw_hp"``: rowwise, with the grad_weight GEMM in high precision
         (torchao's recommendation for stability at scale). ``"mxfp8"``: MX blocks, e4m3fn.
 
@@ -209,10 +210,15 @@ class Float8Config:
         """
         table = {
             "tensorwise": {},
-            "rowwise": {"granularity": "rowwise", "backward_format": "fp8_e4m3fn"},
+            "rowwise": {
+                "granularity": "rowwise",
+                "backward_format": "fp8_e4m3fn",
+                "power_of_two_scale": True,
+            },
             "rowwise_with_gw_hp": {
                 "granularity": "rowwise",
                 "backward_format": "fp8_e4m3fn",
+                "power_of_two_scale": True,
                 "gemms": ("output", "grad_input"),
             },
             "mxfp8": {"granularity": "mx", "backward_format": "fp8_e4m3fn"},
