@@ -837,7 +837,7 @@ def test_mx_ceil_rule_never_saturates():
         [[2.0 ** math.ceil(math.log2(a / 448.0)) for a in row] for row in blocks.tolist()]
     )
     assert torch.equal(scales, want)
-    assert (q.float().abs() < 448).all() or torch.equal(q.float().abs().amax(), torch.tensor(448.0))
+    assert (x / scales.repeat_interleave(32, 1)).abs().max() <= 448  # nothing to clip
     assert torch.equal(
         mx_dequantize(q, scales, -1).double(),
         ref_quantize(x.double() / scales.repeat_interleave(32, 1), E4M3)
