@@ -501,10 +501,19 @@ def test_scaled_cast_matches_mixprec_quantize(dtype):
 
 
 # -- non-finite values are never hidden (issue 13 §3) ------------------------------------
+NONFINITE_CONFIGS = {
+    "current": {"scaling": "current"},
+    "delayed": {"scaling": "delayed"},
+    "rowwise": {"granularity": "rowwise"},
+    "mx": {"granularity": "mx"},
+}
+
+
 def _nonfinite_twins(scaling: str):
     torch.manual_seed(0)
     ref = nn.Linear(32, 48)
-    layer = Float8Linear.from_linear(copy.deepcopy(ref), Float8Config(scaling=scaling))
+    cfg = Float8Config(**NONFINITE_CONFIGS[scaling])
+    layer = Float8Linear.from_linear(copy.deepcopy(ref), cfg)
     layer(torch.randn(8, 32)).sum().backward()  # a clean step: delayed state is initialised
     layer.zero_grad()
     return ref, layer
@@ -519,7 +528,7 @@ def _grads(module, x, g):
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
-@pytest.mark.parametrize("scaling", ["current", "delayed"])
+@pytest.mark.parametrize("scaling", list(NONFINITE_CONFIGS))
 def test_nonfinite_is_where_nn_linear_has_it(scaling, where, value):
     ref, layer = _nonfinite_twins(scaling)
     x, g = torch.randn(8, 32), torch.randn(8, 48)

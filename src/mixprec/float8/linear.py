@@ -6,7 +6,8 @@ For ``y = x·Wᵀ + b`` with x of shape (M, K) and W of shape (N, K)::
     grad_input  (M, K) = g_fp8      · W_fp8       backward_format x forward_format
     grad_weight (N, K) = g_fp8ᵀ     · x_fp8       backward_format x forward_format
 
-Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`);
+Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`;
+rowwise and MX scales: :mod:`mixprec.float8.granular_linear`);
 each product is ``(a_fp8 · b_fp8) * inv_scale_a * inv_scale_b``, accumulated in float32.
 It runs through ``torch._scaled_mm`` (``Float8Config.backend``; where it refuses the
 operands, e.g. e5m2 x e5m2 or dimensions not multiples of 16 on CUDA) or through an
