@@ -183,7 +183,9 @@ _STRING_KEYS = {
     "fp8": "fp8",
     "tf32": "allow_tf32",
 }
-_DEFAULT_FIELDS = {f.name: f.default for f in dataclasses.fields(Recipe) if f.name != "name"}
+_DEFAULT_FIELDS = {
+    f.name: f.default for f in dataclasses.fields(Recipe) if f.name != "name"
+}
 
 
 def _format_value(value) -> str:
