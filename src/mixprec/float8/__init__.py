@@ -1,4 +1,4 @@
-"""FP8 training: ``Float8Linear`` with per-tensor current or delayed scaling.
+"""FP8 training: ``Float8Linear`` with tensorwise, rowwise or MX scales.
 
 Example:
     >>> import torch, mixprec as mp
@@ -9,32 +9,57 @@ Example:
     ('0', '2')
 """
 
-from mixprec.float8.config import FP8_FORMATS, GEMMS, Float8Config, fp8_dtype
+from mixprec.float8.config import (
+    FP8_FORMATS,
+    GEMMS,
+    GRANULARITIES,
+    RECIPE_NAMES,
+    Float8Config,
+    fp8_dtype,
+)
 from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
-from mixprec.float8.linear import Float8Linear, scaled_mm
+from mixprec.float8.granular import MX_BLOCK, axiswise_to_float8, mx_dequantize, mx_to_float8
+from mixprec.float8.linear import (
+    STATE_NAMES,
+    Float8Conv1D,
+    Float8Linear,
+    scaled_mm,
+    without_float8_state,
+)
 from mixprec.float8.scaling import (
     amax_to_scale,
     cast_to_float8,
     hp_tensor_and_scale_to_float8,
     inverse_scale,
     tensor_to_amax,
+    tensor_to_finite_amax,
     update_delayed_scale,
 )
 
 __all__ = [
     "FP8_FORMATS",
     "GEMMS",
+    "GRANULARITIES",
+    "MX_BLOCK",
+    "RECIPE_NAMES",
     "Float8Config",
     "Float8ConversionReport",
+    "Float8Conv1D",
     "Float8Linear",
     "LayerDecision",
+    "STATE_NAMES",
     "amax_to_scale",
+    "axiswise_to_float8",
     "cast_to_float8",
     "convert_to_float8",
     "fp8_dtype",
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
+    "mx_dequantize",
+    "mx_to_float8",
     "scaled_mm",
     "tensor_to_amax",
+    "tensor_to_finite_amax",
     "update_delayed_scale",
+    "without_float8_state",
 ]

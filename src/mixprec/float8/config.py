@@ -7,16 +7,27 @@ from typing import Literal
 
 import torch
 
-__all__ = ["BACKENDS", "FP8_FORMATS", "GEMMS", "Float8Config", "fp8_dtype"]
+__all__ = [
+    "BACKENDS",
+    "FP8_FORMATS",
+    "GEMMS",
+    "GRANULARITIES",
+    "RECIPE_NAMES",
+    "Float8Config",
+    "fp8_dtype",
+]
 
 Scaling = Literal["current", "delayed"]
 HistoryReduce = Literal["max", "most_recent"]
 Gemm = Literal["output", "grad_input", "grad_weight"]
 Backend = Literal["auto", "scaled_mm", "emulate"]
+Granularity = Literal["tensorwise", "rowwise", "mx"]
 
 _SCALINGS = ("current", "delayed")
 _REDUCES = ("max", "most_recent")
 BACKENDS: tuple[str, ...] = ("auto", "scaled_mm", "emulate")
+GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "mx")
+RECIPE_NAMES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mxfp8")
 GEMMS: tuple[str, ...] = ("output", "grad_input", "grad_weight")
 """The three matrix products of a Linear layer: output = x·Wᵀ, grad_input = grad_out·W,
 grad_weight = grad_outᵀ·x."""
@@ -102,6 +113,27 @@ class Float8Config:
             because torch's CPU ``_scaled_mm`` is a reference kernel (about 0.1 GFLOP/s
             measured on this project's CPU, against tens of GFLOP/s for the float32 matmul
             of the emulation).
+        pad_inner_dim: convert layers whose in_features or out_features is not a multiple
+            of 16 (otherwise skipped) and zero-pad the operands of each ``torch._scaled_mm``
+            call to multiples of 16 (the result is sliced back; zeros add nothing to a
+            product, so the numbers are unchanged). Costs a padded copy of each fp8
+            operand per product. Default False, as torchao's ``pad_inner_dim``.
+        granularity: how many scales a tensor gets. ``"tensorwise"`` (default): one.
+            ``"rowwise"``: one per row of each GEMM's left operand and per column of its
+            right one (torchao's axiswise scaling; an outlier row no longer costs the
+            other rows their precision); ``torch._scaled_mm`` takes the row/column scales
+            (CUDA: e4m3fn operands, sm89+). ``"mx"``: MXFP8, one power-of-two E8M0 scale
+            per 32 elements along the summed dimension (OCP Microscaling); emulated on
+            every device here (real MX GEMMs need Blackwell's block-scaled kernels).
+            rowwise and mx need ``scaling="current"``. See
+            :mod:`mixprec.float8.granular_linear`.
+        recompute_weight_cast: in backward, cast the saved high-precision weight to fp8
+            again (with the forward's scale, so bit-identical) instead of saving the fp8
+            copy of W from forward. The weight is a Parameter that autograd holds anyway,
+            so recomputing saves N·K bytes per forward not yet backpropagated (each
+            micro-batch of gradient accumulation, each pipeline stage in flight) for one
+            more cast in backward. Default True: torchao saves the high-precision weight
+            and casts it again in backward.
 
     Example:
         >>> cfg = Float8Config(scaling="delayed", history_reduce="most_recent")
@@ -121,6 +153,9 @@ class Float8Config:
     power_of_two_scale: bool = False
     gemms: tuple[Gemm, ...] = GEMMS
     backend: Backend = "auto"
+    pad_inner_dim: bool = False
+    granularity: Granularity = "tensorwise"
+    recompute_weight_cast: bool = True
 
     def __post_init__(self) -> None:
         if self.scaling not in _SCALINGS:
@@ -143,9 +178,54 @@ class Float8Config:
             raise ValueError(f"gemms={self.gemms!r} must be a tuple drawn from {_choices(GEMMS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {_choices(BACKENDS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={self.granularity!r} is not one of {_choices(GRANULARITIES)}"
+            )
+        if self.granularity != "tensorwise" and self.scaling != "current":
+            raise ValueError(
+                f"granularity={self.granularity!r} needs scaling='current' (got "
+                f"{self.scaling!r}): delayed scaling keeps one amax history per tensor"
+            )
+        for field in ("pad_inner_dim", "recompute_weight_cast", "power_of_two_scale"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field}={getattr(self, field)!r} must be True or False")
         for gemm in self.gemms:
             if gemm not in GEMMS:
                 raise ValueError(f"gemms contains {gemm!r}, not one of {_choices(GEMMS)}")
+
+    @classmethod
+    def from_recipe_name(cls, name: str, **overrides) -> Float8Config:
+        """The named configurations of torchao's ``Float8LinearConfig.from_recipe_name``, and MX.
+
+        ``"tensorwise"``: the default. ``"rowwise"``: rowwise scales rounded down to powers
+        of two, every operand in e4m3fn (as torchao: rowwise scales leave gradients
+        enough range).
+        ``"rowwise_with_gw_hp"``: rowwise, with the grad_weight GEMM in high precision
+        (torchao's recommendation for stability at scale). ``"mxfp8"``: MX blocks, e4m3fn.
+
+        Example:
+            >>> Float8Config.from_recipe_name("rowwise_with_gw_hp").gemms
+            ('output', 'grad_input')
+        """
+        table = {
+            "tensorwise": {},
+            "rowwise": {
+                "granularity": "rowwise",
+                "backward_format": "fp8_e4m3fn",
+                "power_of_two_scale": True,
+            },
+            "rowwise_with_gw_hp": {
+                "granularity": "rowwise",
+                "backward_format": "fp8_e4m3fn",
+                "power_of_two_scale": True,
+                "gemms": ("output", "grad_input"),
+            },
+            "mxfp8": {"granularity": "mx", "backward_format": "fp8_e4m3fn"},
+        }
+        if name not in table:
+            raise ValueError(f"recipe name {name!r} is not one of {_choices(RECIPE_NAMES)}")
+        return cls(**{**table[name], **overrides})
 
     @property
     def forward_dtype(self) -> torch.dtype:

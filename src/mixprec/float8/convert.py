@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mixprec.float8.config import Float8Config
-from mixprec.float8.linear import Float8Linear
+from mixprec.float8.linear import Float8Conv1D, Float8Linear
 
 __all__ = ["Float8ConversionReport", "LayerDecision", "convert_to_float8"]
 
@@ -72,12 +73,37 @@ class Float8ConversionReport:
         return "\n".join(lines)
 
 
-def _dims_reason(linear: nn.Linear) -> str | None:
+def hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` when transformers is already imported, else None.
+
+    Looked up in ``sys.modules`` so that mixprec never imports transformers itself (a
+    model that holds a Conv1D has imported it).
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's Linear, weight stored (in, out))."""
+    conv1d = hf_conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape  # Conv1D: (nx, nf)
+    return in_features, out_features
+
+
+def _dims_reason(linear: nn.Module) -> str | None:
+    in_features, out_features = _features(linear)
     bad = [
         f"{label}={value}"
         for label, value in (
-            ("in_features", linear.in_features),
-            ("out_features", linear.out_features),
+            ("in_features", in_features),
+            ("out_features", out_features),
         )
         if value % _MULTIPLE
     ]
@@ -95,8 +121,12 @@ def convert_to_float8(
 ) -> Float8ConversionReport:
     """Swap, in place, each eligible ``nn.Linear`` of ``model`` for a ``Float8Linear``.
 
+    Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, weight
+    stored (in, out)) counts as a Linear and becomes a :class:`Float8Conv1D`.
+
     A Linear is eligible when both ``in_features`` and ``out_features`` are multiples of
-    16 (what fp8 tensor cores require) and ``module_filter_fn(module, fqn)`` (when given)
+    16 (what fp8 tensor cores require; with ``config.pad_inner_dim`` any shape is, its
+    operands padded) and ``module_filter_fn(module, fqn)`` (when given)
     returns True. The new layers share the old layers' Parameter objects, so an optimizer
     built before the conversion keeps working.
 
@@ -113,7 +143,7 @@ def convert_to_float8(
     Raises:
         RuntimeError: this torch build has no float8 dtypes.
         ValueError: a name in ``force`` is not a Linear of the model, or its dimensions
-            are not multiples of 16.
+            are not multiples of 16 (without ``pad_inner_dim``).
 
     Warns:
         UserWarning: no Linear was converted (the message gives each reason); the model
@@ -130,7 +160,7 @@ def convert_to_float8(
     # Resolve the dtypes now: a torch build without float8 fails here, not at the first step.
     _ = (config.forward_dtype, config.backward_dtype)
     force = set(force)
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {name: mod for name, mod in model.named_modules() if _is_linear(mod)}
     for name in sorted(force):
         if name not in linears:
             raise ValueError(
@@ -138,12 +168,12 @@ def convert_to_float8(
                 f"(Linear layers: {', '.join(repr(n) for n in linears) or 'none'})"
             )
         reason = _dims_reason(linears[name])
-        if reason is not None:
-            lin = linears[name]
+        if reason is not None and not config.pad_inner_dim:
+            k, n = _features(linears[name])
             raise ValueError(
-                f"cannot force fp8 on {name!r}: shape (out_features={lin.out_features}, "
-                f"in_features={lin.in_features}) has {reason}; pad the layer or leave it out "
-                "of force"
+                f"cannot force fp8 on {name!r}: shape (out_features={n}, "
+                f"in_features={k}) has {reason}; set Float8Config(pad_inner_dim=True) "
+                "or leave it out of force"
             )
     decisions: list[LayerDecision] = []
     swaps: list[tuple[str, nn.Linear]] = []
@@ -156,23 +186,27 @@ def convert_to_float8(
             reason = "nn.MultiheadAttention reads its out_proj weight without calling forward"
         elif name in force:
             reason = None
-        elif (dims := _dims_reason(lin)) is not None:
+        elif (dims := _dims_reason(lin)) is not None and not config.pad_inner_dim:
             reason = dims
         elif module_filter_fn is not None and not module_filter_fn(lin, name):
             reason = "excluded by module_filter_fn"
         else:
             reason = None
-        decisions.append(
-            LayerDecision(
-                name, lin.in_features, lin.out_features, reason is None, reason or "converted"
-            )
-        )
+        k, n = _features(lin)
+        done = "converted"
+        if reason is None and config.pad_inner_dim and _dims_reason(lin) is not None:
+            done = "converted (operands padded to multiples of 16)"
+        decisions.append(LayerDecision(name, k, n, reason is None, reason or done))
         if reason is None:
             swaps.append((name, lin))
     for name, lin in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Float8Linear.from_linear(lin, config))
+        if isinstance(lin, nn.Linear):
+            new = Float8Linear.from_linear(lin, config)
+        else:
+            new = Float8Conv1D.from_conv1d(lin, config)
+        setattr(parent, child, new)
     report = Float8ConversionReport(tuple(decisions), config)
     if not swaps:
         details = "; ".join(f"{d.name or '<model>'}: {d.reason}" for d in decisions)

@@ -6,7 +6,8 @@ For ``y = x·Wᵀ + b`` with x of shape (M, K) and W of shape (N, K)::
     grad_input  (M, K) = g_fp8      · W_fp8       backward_format x forward_format
     grad_weight (N, K) = g_fp8ᵀ     · x_fp8       backward_format x forward_format
 
-Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`);
+Each operand is cast with its own per-tensor scale (see :mod:`mixprec.float8.scaling`;
+rowwise and MX scales: :mod:`mixprec.float8.granular_linear`);
 each product is ``(a_fp8 · b_fp8) * inv_scale_a * inv_scale_b``, accumulated in float32.
 It runs through ``torch._scaled_mm`` (``Float8Config.backend``; where it refuses the
 operands, e.g. e5m2 x e5m2 or dimensions not multiples of 16 on CUDA) or through an
@@ -17,68 +18,49 @@ accumulation order.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from mixprec.float8.config import Float8Config
-from mixprec.float8.scaling import cast_to_float8, inverse_scale
+from mixprec.float8.gemm import scaled_mm
+from mixprec.float8.granular_linear import GranularLinearFn
+from mixprec.float8.scaling import (
+    cast_to_float8,
+    hp_tensor_and_scale_to_float8,
+    inverse_scale,
+)
 
-__all__ = ["ROLES", "Float8Linear", "scaled_mm"]
+__all__ = [
+    "ROLES",
+    "STATE_NAMES",
+    "Float8Conv1D",
+    "Float8Linear",
+    "scaled_mm",
+    "without_float8_state",
+]
 
 ROLES = ("input", "weight", "grad_output")
 """The three tensors that get an fp8 scale; each has ``<role>_amax_history`` and
 ``<role>_scale`` buffers."""
-
-_E5M2 = {getattr(torch, n) for n in ("float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)}
-_FNUZ = {getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
-
-
-def _scaled_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch._scaled_mm`` takes (a, b) as laid out by this module.
-
-    CPU: any shape, e4m3fn/e5m2 in any pair (it refuses the fnuz formats). CUDA: every
-    dimension but M a multiple of 16, and not e5m2 x e5m2 (cuBLAS refuses it); fnuz
-    formats only on ROCm. Other devices: no.
-    """
-    if not hasattr(torch, "_scaled_mm"):
-        return False
-    if a.dtype in _FNUZ or b.dtype in _FNUZ:
-        return a.device.type == "cuda" and torch.version.hip is not None
-    if a.device.type == "cpu":
-        return True
-    if a.device.type == "cuda":
-        dims_ok = a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0
-        return dims_ok and not (a.dtype in _E5M2 and b.dtype in _E5M2)
-    return False
+STATE_NAMES = tuple(role + suffix for role in ROLES for suffix in ("_amax_history", "_scale"))
+"""Names of the six scaling buffers of a Float8Linear (in ``state_dict`` under delayed
+scaling only)."""
 
 
-def scaled_mm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    inv_a: torch.Tensor,
-    inv_b: torch.Tensor,
-    out_dtype: torch.dtype,
-    *,
-    emulate: bool = False,
-) -> torch.Tensor:
-    """out = (a · b) * inv_a * inv_b for fp8 ``a`` (M, K) and ``b`` (K, N), float32 accumulation.
+def without_float8_state(state_dict: dict) -> dict:
+    """``state_dict`` without fp8 scaling buffers: what the plain (unconverted) model loads.
 
-    Uses ``torch._scaled_mm`` (``a`` made row-major, ``b`` column-major, as cuBLAS wants)
-    unless ``emulate`` is set or it refuses the operands; then computes
-    ``(a.float() @ b.float()) * (inv_a * inv_b)`` in float32, cast to ``out_dtype``.
+    Needed only for checkpoints of delayed-scaling models (current scaling keeps its state
+    out of ``state_dict``).
 
     Example:
-        >>> a = torch.tensor([[1.0, 2.0]]).to(torch.float8_e4m3fn)
-        >>> b = torch.tensor([[3.0], [4.0]]).to(torch.float8_e4m3fn)
-        >>> scaled_mm(a, b, torch.tensor(0.5), torch.tensor(1.0), torch.float32)
-        tensor([[5.5000]])
+        >>> layer = Float8Linear(16, 16, config=Float8Config(scaling="delayed"))
+        >>> sorted(without_float8_state(layer.state_dict()))
+        ['bias', 'weight']
     """
-    a = a.contiguous()
-    b = b.t().contiguous().t()
-    if not emulate and _scaled_mm_accepts(a, b):
-        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
-    out = torch.mm(a.to(torch.float32), b.to(torch.float32))
-    return out.mul_(inv_a * inv_b).to(out_dtype)
+    return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in STATE_NAMES}
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -90,6 +72,7 @@ class _Float8LinearFn(torch.autograd.Function):
         update = module.training
         fwd8 = cfg.forward_dtype
         emulate = ctx.emulate = not cfg.use_scaled_mm(x.device)
+        ctx.pad = cfg.pad_inner_dim
         kw = {
             "scaling": cfg.scaling,
             "reduce": cfg.history_reduce,
@@ -108,15 +91,24 @@ class _Float8LinearFn(torch.autograd.Function):
             w8, sw = cast_to_float8(weight, state[2], state[3], fwd8, **kw)
         if "output" in cfg.gemms:
             out = scaled_mm(
-                x8, w8.t(), inverse_scale(sx), inverse_scale(sw), out_dtype, emulate=emulate
+                x8,
+                w8.t(),
+                inverse_scale(sx),
+                inverse_scale(sw),
+                out_dtype,
+                emulate=emulate,
+                pad=ctx.pad,
             )  # (M, N)
         else:
             out = torch.mm(x.to(out_dtype), weight.to(out_dtype).t())
         fp8_grads = [g in cfg.gemms for g in ("grad_input", "grad_weight")]
-        # Keep the fp8 copies for the fp8 grad GEMMs (1 byte an element), else the hp tensors.
+        # Keep the fp8 copy of x for an fp8 grad_weight GEMM (1 byte an element), else x.
+        # W: the Parameter itself (held by autograd anyway) when the grad_input GEMM is in
+        # high precision or the cast is recomputed in backward, else its fp8 copy (N·K bytes).
+        ctx.recompute_w = fp8_grads[0] and cfg.recompute_weight_cast
         ctx.save_for_backward(
             x8 if fp8_grads[1] else x,
-            w8 if fp8_grads[0] else weight,
+            w8 if fp8_grads[0] and not ctx.recompute_w else weight,
             sx,
             sw,
         )
@@ -137,6 +129,8 @@ class _Float8LinearFn(torch.autograd.Function):
             g8, sg = cast_to_float8(grad_out, g_hist, g_scale, cfg.backward_dtype, **ctx.kw)
             grad_x = grad_w = None
             if ctx.needs_input_grad[0]:
+                if ctx.recompute_w:  # the forward's scale, so the same bits as in forward
+                    w_saved = hp_tensor_and_scale_to_float8(w_saved, sw, cfg.forward_dtype)
                 if ctx.fp8_grads[0]:
                     grad_x = scaled_mm(
                         g8,
@@ -145,6 +139,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sw),
                         ctx.x_dtype,
                         emulate=ctx.emulate,
+                        pad=ctx.pad,
                     )  # (M, K)
                 else:
                     grad_x = torch.mm(grad_out.to(ctx.out_dtype), w_saved.to(ctx.out_dtype))
@@ -158,6 +153,7 @@ class _Float8LinearFn(torch.autograd.Function):
                         inverse_scale(sx),
                         ctx.w_dtype,
                         emulate=ctx.emulate,
+                        pad=ctx.pad,
                     )  # (N, K)
                 else:
                     grad_w = torch.mm(grad_out.to(ctx.out_dtype).t(), x_saved.to(ctx.out_dtype))
@@ -170,9 +166,14 @@ class Float8Linear(nn.Linear):
 
     Parameters stay in their high-precision dtype (the optimizer never sees fp8); each
     forward casts x and W to ``config.forward_format`` and each backward casts the output
-    gradient to ``config.backward_format``. The scaling state is six buffers saved in
-    ``state_dict``: ``{input,weight,grad_output}_amax_history`` (length ``history_len``
-    for delayed scaling, 1 for current) and ``{input,weight,grad_output}_scale``.
+    gradient to ``config.backward_format``. The scaling state is six buffers,
+    ``{input,weight,grad_output}_amax_history`` (length ``history_len`` for delayed
+    scaling, 1 for current) and ``{input,weight,grad_output}_scale``. They are in
+    ``state_dict`` under delayed scaling only: a current-scaling layer has the same
+    ``state_dict`` as the ``nn.Linear`` it replaces, so checkpoints load both ways with
+    ``strict=True``. A delayed-scaling layer loads a checkpoint without the state (from a
+    plain model) by starting fresh, with a warning; :func:`without_float8_state` strips
+    the state for the way back.
 
     A weight that arrives already in fp8, one with a ``float8_data_and_scale(fp8_dtype)``
     method returning ``(data, scale)`` (FSDP2's fp8 all-gather,
@@ -196,8 +197,8 @@ class Float8Linear(nn.Linear):
         >>> layer = Float8Linear(32, 16)
         >>> layer(torch.randn(4, 32)).shape
         torch.Size([4, 16])
-        >>> sorted(k for k in layer.state_dict() if k.endswith("_scale"))
-        ['grad_output_scale', 'input_scale', 'weight_scale']
+        >>> sorted(layer.state_dict()) == sorted(nn.Linear(32, 16).state_dict())
+        True
     """
 
     def __init__(
@@ -214,10 +215,15 @@ class Float8Linear(nn.Linear):
         self.config = config if config is not None else Float8Config()
         _ = (self.config.forward_dtype, self.config.backward_dtype)  # no fp8 dtype: fail now
         n = self.config.state_len
+        # Current scaling recomputes every scale from this step's tensors: its buffers are
+        # metadata, kept out of state_dict so that checkpoints move between a plain model
+        # and its fp8 twin with strict=True. Delayed scaling's history is training state.
+        persistent = self.config.scaling == "delayed"
         for role in ROLES:
             hist = torch.zeros(n, dtype=torch.float32, device=self.weight.device)
-            self.register_buffer(f"{role}_amax_history", hist)
-            self.register_buffer(f"{role}_scale", torch.ones((), device=self.weight.device))
+            self.register_buffer(f"{role}_amax_history", hist, persistent=persistent)
+            scale = torch.ones((), device=self.weight.device)
+            self.register_buffer(f"{role}_scale", scale, persistent=persistent)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> Float8Linear:
@@ -235,14 +241,56 @@ class Float8Linear(nn.Linear):
             )
         new.weight = linear.weight
         new.bias = linear.bias
-        device = linear.weight.device
+        new._fresh_state(linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def _fresh_state(self, device: torch.device) -> None:
+        """Scaling buffers on ``device`` as a new layer has them (histories 0, scales 1)."""
         for role in ROLES:
             for suffix in ("_amax_history", "_scale"):
                 name = role + suffix
-                setattr(new, name, torch.zeros_like(getattr(new, name), device=device))
-            getattr(new, f"{role}_scale").fill_(1.0)
-        new.train(linear.training)
-        return new
+                setattr(self, name, torch.zeros_like(getattr(self, name), device=device))
+            getattr(self, f"{role}_scale").fill_(1.0)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # A plain nn.Linear's checkpoint (no scaling state) loads with strict=True: delayed
+        # scaling then starts fresh, and says so. A checkpoint's delayed-scaling state is
+        # dropped, with a warning, by a current-scaling layer (which has no use for it).
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        names = [prefix + name for name in STATE_NAMES]
+        present = [n for n in names if n in state_dict]
+        if self.config.scaling == "delayed" and len(present) < len(names):
+            if present:
+                errors.append(
+                    f"{prefix or 'Float8Linear'}: the checkpoint has only part of the "
+                    f"delayed-scaling state ({', '.join(present)}); give all six buffers or none"
+                )
+                return
+            for n in names:
+                if n in missing_keys:
+                    missing_keys.remove(n)
+            self._fresh_state(self.weight.device)
+            warnings.warn(
+                f"{prefix.rstrip('.') or 'Float8Linear'}: the checkpoint has no fp8 scaling state "
+                "(saved from a plain model?); delayed scaling starts fresh",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.config.scaling != "delayed" and present:
+            for n in present:
+                if n in unexpected_keys:
+                    unexpected_keys.remove(n)
+            warnings.warn(
+                f"{prefix.rstrip('.') or 'Float8Linear'}: ignoring the checkpoint's "
+                f"delayed-scaling state, this layer uses {self.config.scaling} scaling",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         # The scaling state stays float32 even after model.to(bf16) / a recipe's cast of
@@ -256,6 +304,10 @@ class Float8Linear(nn.Linear):
             getattr(self, role + suffix) for role in ROLES for suffix in ("_amax_history", "_scale")
         )
 
+    def _weight_nk(self) -> torch.Tensor:
+        """The weight as (N, K) = (out_features, in_features); a view, so grads flow back."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -263,9 +315,10 @@ class Float8Linear(nn.Linear):
         else:
             out_dtype = x.dtype
         lead = x.shape[:-1]
+        fn = _Float8LinearFn if self.config.granularity == "tensorwise" else GranularLinearFn
         with torch.autocast(device_type, enabled=False):
-            out = _Float8LinearFn.apply(
-                x.reshape(-1, self.in_features), self.weight, self._state(), self, out_dtype
+            out = fn.apply(
+                x.reshape(-1, self.in_features), self._weight_nk(), self._state(), self, out_dtype
             )
             if self.bias is not None:
                 out = out + self.bias.to(out_dtype)
@@ -274,6 +327,38 @@ class Float8Linear(nn.Linear):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"{super().extra_repr()}, scaling={c.scaling}, "
+            f"{super().extra_repr()}, scaling={c.scaling}, granularity={c.granularity}, "
             f"formats={c.forward_format}/{c.backward_format}"
         )
+
+
+class Float8Conv1D(Float8Linear):
+    """fp8 twin of Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Linear).
+
+    ``Conv1D(nf, nx)`` computes ``y = x·W + b`` with its weight stored as (in, out) =
+    (nx, nf), the transpose of ``nn.Linear``'s. This layer keeps that Parameter (same
+    object, same shape, same ``state_dict`` key) and hands the fp8 products its (N, K)
+    view ``weight.t()``, so the numbers are those of a ``Float8Linear`` with weight
+    ``W.t()`` and the gradient lands on the (in, out) Parameter transposed back.
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> layer = Float8Conv1D.from_conv1d(Conv1D(48, 32))
+        >>> tuple(layer.weight.shape), layer(torch.randn(4, 32)).shape
+        ((32, 48), torch.Size([4, 48]))
+    """
+
+    def _weight_nk(self) -> torch.Tensor:
+        return self.weight.t()
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, config: Float8Config | None = None) -> Float8Conv1D:
+        """A Float8Conv1D sharing ``conv``'s weight (in, out) and bias Parameters."""
+        in_features, out_features = conv.weight.shape
+        with torch.device("meta"):
+            new = cls(in_features, out_features, bias=conv.bias is not None, config=config)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new._fresh_state(conv.weight.device)
+        new.train(conv.training)
+        return new

@@ -27,11 +27,16 @@ __all__ = [
     "inverse_scale",
     "reduce_history",
     "tensor_to_amax",
+    "tensor_to_finite_amax",
     "update_delayed_scale",
 ]
 
 EPS = 1e-12
 """Smallest amax a scale is computed from (avoids dividing by zero), as in torchao."""
+
+
+_HAS_INF = {torch.float8_e5m2} if hasattr(torch, "float8_e5m2") else set()
+"""fp8 dtypes with an infinity (e4m3fn and the fnuz formats have none, only NaN)."""
 
 
 def float8_max(float8_dtype: torch.dtype) -> float:
@@ -56,6 +61,29 @@ def tensor_to_amax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().to(torch.float32)
 
 
+def tensor_to_finite_amax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |x| over the finite elements, whether every element is finite), 0-dim tensors.
+
+    The scale of a tensor that holds an inf or a NaN comes from its finite elements, so
+    that those keep their fp8 precision while the non-finite ones pass through the cast
+    (see :func:`hp_tensor_and_scale_to_float8`); the flag tells the caller not to advance
+    any scaling state from this tensor. Sync-free (two reductions, no ``.item()``).
+
+    Example:
+        >>> tensor_to_finite_amax(torch.tensor([1.0, float("inf"), -3.0]))
+        (tensor(3.), tensor(False))
+    """
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        return zero, torch.ones((), dtype=torch.bool, device=x.device)
+    a = x.detach().abs()
+    amax = a.amax().to(torch.float32)
+    finite = torch.isfinite(amax)
+    # a <= finfo.max is False for inf and NaN, so the masked max is over the finite ones.
+    masked = torch.where(a <= torch.finfo(a.dtype).max, a, torch.zeros((), dtype=a.dtype))
+    return torch.where(finite, amax, masked.amax().to(torch.float32)), finite
+
+
 def amax_to_scale(
     amax: torch.Tensor,
     float8_dtype: torch.dtype,
@@ -73,7 +101,8 @@ def amax_to_scale(
     multiplying by it is exact and never overflows.
 
     A zero or non-finite amax says nothing about the range, so the scale stays
-    ``previous_scale`` (1.0 when none is given).
+    ``previous_scale`` (1.0 when none is given); the non-finite values themselves are not
+    hidden: :func:`hp_tensor_and_scale_to_float8` passes them through.
 
     Args:
         amax: 0-dim tensor, max |x|.
@@ -109,14 +138,18 @@ def hp_tensor_and_scale_to_float8(
 ) -> torch.Tensor:
     """Saturating scaled cast: x_fp8 = fp8(clamp(fl32(x * scale), -fmt_max, fmt_max)).
 
-    The product is formed in float32 (x is upcast first), clamped so that values beyond
-    the format's range become ±fmt_max rather than inf/NaN, then rounded to nearest
-    (ties to even) by torch's cast. NaN stays NaN.
+    The product is formed in float32 (x is upcast first), clamped so that finite values
+    beyond the format's range become ±fmt_max rather than inf/NaN, then rounded to nearest
+    (ties to even) by torch's cast. Non-finite *inputs* are never clamped: NaN stays NaN
+    and ±inf stays ±inf in e5m2 (it becomes NaN in formats without an infinity, e4m3fn and
+    the fnuz formats; torch's own e4m3fn cast would saturate it to ±448), so a product
+    that uses them is non-finite exactly where the high-precision product would be. (A
+    saturated ±inf would hide an overflow from a loss scaler.)
 
     Example:
-        >>> hp_tensor_and_scale_to_float8(torch.tensor([1.0, 1000.0]), torch.tensor(1.0),
-        ...                               torch.float8_e4m3fn).float()
-        tensor([  1., 448.])
+        >>> hp_tensor_and_scale_to_float8(torch.tensor([1.0, 1e5, float("inf")]),
+        ...                               torch.tensor(1.0), torch.float8_e5m2).float()
+        tensor([1.0000e+00, 5.7344e+04,        inf])
     """
     fmt_max = float8_max(float8_dtype)
     x = x.detach()
@@ -125,7 +158,10 @@ def hp_tensor_and_scale_to_float8(
         scaled = x * scale
     else:  # upcast copy, then in place: one temporary instead of two
         scaled = x.to(torch.float32).mul_(scale)
-    return scaled.clamp_(-fmt_max, fmt_max).to(float8_dtype)
+    clamped = scaled.clamp(-fmt_max, fmt_max)
+    if float8_dtype not in _HAS_INF:  # torch's cast would saturate ±inf to ±448 in e4m3fn
+        scaled = torch.full((), float("nan"), dtype=torch.float32, device=scaled.device)
+    return torch.where(torch.isinf(x), scaled, clamped).to(float8_dtype)
 
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -166,12 +202,16 @@ def update_delayed_scale(
 
     Pseudocode (history is newest first, starts all zero; scale starts at 1.0)::
 
-        a = amax if isfinite(amax) else 0          # a non-finite amax is not recorded
-        history = [a] + history[:-1]               # roll by one, newest in front
+        if not isfinite(amax): return              # a non-finite amax advances nothing
+        history = [amax] + history[:-1]            # roll by one, newest in front
         r = max(history)        if reduce == "max"
             history[0]          if reduce == "most_recent"
         scale = amax_to_scale(r, margin, power_of_two, previous_scale=scale)
                                                    # r == 0 keeps the previous scale
+
+    A non-finite amax means the step that produced it is skipped by a loss scaler or a
+    non-finite policy, so it must leave no trace in the history (recording it, or a 0 in
+    its place, would shift the window by one step that never happened).
 
     Args:
         history: 1-D float32 buffer of past amaxes, updated in place.
@@ -187,14 +227,19 @@ def update_delayed_scale(
         >>> update_delayed_scale(h, s, torch.tensor(2.0), torch.float8_e4m3fn)
         >>> h, s
         (tensor([2., 0., 0.]), tensor(224.))
+        >>> update_delayed_scale(h, s, torch.tensor(float("inf")), torch.float8_e4m3fn)
+        >>> h, s
+        (tensor([2., 0., 0.]), tensor(224.))
     """
-    a = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)).to(history.dtype)
-    history.copy_(torch.roll(history, 1))
-    history[0] = a
-    reduced = reduce_history(history, reduce)
+    finite = torch.isfinite(amax)
+    rolled = torch.roll(history, 1)
+    rolled[0] = amax.to(history.dtype)
+    new_history = torch.where(finite, rolled, history)
+    reduced = reduce_history(new_history, reduce)
     new = amax_to_scale(
         reduced, float8_dtype, margin=margin, power_of_two=power_of_two, previous_scale=scale
     )
+    history.copy_(new_history)
     scale.copy_(new)
 
 
@@ -214,19 +259,21 @@ def cast_to_float8(
 
     Current scaling (``history`` has length 1 and holds the last amax)::
 
-        amax = max|x|
-        s = amax_to_scale(amax, previous_scale=scale)   # zero/non-finite amax: keep scale
-        if update: history[0] = amax if finite else 0; scale = s
+        amax, finite = tensor_to_finite_amax(x)          # max over the finite elements
+        s = amax_to_scale(amax, previous_scale=scale)   # zero amax: keep scale
+        if update and finite: history[0] = amax; scale = s
 
     Delayed scaling::
 
-        amax = max|x|
+        amax, finite = tensor_to_finite_amax(x)
         s = scale if any(history != 0)                   # from past amaxes
             else amax_to_scale(amax, previous_scale=scale)   # first use: current scaling
-        if update: update_delayed_scale(history, scale, amax)   # see its pseudocode
+        if update and finite: update_delayed_scale(history, scale, amax)
 
-    In both cases ``x_fp8 = hp_tensor_and_scale_to_float8(x, s)``. With ``update=False``
-    (eval mode) the state is only read.
+    In both cases ``x_fp8 = hp_tensor_and_scale_to_float8(x, s)``, which passes inf and
+    NaN through, so a non-finite element of ``x`` gives a non-finite product exactly where
+    the high-precision product has one, and the scaling state is left as it was. With
+    ``update=False`` (eval mode) the state is only read.
 
     Example:
         >>> h, s = torch.zeros(1), torch.ones(())
@@ -236,18 +283,19 @@ def cast_to_float8(
         (tensor(224.), tensor([ 112., -448.]))
     """
     kw = {"margin": margin, "power_of_two": power_of_two}
-    amax = tensor_to_amax(x)
+    amax, finite = tensor_to_finite_amax(x)
     current = amax_to_scale(amax, float8_dtype, previous_scale=scale, **kw)
     if scaling == "current":
         used = current
         if update:
-            history[0] = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
-            scale.copy_(current)
+            history[0] = torch.where(finite, amax, history[0])
+            scale.copy_(torch.where(finite, current, scale))
     elif scaling == "delayed":
         initialized = (history != 0).any()
         used = torch.where(initialized, scale, current)
         if update:
-            update_delayed_scale(history, scale, amax, float8_dtype, reduce=reduce, **kw)
+            masked = torch.where(finite, amax, torch.full_like(amax, float("nan")))
+            update_delayed_scale(history, scale, masked, float8_dtype, reduce=reduce, **kw)
     else:
         raise ValueError(f"scaling={scaling!r} is not one of 'current', 'delayed'")
     return hp_tensor_and_scale_to_float8(x, used, float8_dtype), used
