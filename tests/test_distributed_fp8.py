@@ -347,7 +347,9 @@ def test_fp8_checkpoint_resumes_bit_exactly(fp8_battery, mode):
         (losses, params, state), (losses2, params2, state2) = result["straight"], result["resumed"]
         assert losses == losses2
         assert torch.equal(params, params2)
-        assert state.keys() == state2.keys() and state
+        # delayed scaling keeps amax histories and scales in the checkpoint; under current
+        # scaling they are recomputed every step and are not persistent (nothing to resume)
+        assert state.keys() == state2.keys() and bool(state) == (mode == "ddp_delayed")
         for key in state:
             assert torch.equal(state[key], state2[key]), key
         assert result["saved_types"] == ["Tensor"]  # plain shards: no tensor subclass saved
