@@ -358,7 +358,7 @@ def test_floor_check_runs_every_interval_and_costs_nothing_between():
         for _ in range(3):
             scaler.update(torch.tensor(1.0))
     assert counter.calls == []
-    with pytest.raises(ScaleFloorError, match=r"through step 1\)"):
+    with pytest.raises(ScaleFloorError, match=r"4 steps in a row overflowed \(steps 0 to 3\)"):
         scaler.update(torch.tensor(1.0))  # step 3 ends an interval: the check finds step 1
     assert scaler.steps == 4
 
@@ -416,7 +416,8 @@ def _overflowing_run(scaler, steps):
 
 def test_floor_error_names_parameter():
     scaler = LossScaler.from_preset("deepspeed", init_scale=4.0, floor_patience=3, check_interval=1)
-    with pytest.raises(ScaleFloorError, match=r"floor min_scale=1 .*'head\.w'"):
+    expected = r"at its floor 1; the first non-finite gradient of step 0 was 'head\.w'"
+    with pytest.raises(ScaleFloorError, match=expected):
         _overflowing_run(scaler, 20)
     # Steps run at scales 4, 4 (hysteresis), 2, then 1, 1, 1: the third at the floor raises.
     assert scaler.steps == 6
@@ -637,9 +638,93 @@ def test_static_scaler_unscales_checks_and_keeps_scale():
 
 
 def test_bad_settings_name_the_value_and_choices():
-    with pytest.raises(ValueError, match="'torch', 'apex', 'deepspeed', 'megatron'"):
+    choices = "'torch', 'apex', 'deepspeed', 'deepspeed-legacy', 'deepspeed-fp16-optimizer'"
+    with pytest.raises(ValueError, match=choices):
         LossScaler.from_preset("jax")
     with pytest.raises(ValueError, match=r"growth_factor=1\.0 must be > 1\.0"):
         LossScaler(growth_factor=1.0)
     with pytest.raises(ValueError, match="min_scale <= init_scale"):
         LossScaler.from_preset("deepspeed", init_scale=0.5)
+
+
+# -- loss-scale collapse (issue 13 section 3) ---------------------------------------------------
+SMALLEST_NORMAL = float.fromhex("0x1p-126")
+
+
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-master"])
+def test_persistent_overflow_raises_and_never_writes_nan(recipe):
+    # torch's rule halves the scale 150+ times to exactly 0.0; 0 * (1/0) = NaN then went
+    # into every weight on the next clean step.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    precision = mixprec.Precision(recipe)
+    model, opt = precision.setup(model, opt)
+    x = torch.randn(16, 8)
+    errors, taken = [], 0
+    for step in range(220):
+        with precision.autocast():
+            loss = model(x).float().pow(2).mean()
+        precision.backward(loss * float("inf") if step < 200 else loss)
+        try:
+            taken += bool(precision.step(opt))
+        except ScaleFloorError as error:
+            errors.append(str(error))
+        assert precision.scaler.get_scale() >= SMALLEST_NORMAL
+    assert len(errors) == 1
+    assert "200 steps in a row overflowed (steps 0 to 199)" in errors[0]
+    assert "the first non-finite gradient of step 0 was '0.weight'" in errors[0]
+    assert taken == 20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scale_floor_is_smallest_normal_unless_framework_exact():
+    safe = LossScaler(check_interval=0)
+    exact = LossScaler(check_interval=0, framework_exact=True)
+    for _ in range(200):
+        safe.update(torch.tensor(1.0))
+        exact.update(torch.tensor(1.0))
+    assert safe.get_scale() == SMALLEST_NORMAL and exact.get_scale() == 0.0
+    exact.telemetry()  # framework_exact: no floor error
+    with pytest.raises(ScaleFloorError, match="200 steps in a row"):
+        safe.telemetry()
+    # Even at torch's scale 0.0, a clean gradient is not unscaled into NaN and applied.
+    grad = torch.ones(3)
+    assert exact.unscale_([grad]).item() != 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "value"), [(torch.float16, 4096.0), (torch.float32, 3e38)]
+)
+def test_unscale_overflow_below_scale_one_is_an_overflow(dtype, value, fused):
+    # At scale 2^-5, unscaling multiplies by 32: 4096 -> 131072 > fp16's 65504 (inf), and
+    # 3e38 * 32 > fp32's max. The values were finite before unscaling; the check must see
+    # what the step would apply. A fused optimizer (check_) divides in fp32 and keeps the
+    # fp32 result, so there only the fp32 gradient overflows.
+    scaler = LossScaler(init_scale=2.0**-5)
+    grads = [torch.ones(4, dtype=dtype), torch.tensor([1.0, value], dtype=dtype)]
+    check = scaler.check_ if fused else scaler.unscale_
+    found = check(grads, names=["a", "b"])
+    if fused and dtype == torch.float16:
+        assert found.item() == 0.0
+        return
+    assert found.item() != 0.0
+    scaler.update(found)
+    assert scaler.telemetry().skipped[0].first_nonfinite == "b"
+    fine = LossScaler(init_scale=2.0**-5)  # a gradient that stays finite is not flagged
+    assert fine.unscale_([torch.tensor([1.0, 1000.0], dtype=dtype)]).item() == 0.0
+
+
+def test_grad_scaler_below_scale_one_never_applies_inf():
+    torch.manual_seed(0)
+    for kind in ("sgd", "adam-fused"):
+        model = _mlp()
+        opt = _optimizer(kind, model)
+        scaler = GradScaler("cpu", init_scale=2.0**-10)
+        _scaled_backward(scaler, model)
+        model[0].weight.grad[0, 0] = 3e38  # finite, but 3e38 * 2^10 is not
+        scaler.step(opt)
+        scaler.update()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), kind
+        assert scaler.telemetry().steps_skipped == 1, kind
