@@ -6,7 +6,9 @@ the floor error, checkpoints and GradScaler's state machine.
 from __future__ import annotations
 
 import math
+import pickle
 import random
+import re
 import warnings
 
 import pytest
@@ -728,3 +730,170 @@ def test_grad_scaler_below_scale_one_never_applies_inf():
         scaler.update()
         assert all(torch.isfinite(p).all() for p in model.parameters()), kind
         assert scaler.telemetry().steps_skipped == 1, kind
+
+
+# -- bad scaler inputs are refused with the value named (issue 13 section 3) ---------------------
+@pytest.mark.parametrize("bad", [NAN, INF, 0.0, -3.0, 1e-40])
+def test_bad_scales_are_refused_with_the_value_named(bad):
+    named = re.escape(f"scale={bad!r} is not a usable loss scale")
+    scaler = LossScaler()
+    with pytest.raises(ValueError, match=named):
+        scaler.set_scale(bad)
+    with pytest.raises(ValueError, match=r"scale=\S+ is not a usable"):  # read as fp32
+        scaler.set_scale(torch.tensor(bad))
+    with pytest.raises(ValueError, match=named):
+        scaler.update(torch.tensor(0.0), new_scale=bad)
+    assert scaler.steps == 0  # refused before anything was recorded
+    state = scaler.state_dict()
+    with pytest.raises(ValueError, match=named):
+        scaler.load_state_dict({**state, "scale": bad})
+    assert scaler.state_dict() == state  # nothing changed
+    torch_state = torch.amp.GradScaler("cpu").state_dict()
+    grad_scaler = GradScaler("cpu")
+    with pytest.raises(ValueError, match=named):
+        grad_scaler.load_state_dict({**torch_state, "scale": bad})
+    assert grad_scaler.state_dict() == torch_state
+    _scaled_backward(grad_scaler, _mlp())
+    with pytest.raises(ValueError, match=named):
+        grad_scaler.update(new_scale=bad)
+
+
+def test_static_and_init_scale_messages_name_the_value():
+    with pytest.raises(ValueError, match=r"init_scale=0\.0 must be positive and finite"):
+        LossScaler.static(0.0)
+    with pytest.raises(ValueError, match=r"init_scale=1e-40 is below 2\^-126"):
+        LossScaler(init_scale=1e-40)
+    assert LossScaler(init_scale=1e-40, framework_exact=True).get_scale() == 1e-40
+    with pytest.raises(ValueError, match="must be a real number"):
+        LossScaler().set_scale(True)
+
+
+def test_bad_checkpoint_states_name_the_key():
+    scaler = LossScaler.from_preset("deepspeed")
+    state = scaler.state_dict()
+    cases = [
+        ({k: v for k, v in state.items() if k != "scale"}, "lacks 'scale'"),
+        ({**state, "growth_tracker": 1000}, r"growth_tracker=1000 .* \[-1, 999\]"),
+        ({**state, "hysteresis_tracker": -1}, r"hysteresis_tracker=-1 .* \[0, 2\]"),
+        ({**state, "steps_skipped": 5}, r"steps_skipped=5 .* \[0, 0\]"),
+        ({**state, "config": {**state["config"], "hysteresis": 0}}, "hysteresis=0"),
+        ({**state, "config": {**state["config"], "extra": 1}}, r"unknown keys \['extra'\]"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            scaler.load_state_dict(bad)
+        assert scaler.state_dict() == state
+    torch_state = torch.amp.GradScaler("cpu").state_dict()
+    del torch_state["growth_interval"]
+    with pytest.raises(ValueError, match="lacks 'growth_interval'"):
+        GradScaler("cpu").load_state_dict(torch_state)
+
+
+# -- GradScaler where other libraries look (issue 13 section 5) ----------------------------------
+def test_grad_scaler_is_a_torch_grad_scaler_with_its_private_attributes():
+    ours, ref = GradScaler("cpu", growth_interval=7), torch.amp.GradScaler("cpu", growth_interval=7)
+    assert isinstance(ours, torch.amp.GradScaler)
+    names = ("_enabled", "_device", "_init_scale", "_growth_factor", "_backoff_factor",
+             "_growth_interval", "_init_growth_tracker", "_scale", "_growth_tracker")
+    assert {n: getattr(ours, n) for n in names} == {n: getattr(ref, n) for n in names}
+    models = [_mlp(), _mlp()]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for scaler, model, opt in zip((ours, ref), models, opts):
+        _scaled_backward(scaler, model)
+        scaler.unscale_(opt)
+        assert scaler._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"
+        assert scaler._scale.item() == 2.0**16 and scaler._growth_tracker.item() == 0
+        found = scaler._unscale_grads_(opt, torch.ones(()), torch.zeros(()), False)
+        assert list(found) == [torch.device("cpu")] and found[torch.device("cpu")].item() == 0
+        assert scaler._check_inf_per_device(opt)[torch.device("cpu")].item() == 0
+    with pytest.raises(AttributeError, match=r"_scale is read-only .* update\(new_scale=...\)"):
+        ours._scale = torch.tensor(1.0)
+    # What Lightning / accelerate / training scripts do with a torch scaler now reaches ours.
+    saved = ref.state_dict()
+    if isinstance(ours, torch.amp.GradScaler):
+        ours.load_state_dict({**saved, "scale": 1024.0})
+    assert ours.get_scale() == 1024.0
+
+
+def _raised(action):
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - the type is what is compared
+        return error
+    raise AssertionError("no error was raised")
+
+
+def _misuses():
+    def no_update_before_scale(cls):
+        cls("cpu").update()
+
+    def update_without_step(cls):
+        scaler = cls("cpu")
+        _scaled_backward(scaler, _mlp())
+        scaler.update()
+
+    def step_without_grads(cls):
+        scaler = cls("cpu")
+        scaler.scale(torch.ones(()))
+        scaler.step(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+
+    def bad_new_scale_tensor(cls):
+        scaler = cls("cpu")
+        model, opt = _mlp(), None
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update(new_scale=torch.ones(2))
+
+    def pickle_mid_iteration(cls):
+        scaler = cls("cpu")
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _scaled_backward(scaler, model)
+        scaler.unscale_(opt)
+        pickle.dumps(scaler)
+
+    return {
+        "growth_factor": lambda cls: cls("cpu", growth_factor=1.0),
+        "backoff_factor": lambda cls: cls("cpu", backoff_factor=1.0),
+        "update_before_scale": no_update_before_scale,
+        "update_without_step": update_without_step,
+        "step_without_grads": step_without_grads,
+        "bad_new_scale_tensor": bad_new_scale_tensor,
+        "pickle_mid_iteration": pickle_mid_iteration,
+        "empty_state": lambda cls: cls("cpu").load_state_dict({}),
+        "scale_an_int": lambda cls: cls("cpu").scale(3),
+    }
+
+
+@pytest.mark.parametrize("misuse", list(_misuses()))
+def test_misuse_raises_torchs_exception_type(misuse):
+    action = _misuses()[misuse]
+    theirs = _raised(lambda: action(torch.amp.GradScaler))
+    ours = _raised(lambda: action(GradScaler))
+    assert isinstance(ours, type(theirs)), (type(ours), type(theirs))
+
+
+def test_pickle_is_small_device_free_and_resumes():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", growth_interval=2)
+    for _ in range(3):
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update()
+    data = pickle.dumps(scaler)
+    assert len(data) < 4096  # torch's: ~332 B; with the telemetry rings it was ~60 KB
+    assert b"_rebuild_tensor" not in data and b"storage" not in data  # no device-bound tensor
+    loaded = pickle.loads(data)
+    assert isinstance(loaded, torch.amp.GradScaler)
+    assert loaded.state_dict() == scaler.state_dict()
+    for each in (scaler, loaded):
+        _scaled_backward(each, model)
+        each.step(opt)
+        each.update()
+    assert loaded.state_dict() == scaler.state_dict()
+    pending = LossScaler()
+    pending.unscale_([torch.ones(2)])
+    with pytest.raises(RuntimeError, match="only be pickled between iterations"):
+        pickle.dumps(pending)

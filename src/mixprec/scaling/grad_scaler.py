@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from collections import abc, defaultdict
@@ -12,16 +13,59 @@ from torch.amp.grad_scaler import OptState
 
 from mixprec.scaling.loss_scaler import _OVERRIDABLE, LossScaler
 from mixprec.scaling.rules import preset_config
+from mixprec.scaling.state import check_loss_scaler_state, check_scale
 
-__all__ = ["GradScaler", "OptState"]
+__all__ = ["GradScaler", "GradScalerRuntimeError", "GradScalerValueError", "OptState"]
+
+
+class GradScalerRuntimeError(RuntimeError, AssertionError):
+    """Misuse of a :class:`GradScaler` where ``torch.amp.GradScaler`` raises
+    ``AssertionError``: catchable as either type."""
+
+
+class GradScalerValueError(ValueError, AssertionError):
+    """A bad argument where ``torch.amp.GradScaler`` raises ``AssertionError``: catchable
+    as ``ValueError`` or ``AssertionError``."""
+
+
+def _torch_attribute(name: str, read, doc: str) -> property:
+    def fset(self, value) -> None:
+        raise AttributeError(
+            f"mixprec.GradScaler.{name} is read-only (the state lives in its LossScaler, "
+            "scaler.loss_scaler): use update(new_scale=...), load_state_dict(...) or the "
+            "set_growth_factor / set_backoff_factor / set_growth_interval setters"
+        )
+
+    return property(read, fset, doc=doc)
 
 
 def _refresh_per_optimizer_state() -> dict[str, Any]:
     return {"stage": OptState.READY, "found_inf_per_device": {}}
 
 
-class GradScaler:
-    """Drop-in for ``torch.amp.GradScaler``: same methods, state machine and errors.
+class GradScaler(torch.amp.GradScaler):
+    """Drop-in for ``torch.amp.GradScaler``: a subclass with the same methods and state
+    machine (``isinstance(scaler, torch.amp.GradScaler)`` is True).
+
+    Errors: where torch raises ``RuntimeError`` or ``ValueError`` so does this class; where
+    torch raises ``AssertionError`` (misuse, a bad ``new_scale``, factors out of range,
+    pickling mid-iteration) this class raises :class:`GradScalerRuntimeError` /
+    :class:`GradScalerValueError`, which are both ``AssertionError`` and the
+    ``RuntimeError`` / ``ValueError`` the house style asks for. Messages differ from torch's.
+    Added refusals torch does not have: a NaN / inf / zero / negative / subnormal scale in
+    :meth:`update` or :meth:`load_state_dict` (``ValueError``).
+
+    Private attributes that code outside torch reads: ``_scale`` and ``_growth_tracker``
+    (the 0-dim tensors, ``None`` before the first :meth:`scale`), ``_per_optimizer_states``
+    (torch's layout), ``_enabled``, ``_device``, ``_init_scale``, ``_growth_factor``,
+    ``_backoff_factor``, ``_growth_interval``, ``_init_growth_tracker`` read as in torch;
+    assigning any of the properties raises ``AttributeError`` naming the public way.
+    ``_unscale_grads_`` is torch's own (it checks before unscaling, as torch does);
+    ``_check_inf_per_device`` runs this class's check.
+
+    Pickling (as torch): only between iterations, else :class:`GradScalerRuntimeError`;
+    the pickle holds plain Python values (no tensors, no telemetry record), so it is small
+    and loads on a machine without the device it was made on.
 
     With ``preset="torch"`` (default) the scale sequence, skipped steps and parameters
     are exactly torch's. ``preset="apex" | "deepspeed" | "megatron"`` follows that
@@ -69,7 +113,7 @@ class GradScaler:
         65536.0
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - torch's signature
         self,
         device: str = "cuda",
         init_scale: float | None = None,
@@ -89,15 +133,18 @@ class GradScaler:
                 stacklevel=2,
             )
             self._enabled = False
-        self._scaler = LossScaler(
-            enabled=self._enabled,
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            preset=preset,
-            **options,
-        )
+        try:
+            self._scaler = LossScaler(
+                enabled=self._enabled,
+                init_scale=init_scale,
+                growth_factor=growth_factor,
+                backoff_factor=backoff_factor,
+                growth_interval=growth_interval,
+                preset=preset,
+                **options,
+            )
+        except ValueError as error:  # torch raises AssertionError for bad factors
+            raise GradScalerValueError(str(error)) from None
         self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
             _refresh_per_optimizer_state
         )
@@ -108,10 +155,42 @@ class GradScaler:
         """The :class:`LossScaler` holding the scale, rule and telemetry."""
         return self._scaler
 
+    # torch.amp.GradScaler's private attributes, read from the LossScaler (torch's __init__
+    # is not run: every public method is this class's own).
+    _scale = _torch_attribute("_scale", lambda self: self._scaler._scale, "The scale tensor.")
+    _growth_tracker = _torch_attribute(
+        "_growth_tracker",
+        lambda self: self._scaler._growth_tracker,
+        "Clean steps counted toward the next growth (int32 tensor).",
+    )
+    _init_scale = _torch_attribute(
+        "_init_scale", lambda self: self._scaler._init_state[0], "The scale to start from."
+    )
+    _init_growth_tracker = _torch_attribute(
+        "_init_growth_tracker", lambda self: self._scaler._init_state[1], "Tracker start."
+    )
+    _growth_factor = _torch_attribute(
+        "_growth_factor", lambda self: self._scaler.config.growth_factor, "Growth factor."
+    )
+    _backoff_factor = _torch_attribute(
+        "_backoff_factor", lambda self: self._scaler.config.backoff_factor, "Backoff factor."
+    )
+    _growth_interval = _torch_attribute(
+        "_growth_interval", lambda self: self._scaler.config.growth_interval, "Interval."
+    )
+
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        self._scaler._ensure_state(dev)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        self._require_scale("_check_inf_per_device")
+        self._record(optimizer, unscale=False)
+        return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+
     def _require_scale(self, funcname: str) -> torch.Tensor:
         scale = self._scaler._scale
         if scale is None:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 f"{funcname}() was called before the scale exists: call "
                 "scaler.scale(loss).backward() earlier in the iteration."
             )
@@ -231,7 +310,7 @@ class GradScaler:
             self._record(optimizer, unscale=True, locate=False)
             state["stage"] = OptState.UNSCALED
         if not state["found_inf_per_device"]:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 "No inf checks were recorded for this optimizer: none of its parameters "
                 "has a gradient. Call backward() on the scaled loss before step()."
             )
@@ -284,10 +363,12 @@ class GradScaler:
         """Move the scale by the preset's rule (no sync), or set it to ``new_scale``.
 
         Raises:
-            RuntimeError: if no optimizer was unscaled or stepped since the last update
-                (and no ``new_scale`` is given).
-            ValueError: for a ``new_scale`` tensor that is not a 1-element tensor on this
-                scaler's device type with ``requires_grad=False``.
+            GradScalerRuntimeError: if no optimizer was unscaled or stepped since the last
+                update (and no ``new_scale`` is given), or before the first :meth:`scale`.
+            GradScalerValueError: for a ``new_scale`` tensor that is not a 1-element tensor
+                on this scaler's device type with ``requires_grad=False``.
+            ValueError: for a NaN, inf, zero, negative or subnormal ``new_scale`` (read to
+                the host when a tensor: one sync).
             ScaleFloorError: from the periodic floor check (see :class:`LossScaler`).
         """
         if not self._enabled:
@@ -305,14 +386,14 @@ class GradScaler:
                     or new_scale.numel() != 1
                     or new_scale.requires_grad
                 ):
-                    raise ValueError(
+                    raise GradScalerValueError(
                         "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
                         "torch.FloatTensor with requires_grad=False."
                     )
-            else:
-                new_scale = float(new_scale)
+            exact = self._scaler.config.framework_exact
+            new_scale = check_scale(new_scale, exact=exact, what="new_scale")
         elif not found_infs:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 "No inf checks were recorded prior to update(): call step() (or unscale_()) "
                 "for each optimizer before update()."
             )
@@ -378,7 +459,8 @@ class GradScaler:
         """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
         ``growth_interval``, ``_growth_tracker``) plus, when the rule is not torch's,
         ``preset``, ``hysteresis``, ``min_scale``, ``max_scale``,
-        ``consecutive_hysteresis`` and ``_hysteresis_tracker``. Empty when disabled.
+        ``consecutive_hysteresis``, ``framework_exact`` and ``_hysteresis_tracker``.
+        Empty when disabled.
         Syncs.
         """
         if not self._enabled:
@@ -391,7 +473,7 @@ class GradScaler:
             "growth_interval": config.growth_interval,
             "_growth_tracker": self._get_growth_tracker(),
         }
-        if config.preset != "torch" or not config.is_torch_rule:
+        if config.preset != "torch" or not config.is_torch_rule or config.framework_exact:
             hyst = self._scaler._init_state[2]
             if self._scaler._scale is not None:
                 hyst = int(self._scaler.hysteresis_tracker.item())
@@ -401,18 +483,35 @@ class GradScaler:
                 min_scale=config.min_scale,
                 max_scale=config.max_scale,
                 consecutive_hysteresis=config.consecutive_hysteresis,
+                framework_exact=config.framework_exact,
                 _hysteresis_tracker=hyst,
             )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by this class or by ``torch.amp.GradScaler``."""
+        """Load a state saved by this class or by ``torch.amp.GradScaler``.
+
+        Everything is checked before anything changes.
+
+        Raises:
+            RuntimeError: for an empty state (saved from a disabled scaler), as torch.
+            ValueError: for a missing key, a NaN / inf / zero / negative / subnormal scale,
+                a factor or interval out of range or a tracker out of its range.
+        """
         if not self._enabled:
             return
         if len(state_dict) == 0:
             raise RuntimeError(
                 "The source state dict is empty, possibly because it was saved "
                 "from a disabled instance of GradScaler."
+            )
+        required = ("scale", "growth_factor", "backoff_factor", "growth_interval",
+                    "_growth_tracker")
+        missing = [key for key in required if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"the GradScaler state lacks {', '.join(map(repr, missing))}; it has "
+                f"{sorted(map(str, state_dict))}"
             )
         config = self._scaler.config
         if "preset" in state_dict and state_dict["preset"] != config.preset:
@@ -422,12 +521,29 @@ class GradScaler:
             for key in _OVERRIDABLE
             if key != "init_scale" and key in state_dict
         }
-        self._scaler.config = config.replace(init_scale=float(state_dict["scale"]), **changes)
-        hyst = state_dict.get("_hysteresis_tracker", self._scaler.config.hysteresis)
-        self._scaler.load_state_dict(
-            {
-                "scale": state_dict["scale"],
-                "growth_tracker": state_dict["_growth_tracker"],
-                "hysteresis_tracker": hyst,
-            }
-        )
+        exact = changes.get("framework_exact", config.framework_exact)
+        scale = check_scale(state_dict["scale"], exact=exact is True, what="scale")
+        config = config.replace(init_scale=scale, **changes)
+        state = {
+            "config": dataclasses.asdict(config),
+            "scale": scale,
+            "growth_tracker": state_dict["_growth_tracker"],
+            "hysteresis_tracker": state_dict.get("_hysteresis_tracker", config.hysteresis),
+        }
+        check_loss_scaler_state(state, config)
+        self._scaler.load_state_dict(state)
+
+    # -- pickling (as torch: only between iterations) --------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        if self._enabled and len(self._per_optimizer_states) != 0:
+            raise GradScalerRuntimeError(
+                "A GradScaler instance may only be pickled at the beginning "
+                "of an iteration, or at the end after scaler.update()."
+            )
+        state = self.__dict__.copy()
+        state["_per_optimizer_states"] = None  # a defaultdict of a local function
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -10,8 +9,13 @@ import torch
 
 from mixprec.scaling.kernels import NONE_INDEX, GradChecker, LocateMethod
 from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
+from mixprec.scaling.state import (
+    check_scale,
+    load_state_dict_into,
+    pickle_state_of,
+    state_dict_of,
+)
 from mixprec.scaling.telemetry import ScalerRecord, StepLog
-from mixprec.scaling.validate import check_loss_scaler_state, check_scale
 
 __all__ = ["LossScaler"]
 
@@ -349,8 +353,8 @@ class LossScaler(ScalerRecord):
             self._pending.clear()
             return
         if new_scale is not None:
-            new_scale = check_scale(new_scale, exact=self.config.framework_exact,
-                                    what="new_scale")
+            exact = self.config.framework_exact
+            new_scale = check_scale(new_scale, exact=exact, what="new_scale")
         if isinstance(found_inf, torch.Tensor):
             scale = self._ensure_state(found_inf.device)
             found = found_inf.detach().reshape(()).to(scale.device, torch.float32, True)
@@ -379,28 +383,10 @@ class LossScaler(ScalerRecord):
             offset += count
         return first, tuple(segments)
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints and pickling (bodies in mixprec.scaling.state) ----------------------------
     def state_dict(self) -> dict:
         """Settings, scale state and counters as plain Python values (syncs)."""
-        if not self.enabled:
-            return {"enabled": False}
-        if self._scale is None:
-            scale, growth, hyst = self._init_state
-            skipped = 0
-        else:
-            scale = float(self._scale.item())
-            growth = int(self._growth_tracker.item())
-            hyst = int(self._hysteresis_tracker.item())
-            skipped = int(self._log.skipped.item())
-        return {
-            "enabled": True,
-            "config": dataclasses.asdict(self.config),
-            "scale": scale,
-            "growth_tracker": growth,
-            "hysteresis_tracker": hyst,
-            "steps": self._steps,
-            "steps_skipped": skipped,
-        }
+        return state_dict_of(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (no-op when disabled).
@@ -413,42 +399,8 @@ class LossScaler(ScalerRecord):
             ValueError: for a missing key, a bad setting, a NaN / inf / zero / negative /
                 subnormal scale or a tracker out of its range (the value is named).
         """
-        if not self.enabled:
-            return
-        if not isinstance(state, dict):
-            raise ValueError(f"a loss-scaler state must be a dict, got {type(state).__name__}")
-        if not state.get("enabled", True):
-            raise RuntimeError(
-                "the state dict was saved from a disabled LossScaler; it holds no scale"
-            )
-        config = self.config
-        if "config" in state:
-            saved = state["config"]
-            if not isinstance(saved, dict):
-                raise ValueError(f"config={saved!r} in the loss-scaler state must be a dict")
-            known = {f.name for f in dataclasses.fields(ScalerConfig)}
-            unknown = sorted(set(saved) - known)
-            if unknown:
-                raise ValueError(f"config in the loss-scaler state has unknown keys {unknown}; "
-                                 f"valid keys are {sorted(known)}")
-            config = ScalerConfig(**saved)
-        values = check_loss_scaler_state(state, config)
-        self.config = config
-        self._init_state = values
-        self._lowest_set = min(self._lowest_set, values[0])
-        self._steps = int(state.get("steps", self._steps))
-        if "steps_skipped" in state:
-            self._init_skipped = int(state["steps_skipped"])
-        elif self._scale is not None:
-            self._init_skipped = int(self._log.skipped.item())
-        if self._scale is not None:
-            self._scale.fill_(self._init_state[0])
-            self._growth_tracker.fill_(self._init_state[1])
-            self._hysteresis_tracker.fill_(self._init_state[2])
-            self._log.skipped.fill_(self._init_skipped)
-            self._log.origin = self._steps  # steps before the checkpoint are not in the log
+        load_state_dict_into(self, state)
 
-    # -- pickling -------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Settings and scale state as plain Python values: no tensors, no telemetry ring
         buffers (the record restarts after unpickling, as after :meth:`load_state_dict`),
@@ -458,22 +410,7 @@ class LossScaler(ScalerRecord):
             RuntimeError: between :meth:`unscale_` / :meth:`check_` and :meth:`update`
                 (the iteration's pending record would be lost).
         """
-        if self._pending:
-            raise RuntimeError(
-                "a LossScaler may only be pickled between iterations: unscale_() or check_() "
-                "was called since the last update(); call update() first"
-            )
-        state = self.__dict__.copy()
-        if self._scale is not None:
-            state["_init_state"] = (
-                float(self._scale.item()),
-                int(self._growth_tracker.item()),
-                int(self._hysteresis_tracker.item()),
-            )
-            state["_init_skipped"] = int(self._log.skipped.item())
-        state.update(_scale=None, _growth_tracker=None, _hysteresis_tracker=None, _log=None,
-                     _floor_scanned=self._steps, _floor_streak=0, _overflow_run=0)
-        return state
+        return pickle_state_of(self)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
