@@ -5,7 +5,9 @@ the floor error, checkpoints and GradScaler's state machine.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import pickle
 import random
 import re
@@ -897,3 +899,73 @@ def test_pickle_is_small_device_free_and_resumes():
     pending.unscale_([torch.ones(2)])
     with pytest.raises(RuntimeError, match="only be pickled between iterations"):
         pickle.dumps(pending)
+
+
+# -- presets replay the frameworks' recorded trajectories (issue 13 section 6) ------------------
+TRAJECTORIES = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "scaler_trajectories.json").read_text()
+)
+
+
+def _decode_moves(moves: str) -> str:
+    """'3.+-' -> '...+-' (the run-length code of tests/data/scaler_trajectories.json)."""
+    return re.sub(r"(\d+)(\D)", lambda m: m.group(2) * int(m.group(1)), moves)
+
+
+def _replayed_moves(scaler: LossScaler, stream: dict) -> str:
+    overflow = set(stream["overflow_steps"])
+    before = scaler.get_scale()
+    for step in range(stream["steps"]):
+        scaler.update(1.0 if step in overflow else 0.0)
+    after = [*scaler.telemetry().scale_history[1:], scaler.get_scale()]
+    moves = []
+    for scale in after:
+        moves.append({2 * before: "+", before / 2: "-", before: "."}.get(scale, "?"))
+        before = scale
+    return "".join(moves)
+
+
+@pytest.mark.parametrize("preset", sorted({c["preset"] for c in TRAJECTORIES["cases"]}))
+def test_presets_replay_recorded_framework_trajectories(preset):
+    # Recorded by running each framework's own scaler code (header of the JSON file).
+    cases = [c for c in TRAJECTORIES["cases"] if c["preset"] == preset]
+    assert len(cases) >= 15 and preset in TRAJECTORIES["header"]["sources"]
+    for case in cases:
+        stream = TRAJECTORIES["streams"][case["stream"]]
+        scaler = LossScaler.from_preset(
+            preset,
+            **case["settings"],
+            framework_exact=True,
+            check_interval=0,
+            locate_nonfinite=False,
+            history_len=stream["steps"],
+        )
+        assert _replayed_moves(scaler, stream) == _decode_moves(case["moves"]), case
+
+
+def test_recorded_deepspeed_versions_differ_where_the_presets_do():
+    # DeepSpeed <= 0.17.0 grows one step earlier than >= 0.17.1 (stable_interval), and
+    # FP16_Optimizer has no hysteresis: the recorded data tells the three apart.
+    by_key = {}
+    for case in TRAJECTORIES["cases"]:
+        key = (case["stream"], json.dumps({**case["settings"], "hysteresis": None}))
+        by_key.setdefault(key, {})[case["preset"]] = case["moves"]
+    pairs = [v for v in by_key.values() if "deepspeed" in v and "deepspeed-legacy" in v]
+    assert any(v["deepspeed"] != v["deepspeed-legacy"] for v in pairs)
+    assert preset_config("deepspeed-legacy").growth_tracker_start == 0
+    assert preset_config("deepspeed").growth_tracker_start == -1
+    assert preset_config("deepspeed-fp16-optimizer").hysteresis == 1
+
+
+@pytest.mark.parametrize("preset", ["apex", "deepspeed", "megatron", "deepspeed-fp16-optimizer"])
+def test_floor_error_is_the_deliberate_difference_from_the_framework(preset):
+    # 30 overflows in a row from the start: the frameworks clamp at their minimum (DeepSpeed
+    # with raise_error_at_min_scale=False); mixprec adds an error, off with framework_exact.
+    stream = {"steps": 30, "overflow_steps": list(range(30))}
+    settings = {"init_scale": 2.0**8, "min_scale": 4.0 if preset == "apex" else 1.0}
+    exact = LossScaler.from_preset(preset, **settings, framework_exact=True, check_interval=0)
+    _replayed_moves(exact, stream)
+    assert exact.get_scale() == settings["min_scale"]
+    safe = LossScaler.from_preset(preset, **settings, check_interval=0)
+    with pytest.raises(ScaleFloorError, match="30 steps in a row overflowed"):
+        _replayed_moves(safe, stream)
