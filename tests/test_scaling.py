@@ -969,3 +969,26 @@ def test_floor_error_is_the_deliberate_difference_from_the_framework(preset):
     safe = LossScaler.from_preset(preset, **settings, check_interval=0)
     with pytest.raises(ScaleFloorError, match="30 steps in a row overflowed"):
         _replayed_moves(safe, stream)
+
+
+@pytest.mark.parametrize("preset", ["torch", "apex", "deepspeed", "megatron"])
+def test_host_bound_on_the_scale_never_exceeds_it(preset):
+    # The check of unscaled values is skipped while a host-side lower bound on the scale is
+    # >= 1; the bound must never be above the real scale, whatever the steps did.
+    rng = random.Random(5)
+    floor = 0.0 if preset in ("torch", "apex") else 1.0
+    scaler = LossScaler.from_preset(
+        preset, init_scale=8.0, min_scale=floor, growth_interval=3, check_interval=7
+    )
+    for step in range(120):
+        found = torch.tensor(float(rng.random() < 0.4))
+        if step % 37 == 36:
+            scaler.update(found, new_scale=rng.choice([0.25, 4.0]))
+        else:
+            scaler.update(found if step % 2 else float(found))
+        if step == 50:  # a checkpoint loaded between an update and the next unscale
+            scaler.load_state_dict({**scaler.state_dict(), "scale": 0.5})
+        if step % 3 == 0 or step == 50:
+            scaler._amplifies()  # takes in the host copy of the scale
+        assert scaler._low <= scaler.get_scale(), step
+    assert scaler._amplifies() == (scaler.get_scale() < 1.0)  # exact on CPU

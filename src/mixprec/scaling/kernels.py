@@ -36,6 +36,22 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = ["NONE_INDEX", "GradChecker", "LocateMethod"]
 
+
+def _max_abs(group: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``max |g|`` of each tensor (NaN if it holds one), stacked. On CPU from
+    ``torch.aminmax`` (``vector_norm(ord=inf)`` is about 20x slower there in torch 2.13);
+    elsewhere one fused ``torch._foreach_norm(group, inf)``."""
+    if device.type != "cpu":
+        return torch.stack(torch._foreach_norm(group, math.inf))
+    out = []
+    for grad in group:
+        if grad.numel() == 0:
+            out.append(torch.zeros((), dtype=grad.dtype))
+        else:
+            low, high = torch.aminmax(grad)
+            out.append(torch.maximum(high, low.neg()))
+    return torch.stack(out)
+
 # Marks "no non-finite gradient" in int64 index tensors (above any real index).
 NONE_INDEX = 2**62
 
@@ -143,7 +159,7 @@ class GradChecker:
         dev_found = torch.zeros((), dtype=torch.float32, device=device)
         first = None
         for group, indices in groups:
-            amax = torch.stack(torch._foreach_norm(group, math.inf))
+            amax = _max_abs(group, device)
             dtype = group[0].dtype
             opmath = torch.float64 if dtype == torch.float64 else torch.float32
             if scale is None:  # what _amp_foreach_non_finite_check_and_unscale_ writes

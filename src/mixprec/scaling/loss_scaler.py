@@ -165,8 +165,14 @@ class LossScaler(ScalerRecord):
         self._floor_scanned = 0
         self._floor_streak = 0
         self._overflow_run = 0
-        # Lowest scale given by set_scale / load_state_dict (the rule's floor covers the rest).
-        self._lowest_set = math.inf
+        # A lower bound on the current scale, known on the host without a sync (unscaling
+        # can only overflow below 1): exact after set_scale / load_state_dict, lowered by one
+        # backoff per update(), and exact again once the host copy that update() starts of
+        # the new scale has landed (at once on CPU; on CUDA when its event says so).
+        self._low = self.config.init_scale
+        self._mirror: torch.Tensor | None = None  # host copy of the scale (pinned on CUDA)
+        self._mirror_event = None
+        self._mirror_fresh = False
         self._log: StepLog | None = None
         self._init_state = (
             self.config.init_scale,
@@ -220,6 +226,8 @@ class LossScaler(ScalerRecord):
             self._log = StepLog(self.history_len, dev)
             self._log.skipped.fill_(self._init_skipped)
             self._log.origin = self._steps
+            if dev.type in ("cpu", "cuda"):
+                self._mirror = torch.empty((), dtype=torch.float32, pin_memory=dev.type == "cuda")
         return self._scale
 
     @property
@@ -262,12 +270,15 @@ class LossScaler(ScalerRecord):
         number = check_scale(value, exact=self.config.framework_exact)
         scale = self._ensure_state(value.device if isinstance(value, torch.Tensor) else None)
         scale.fill_(number)
-        self._lowest_set = min(self._lowest_set, number)
+        self._low = number
+        self._mirror_fresh = False  # the host copy holds an older scale
 
     def _amplifies(self) -> bool:
-        """Whether the scale can be below 1, so that unscaling can overflow."""
-        c = self.config
-        return min(c.floor if c.dynamic else c.init_scale, self._lowest_set) < 1.0
+        """Whether the scale may be below 1, so that unscaling can overflow (no sync)."""
+        if self._mirror_fresh and (self._mirror_event is None or self._mirror_event.query()):
+            self._low = float(self._mirror.numpy())  # host memory: no device read
+            self._mirror_fresh = False
+        return self._low < 1.0
 
     # -- hot path -------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -368,6 +379,16 @@ class LossScaler(ScalerRecord):
         else:
             apply_rule_(scale, self._growth_tracker, self._hysteresis_tracker, found, self.config)
         self._steps += 1
+        if new_scale is not None:
+            self._low = new_scale
+        elif self.config.dynamic:  # the most the rule can lower the scale by in one step
+            self._low = max(self.config.floor, self._low * self.config.backoff_factor)
+            if self._mirror is not None:  # learn the new scale without waiting for it
+                self._mirror.copy_(scale, non_blocking=True)
+                if scale.device.type == "cuda":
+                    self._mirror_event = torch.cuda.Event()
+                    self._mirror_event.record()
+                self._mirror_fresh = True
         if self.check_interval and self._steps % self.check_interval == 0:
             self.check()
 

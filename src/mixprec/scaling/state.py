@@ -159,7 +159,8 @@ def load_state_dict_into(scaler: LossScaler, state: dict) -> None:
     values = check_loss_scaler_state(state, config)
     scaler.config = config
     scaler._init_state = values
-    scaler._lowest_set = min(scaler._lowest_set, values[0])
+    scaler._low = values[0]
+    scaler._mirror_fresh = False  # the host copy holds an older scale
     scaler._steps = int(state.get("steps", scaler._steps))
     if "steps_skipped" in state:
         scaler._init_skipped = int(state["steps_skipped"])
@@ -189,11 +190,15 @@ def pickle_state_of(scaler: LossScaler) -> dict:
             int(scaler._hysteresis_tracker.item()),
         )
         state["_init_skipped"] = int(scaler._log.skipped.item())
+        state["_low"] = state["_init_state"][0]
     state.update(
         _scale=None,
         _growth_tracker=None,
         _hysteresis_tracker=None,
         _log=None,
+        _mirror=None,
+        _mirror_event=None,
+        _mirror_fresh=False,
         _floor_scanned=scaler._steps,
         _floor_streak=0,
         _overflow_run=0,
