@@ -1,5 +1,6 @@
-"""Loss scaling: :class:`LossScaler` (none / static / dynamic, framework presets, sync-free)
-and :class:`GradScaler` (a drop-in for ``torch.amp.GradScaler`` built on it).
+"""Loss scaling: :class:`LossScaler` (none / static / dynamic, framework presets, sync-free
+between periodic floor checks) and :class:`GradScaler` (a drop-in for
+``torch.amp.GradScaler`` built on it).
 
 Modules: ``rules`` (the scale state machine and presets, with each framework's rule as
 pseudocode), ``kernels`` (the grouped foreach check / unscale / locate pass over the

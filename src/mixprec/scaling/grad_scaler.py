@@ -307,7 +307,8 @@ class GradScaler(TorchGradScalerFace):
         return retval
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
-        """Move the scale by the preset's rule (no sync), or set it to ``new_scale``.
+        """Move the scale by the preset's rule, or set it to ``new_scale``. No sync except
+        the floor check's every ``check_interval`` updates and a ``new_scale`` tensor's read.
 
         Raises:
             GradScalerRuntimeError: if no optimizer was unscaled or stepped since the last

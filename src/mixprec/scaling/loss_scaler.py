@@ -1,4 +1,5 @@
-"""LossScaler: none / static / dynamic loss scaling behind one sync-free interface."""
+"""LossScaler: none / static / dynamic loss scaling behind one interface, sync-free between
+periodic floor checks."""
 
 from __future__ import annotations
 
@@ -346,7 +347,8 @@ class LossScaler(ScalerRecord):
         *,
         new_scale: float | torch.Tensor | None = None,
     ) -> None:
-        """Record the step and move the scale by the preset's rule, without a host sync.
+        """Record the step and move the scale by the preset's rule. No host sync, except
+        one every ``check_interval`` calls (the floor check copies the record to the host).
 
         Args:
             found_inf: non-zero if the step's gradients overflowed (the sum of what
