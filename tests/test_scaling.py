@@ -13,6 +13,7 @@ import random
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -768,6 +769,9 @@ def test_static_and_init_scale_messages_name_the_value():
     assert LossScaler(init_scale=1e-40, framework_exact=True).get_scale() == 1e-40
     with pytest.raises(ValueError, match="must be a real number"):
         LossScaler().set_scale(True)
+    numpy_scaler = LossScaler(init_scale=np.float32(1024.0))  # any real number type
+    numpy_scaler.set_scale(np.float32(8.0))
+    assert numpy_scaler.get_scale() == 8.0
 
 
 def test_bad_checkpoint_states_name_the_key():

@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -184,7 +185,7 @@ class ScalerConfig:
             raise ValueError(f"preset={self.preset!r} is not one of {_names()}")
         for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}={value!r} must be a real number")
         for name in ("dynamic", "consecutive_hysteresis", "framework_exact"):
             if not isinstance(getattr(self, name), bool):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -56,7 +57,7 @@ def check_scale(value: float | torch.Tensor, *, exact: bool = False, what: str =
                 f"a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad})"
             )
         number = float(value.detach().reshape(()).item())
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what}={value!r} must be a real number, not {type(value).__name__}")
     else:
         number = float(value)
@@ -75,11 +76,12 @@ def _integer(state: Mapping, key: str, low: int, high: int) -> int:
     value = state[key]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integer or not low <= value <= high:
         raise ValueError(
             f"{key}={value!r} in the loss-scaler state must be an integer in [{low}, {high}]"
         )
-    return value
+    return int(value)
 
 
 def check_loss_scaler_state(state: Mapping, config: ScalerConfig) -> tuple[float, int, int]:
