@@ -44,16 +44,18 @@ class LossScaler(ScalerRecord):
     One interface for no scaling (``enabled=False``: every method is a no-op), a static
     scale (``dynamic=False``) and dynamic scaling following one of the framework rules in
     :mod:`mixprec.scaling.rules` (``preset``: ``"torch"``, ``"apex"``, ``"deepspeed"``,
-    ``"megatron"``; each setting left as ``None`` takes the preset's value).
+    ``"deepspeed-legacy"``, ``"deepspeed-fp16-optimizer"``, ``"megatron"``; each setting
+    left as ``None`` takes the preset's value).
 
     Between those checks the hot path reads nothing back to the host: the inf/NaN check
     and unscaling run as ``torch._amp_foreach_non_finite_check_and_unscale_`` per
     (device, dtype) group, and the scale state machine runs as tensor ops.
 
-    What the step applies is what is checked: when the scale can be below 1 (presets
-    whose floor is below 1, i.e. torch and apex, or a scale set below 1), unscaling can
-    turn a finite gradient into inf, so the check also covers the unscaled values (one
-    fused max-abs read of the gradients, see :mod:`mixprec.scaling.kernels`).
+    What the step applies is what is checked: while the scale may be below 1, unscaling
+    can turn a finite gradient into inf, so the check then also covers the unscaled values
+    (one extra max-abs read of the gradients, see :mod:`mixprec.scaling.kernels`). Whether
+    it may be is known on the host without a sync (a lower bound, refreshed from a host
+    copy of the scale that :meth:`update` starts).
 
     Telemetry is recorded on the device and read out by :meth:`telemetry` (one sync).
     With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records, on the
