@@ -5,10 +5,15 @@ the floor error, checkpoints and GradScaler's state machine.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import pickle
 import random
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -358,7 +363,7 @@ def test_floor_check_runs_every_interval_and_costs_nothing_between():
         for _ in range(3):
             scaler.update(torch.tensor(1.0))
     assert counter.calls == []
-    with pytest.raises(ScaleFloorError, match=r"through step 1\)"):
+    with pytest.raises(ScaleFloorError, match=r"4 steps in a row overflowed \(steps 0 to 3\)"):
         scaler.update(torch.tensor(1.0))  # step 3 ends an interval: the check finds step 1
     assert scaler.steps == 4
 
@@ -416,7 +421,8 @@ def _overflowing_run(scaler, steps):
 
 def test_floor_error_names_parameter():
     scaler = LossScaler.from_preset("deepspeed", init_scale=4.0, floor_patience=3, check_interval=1)
-    with pytest.raises(ScaleFloorError, match=r"floor min_scale=1 .*'head\.w'"):
+    expected = r"at its floor 1; the first non-finite gradient of step 0 was 'head\.w'"
+    with pytest.raises(ScaleFloorError, match=expected):
         _overflowing_run(scaler, 20)
     # Steps run at scales 4, 4 (hysteresis), 2, then 1, 1, 1: the third at the floor raises.
     assert scaler.steps == 6
@@ -637,9 +643,356 @@ def test_static_scaler_unscales_checks_and_keeps_scale():
 
 
 def test_bad_settings_name_the_value_and_choices():
-    with pytest.raises(ValueError, match="'torch', 'apex', 'deepspeed', 'megatron'"):
+    choices = "'torch', 'apex', 'deepspeed', 'deepspeed-legacy', 'deepspeed-fp16-optimizer'"
+    with pytest.raises(ValueError, match=choices):
         LossScaler.from_preset("jax")
     with pytest.raises(ValueError, match=r"growth_factor=1\.0 must be > 1\.0"):
         LossScaler(growth_factor=1.0)
     with pytest.raises(ValueError, match="min_scale <= init_scale"):
         LossScaler.from_preset("deepspeed", init_scale=0.5)
+
+
+# -- loss-scale collapse (issue 13 section 3) ---------------------------------------------------
+SMALLEST_NORMAL = float.fromhex("0x1p-126")
+
+
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-master"])
+def test_persistent_overflow_raises_and_never_writes_nan(recipe):
+    # torch's rule halves the scale 150+ times to exactly 0.0; 0 * (1/0) = NaN then went
+    # into every weight on the next clean step.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    precision = mixprec.Precision(recipe)
+    model, opt = precision.setup(model, opt)
+    x = torch.randn(16, 8)
+    errors, taken = [], 0
+    for step in range(220):
+        with precision.autocast():
+            loss = model(x).float().pow(2).mean()
+        precision.backward(loss * float("inf") if step < 200 else loss)
+        try:
+            taken += bool(precision.step(opt))
+        except ScaleFloorError as error:
+            errors.append(str(error))
+        assert precision.scaler.get_scale() >= SMALLEST_NORMAL
+    assert len(errors) == 1
+    assert "200 steps in a row overflowed (steps 0 to 199)" in errors[0]
+    assert "the first non-finite gradient of step 0 was '0.weight'" in errors[0]
+    assert taken == 20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scale_floor_is_smallest_normal_unless_framework_exact():
+    safe = LossScaler(check_interval=0)
+    exact = LossScaler(check_interval=0, framework_exact=True)
+    for _ in range(200):
+        safe.update(torch.tensor(1.0))
+        exact.update(torch.tensor(1.0))
+    assert safe.get_scale() == SMALLEST_NORMAL and exact.get_scale() == 0.0
+    exact.telemetry()  # framework_exact: no floor error
+    with pytest.raises(ScaleFloorError, match="200 steps in a row"):
+        safe.telemetry()
+    # Even at torch's scale 0.0, a clean gradient is not unscaled into NaN and applied.
+    grad = torch.ones(3)
+    assert exact.unscale_([grad]).item() != 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "value"), [(torch.float16, 4096.0), (torch.float32, 3e38)]
+)
+def test_unscale_overflow_below_scale_one_is_an_overflow(dtype, value, fused):
+    # At scale 2^-5, unscaling multiplies by 32: 4096 -> 131072 > fp16's 65504 (inf), and
+    # 3e38 * 32 > fp32's max. The values were finite before unscaling; the check must see
+    # what the step would apply. A fused optimizer (check_) divides in fp32 and keeps the
+    # fp32 result, so there only the fp32 gradient overflows.
+    scaler = LossScaler(init_scale=2.0**-5)
+    grads = [torch.ones(4, dtype=dtype), torch.tensor([1.0, value], dtype=dtype)]
+    check = scaler.check_ if fused else scaler.unscale_
+    found = check(grads, names=["a", "b"])
+    if fused and dtype == torch.float16:
+        assert found.item() == 0.0
+        return
+    assert found.item() != 0.0
+    scaler.update(found)
+    assert scaler.telemetry().skipped[0].first_nonfinite == "b"
+    fine = LossScaler(init_scale=2.0**-5)  # a gradient that stays finite is not flagged
+    assert fine.unscale_([torch.tensor([1.0, 1000.0], dtype=dtype)]).item() == 0.0
+
+
+def test_grad_scaler_below_scale_one_never_applies_inf():
+    torch.manual_seed(0)
+    for kind in ("sgd", "adam-fused"):
+        model = _mlp()
+        opt = _optimizer(kind, model)
+        scaler = GradScaler("cpu", init_scale=2.0**-10)
+        _scaled_backward(scaler, model)
+        model[0].weight.grad[0, 0] = 3e38  # finite, but 3e38 * 2^10 is not
+        scaler.step(opt)
+        scaler.update()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), kind
+        assert scaler.telemetry().steps_skipped == 1, kind
+
+
+# -- bad scaler inputs are refused with the value named (issue 13 section 3) ---------------------
+@pytest.mark.parametrize("bad", [NAN, INF, 0.0, -3.0, 1e-40])
+def test_bad_scales_are_refused_with_the_value_named(bad):
+    named = re.escape(f"scale={bad!r} is not a usable loss scale")
+    scaler = LossScaler()
+    with pytest.raises(ValueError, match=named):
+        scaler.set_scale(bad)
+    with pytest.raises(ValueError, match=r"scale=\S+ is not a usable"):  # read as fp32
+        scaler.set_scale(torch.tensor(bad))
+    with pytest.raises(ValueError, match=named):
+        scaler.update(torch.tensor(0.0), new_scale=bad)
+    assert scaler.steps == 0  # refused before anything was recorded
+    state = scaler.state_dict()
+    with pytest.raises(ValueError, match=named):
+        scaler.load_state_dict({**state, "scale": bad})
+    assert scaler.state_dict() == state  # nothing changed
+    torch_state = torch.amp.GradScaler("cpu").state_dict()
+    grad_scaler = GradScaler("cpu")
+    with pytest.raises(ValueError, match=named):
+        grad_scaler.load_state_dict({**torch_state, "scale": bad})
+    assert grad_scaler.state_dict() == torch_state
+    _scaled_backward(grad_scaler, _mlp())
+    with pytest.raises(ValueError, match=named):
+        grad_scaler.update(new_scale=bad)
+
+
+def test_static_and_init_scale_messages_name_the_value():
+    with pytest.raises(ValueError, match=r"init_scale=0\.0 must be positive and finite"):
+        LossScaler.static(0.0)
+    with pytest.raises(ValueError, match=r"init_scale=1e-40 is below 2\^-126"):
+        LossScaler(init_scale=1e-40)
+    assert LossScaler(init_scale=1e-40, framework_exact=True).get_scale() == 1e-40
+    with pytest.raises(ValueError, match="must be a real number"):
+        LossScaler().set_scale(True)
+    numpy_scaler = LossScaler(init_scale=np.float32(1024.0))  # any real number type
+    numpy_scaler.set_scale(np.float32(8.0))
+    assert numpy_scaler.get_scale() == 8.0
+
+
+def test_bad_checkpoint_states_name_the_key():
+    scaler = LossScaler.from_preset("deepspeed")
+    state = scaler.state_dict()
+    cases = [
+        ({k: v for k, v in state.items() if k != "scale"}, "lacks 'scale'"),
+        ({**state, "growth_tracker": 1000}, r"growth_tracker=1000 .* \[-1, 999\]"),
+        ({**state, "hysteresis_tracker": -1}, r"hysteresis_tracker=-1 .* \[0, 2\]"),
+        ({**state, "steps_skipped": 5}, r"steps_skipped=5 .* \[0, 0\]"),
+        ({**state, "config": {**state["config"], "hysteresis": 0}}, "hysteresis=0"),
+        ({**state, "config": {**state["config"], "extra": 1}}, r"unknown keys \['extra'\]"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            scaler.load_state_dict(bad)
+        assert scaler.state_dict() == state
+    torch_state = torch.amp.GradScaler("cpu").state_dict()
+    del torch_state["growth_interval"]
+    with pytest.raises(ValueError, match="lacks 'growth_interval'"):
+        GradScaler("cpu").load_state_dict(torch_state)
+
+
+# -- GradScaler where other libraries look (issue 13 section 5) ----------------------------------
+def test_grad_scaler_is_a_torch_grad_scaler_with_its_private_attributes():
+    ours, ref = GradScaler("cpu", growth_interval=7), torch.amp.GradScaler("cpu", growth_interval=7)
+    assert isinstance(ours, torch.amp.GradScaler)
+    names = ("_enabled", "_device", "_init_scale", "_growth_factor", "_backoff_factor",
+             "_growth_interval", "_init_growth_tracker", "_scale", "_growth_tracker")
+    assert {n: getattr(ours, n) for n in names} == {n: getattr(ref, n) for n in names}
+    models = [_mlp(), _mlp()]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for scaler, model, opt in zip((ours, ref), models, opts):
+        _scaled_backward(scaler, model)
+        scaler.unscale_(opt)
+        assert scaler._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"
+        assert scaler._scale.item() == 2.0**16 and scaler._growth_tracker.item() == 0
+        found = scaler._unscale_grads_(opt, torch.ones(()), torch.zeros(()), False)
+        assert list(found) == [torch.device("cpu")] and found[torch.device("cpu")].item() == 0
+        assert scaler._check_inf_per_device(opt)[torch.device("cpu")].item() == 0
+    with pytest.raises(AttributeError, match=r"_scale is read-only .* update\(new_scale=...\)"):
+        ours._scale = torch.tensor(1.0)
+    # What Lightning / accelerate / training scripts do with a torch scaler now reaches ours.
+    saved = ref.state_dict()
+    if isinstance(ours, torch.amp.GradScaler):
+        ours.load_state_dict({**saved, "scale": 1024.0})
+    assert ours.get_scale() == 1024.0
+
+
+def _raised(action):
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - the type is what is compared
+        return error
+    raise AssertionError("no error was raised")
+
+
+def _misuses():
+    def no_update_before_scale(cls):
+        cls("cpu").update()
+
+    def update_without_step(cls):
+        scaler = cls("cpu")
+        _scaled_backward(scaler, _mlp())
+        scaler.update()
+
+    def step_without_grads(cls):
+        scaler = cls("cpu")
+        scaler.scale(torch.ones(()))
+        scaler.step(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+
+    def bad_new_scale_tensor(cls):
+        scaler = cls("cpu")
+        model, opt = _mlp(), None
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update(new_scale=torch.ones(2))
+
+    def pickle_mid_iteration(cls):
+        scaler = cls("cpu")
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _scaled_backward(scaler, model)
+        scaler.unscale_(opt)
+        pickle.dumps(scaler)
+
+    return {
+        "growth_factor": lambda cls: cls("cpu", growth_factor=1.0),
+        "backoff_factor": lambda cls: cls("cpu", backoff_factor=1.0),
+        "update_before_scale": no_update_before_scale,
+        "update_without_step": update_without_step,
+        "step_without_grads": step_without_grads,
+        "bad_new_scale_tensor": bad_new_scale_tensor,
+        "pickle_mid_iteration": pickle_mid_iteration,
+        "empty_state": lambda cls: cls("cpu").load_state_dict({}),
+        "scale_an_int": lambda cls: cls("cpu").scale(3),
+    }
+
+
+@pytest.mark.parametrize("misuse", list(_misuses()))
+def test_misuse_raises_torchs_exception_type(misuse):
+    action = _misuses()[misuse]
+    theirs = _raised(lambda: action(torch.amp.GradScaler))
+    ours = _raised(lambda: action(GradScaler))
+    assert isinstance(ours, type(theirs)), (type(ours), type(theirs))
+
+
+def test_pickle_is_small_device_free_and_resumes():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", growth_interval=2)
+    for _ in range(3):
+        _scaled_backward(scaler, model)
+        scaler.step(opt)
+        scaler.update()
+    data = pickle.dumps(scaler)
+    assert len(data) < 4096  # torch's: ~332 B; with the telemetry rings it was ~60 KB
+    assert b"_rebuild_tensor" not in data and b"storage" not in data  # no device-bound tensor
+    loaded = pickle.loads(data)
+    assert isinstance(loaded, torch.amp.GradScaler)
+    assert loaded.state_dict() == scaler.state_dict()
+    for each in (scaler, loaded):
+        _scaled_backward(each, model)
+        each.step(opt)
+        each.update()
+    assert loaded.state_dict() == scaler.state_dict()
+    pending = LossScaler()
+    pending.unscale_([torch.ones(2)])
+    with pytest.raises(RuntimeError, match="only be pickled between iterations"):
+        pickle.dumps(pending)
+
+
+# -- presets replay the frameworks' recorded trajectories (issue 13 section 6) ------------------
+TRAJECTORIES = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "scaler_trajectories.json").read_text()
+)
+
+
+def _decode_moves(moves: str) -> str:
+    """'3.+-' -> '...+-' (the run-length code of tests/data/scaler_trajectories.json)."""
+    return re.sub(r"(\d+)(\D)", lambda m: m.group(2) * int(m.group(1)), moves)
+
+
+def _replayed_moves(scaler: LossScaler, stream: dict) -> str:
+    overflow = set(stream["overflow_steps"])
+    before = scaler.get_scale()
+    for step in range(stream["steps"]):
+        scaler.update(1.0 if step in overflow else 0.0)
+    after = [*scaler.telemetry().scale_history[1:], scaler.get_scale()]
+    moves = []
+    for scale in after:
+        moves.append({2 * before: "+", before / 2: "-", before: "."}.get(scale, "?"))
+        before = scale
+    return "".join(moves)
+
+
+@pytest.mark.parametrize("preset", sorted({c["preset"] for c in TRAJECTORIES["cases"]}))
+def test_presets_replay_recorded_framework_trajectories(preset):
+    # Recorded by running each framework's own scaler code (header of the JSON file).
+    cases = [c for c in TRAJECTORIES["cases"] if c["preset"] == preset]
+    assert len(cases) >= 15 and preset in TRAJECTORIES["header"]["sources"]
+    for case in cases:
+        stream = TRAJECTORIES["streams"][case["stream"]]
+        scaler = LossScaler.from_preset(
+            preset,
+            **case["settings"],
+            framework_exact=True,
+            check_interval=0,
+            locate_nonfinite=False,
+            history_len=stream["steps"],
+        )
+        assert _replayed_moves(scaler, stream) == _decode_moves(case["moves"]), case
+
+
+def test_recorded_deepspeed_versions_differ_where_the_presets_do():
+    # DeepSpeed <= 0.17.0 grows one step earlier than >= 0.17.1 (stable_interval), and
+    # FP16_Optimizer has no hysteresis: the recorded data tells the three apart.
+    by_key = {}
+    for case in TRAJECTORIES["cases"]:
+        key = (case["stream"], json.dumps({**case["settings"], "hysteresis": None}))
+        by_key.setdefault(key, {})[case["preset"]] = case["moves"]
+    pairs = [v for v in by_key.values() if "deepspeed" in v and "deepspeed-legacy" in v]
+    assert any(v["deepspeed"] != v["deepspeed-legacy"] for v in pairs)
+    assert preset_config("deepspeed-legacy").growth_tracker_start == 0
+    assert preset_config("deepspeed").growth_tracker_start == -1
+    assert preset_config("deepspeed-fp16-optimizer").hysteresis == 1
+
+
+@pytest.mark.parametrize("preset", ["apex", "deepspeed", "megatron", "deepspeed-fp16-optimizer"])
+def test_floor_error_is_the_deliberate_difference_from_the_framework(preset):
+    # 30 overflows in a row from the start: the frameworks clamp at their minimum (DeepSpeed
+    # with raise_error_at_min_scale=False); mixprec adds an error, off with framework_exact.
+    stream = {"steps": 30, "overflow_steps": list(range(30))}
+    settings = {"init_scale": 2.0**8, "min_scale": 4.0 if preset == "apex" else 1.0}
+    exact = LossScaler.from_preset(preset, **settings, framework_exact=True, check_interval=0)
+    _replayed_moves(exact, stream)
+    assert exact.get_scale() == settings["min_scale"]
+    safe = LossScaler.from_preset(preset, **settings, check_interval=0)
+    with pytest.raises(ScaleFloorError, match="30 steps in a row overflowed"):
+        _replayed_moves(safe, stream)
+
+
+@pytest.mark.parametrize("preset", ["torch", "apex", "deepspeed", "megatron"])
+def test_host_bound_on_the_scale_never_exceeds_it(preset):
+    # The check of unscaled values is skipped while a host-side lower bound on the scale is
+    # >= 1; the bound must never be above the real scale, whatever the steps did.
+    rng = random.Random(5)
+    floor = 0.0 if preset in ("torch", "apex") else 1.0
+    scaler = LossScaler.from_preset(
+        preset, init_scale=8.0, min_scale=floor, growth_interval=3, check_interval=7
+    )
+    for step in range(120):
+        found = torch.tensor(float(rng.random() < 0.4))
+        if step % 37 == 36:
+            scaler.update(found, new_scale=rng.choice([0.25, 4.0]))
+        else:
+            scaler.update(found if step % 2 else float(found))
+        if step == 50:  # a checkpoint loaded between an update and the next unscale
+            scaler.load_state_dict({**scaler.state_dict(), "scale": 0.5})
+        if step % 3 == 0 or step == 50:
+            scaler._amplifies()  # takes in the host copy of the scale
+        assert scaler._low <= scaler.get_scale(), step
+    assert scaler._amplifies() == (scaler.get_scale() < 1.0)  # exact on CPU

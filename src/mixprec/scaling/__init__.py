@@ -1,20 +1,34 @@
-"""Loss scaling: :class:`LossScaler` (none / static / dynamic, framework presets, sync-free)
-and :class:`GradScaler` (a drop-in for ``torch.amp.GradScaler`` built on it).
+"""Loss scaling: :class:`LossScaler` (none / static / dynamic, framework presets, sync-free
+between periodic floor checks) and :class:`GradScaler` (a drop-in for
+``torch.amp.GradScaler`` built on it).
 
 Modules: ``rules`` (the scale state machine and presets, with each framework's rule as
 pseudocode), ``kernels`` (the grouped foreach check / unscale / locate pass over the
 gradients), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records),
-``grad_scaler`` (GradScaler).
+``state`` (input checks, state dicts, pickling), ``grad_scaler`` (GradScaler) and
+``torch_face`` (what torch code sees of it: private attributes, checkpoints, errors).
 """
 
 from mixprec.scaling.grad_scaler import GradScaler
 from mixprec.scaling.loss_scaler import LossScaler
-from mixprec.scaling.rules import PRESETS, ScalerConfig, apply_rule_, preset_config
+from mixprec.scaling.rules import (
+    PRESET_SOURCES,
+    PRESETS,
+    SAFE_MIN_SCALE,
+    ScalerConfig,
+    apply_rule_,
+    preset_config,
+)
 from mixprec.scaling.telemetry import ScaleFloorError, ScalerTelemetry, SkippedStep
+from mixprec.scaling.torch_face import GradScalerRuntimeError, GradScalerValueError
 
 __all__ = [
     "PRESETS",
+    "PRESET_SOURCES",
+    "SAFE_MIN_SCALE",
     "GradScaler",
+    "GradScalerRuntimeError",
+    "GradScalerValueError",
     "LossScaler",
     "ScaleFloorError",
     "ScalerConfig",

@@ -10,18 +10,41 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from mixprec.scaling.loss_scaler import _OVERRIDABLE, LossScaler
-from mixprec.scaling.rules import preset_config
+from mixprec.scaling.loss_scaler import LossScaler
+from mixprec.scaling.state import check_scale
+from mixprec.scaling.torch_face import (
+    GradScalerRuntimeError,
+    GradScalerValueError,
+    TorchGradScalerFace,
+    _refresh_per_optimizer_state,
+)
 
-__all__ = ["GradScaler", "OptState"]
+__all__ = ["GradScaler", "GradScalerRuntimeError", "GradScalerValueError", "OptState"]
 
 
-def _refresh_per_optimizer_state() -> dict[str, Any]:
-    return {"stage": OptState.READY, "found_inf_per_device": {}}
+class GradScaler(TorchGradScalerFace):
+    """Drop-in for ``torch.amp.GradScaler``: a subclass with the same methods and state
+    machine (``isinstance(scaler, torch.amp.GradScaler)`` is True).
 
+    Errors: where torch raises ``RuntimeError`` or ``ValueError`` so does this class; where
+    torch raises ``AssertionError`` (misuse, a bad ``new_scale``, factors out of range,
+    pickling mid-iteration) this class raises :class:`GradScalerRuntimeError` /
+    :class:`GradScalerValueError`, which are both ``AssertionError`` and the
+    ``RuntimeError`` / ``ValueError`` the house style asks for. Messages differ from torch's.
+    Added refusals torch does not have: a NaN / inf / zero / negative / subnormal scale in
+    :meth:`update` or :meth:`load_state_dict` (``ValueError``).
 
-class GradScaler:
-    """Drop-in for ``torch.amp.GradScaler``: same methods, state machine and errors.
+    Private attributes that code outside torch reads: ``_scale`` and ``_growth_tracker``
+    (the 0-dim tensors, ``None`` before the first :meth:`scale`), ``_per_optimizer_states``
+    (torch's layout), ``_enabled``, ``_device``, ``_init_scale``, ``_growth_factor``,
+    ``_backoff_factor``, ``_growth_interval``, ``_init_growth_tracker`` read as in torch;
+    assigning any of the properties raises ``AttributeError`` naming the public way.
+    ``_unscale_grads_`` is torch's own (it checks before unscaling, as torch does);
+    ``_check_inf_per_device`` runs this class's check.
+
+    Pickling (as torch): only between iterations, else :class:`GradScalerRuntimeError`;
+    the pickle holds plain Python values (no tensors, no telemetry record), so it is small
+    and loads on a machine without the device it was made on.
 
     With ``preset="torch"`` (default) the scale sequence, skipped steps and parameters
     are exactly torch's. ``preset="apex" | "deepspeed" | "megatron"`` follows that
@@ -69,7 +92,7 @@ class GradScaler:
         65536.0
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - torch's signature
         self,
         device: str = "cuda",
         init_scale: float | None = None,
@@ -89,15 +112,18 @@ class GradScaler:
                 stacklevel=2,
             )
             self._enabled = False
-        self._scaler = LossScaler(
-            enabled=self._enabled,
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            preset=preset,
-            **options,
-        )
+        try:
+            self._scaler = LossScaler(
+                enabled=self._enabled,
+                init_scale=init_scale,
+                growth_factor=growth_factor,
+                backoff_factor=backoff_factor,
+                growth_interval=growth_interval,
+                preset=preset,
+                **options,
+            )
+        except ValueError as error:  # torch raises AssertionError for bad factors
+            raise GradScalerValueError(str(error)) from None
         self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
             _refresh_per_optimizer_state
         )
@@ -111,7 +137,7 @@ class GradScaler:
     def _require_scale(self, funcname: str) -> torch.Tensor:
         scale = self._scaler._scale
         if scale is None:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 f"{funcname}() was called before the scale exists: call "
                 "scaler.scale(loss).backward() earlier in the iteration."
             )
@@ -231,7 +257,7 @@ class GradScaler:
             self._record(optimizer, unscale=True, locate=False)
             state["stage"] = OptState.UNSCALED
         if not state["found_inf_per_device"]:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 "No inf checks were recorded for this optimizer: none of its parameters "
                 "has a gradient. Call backward() on the scaled loss before step()."
             )
@@ -281,13 +307,16 @@ class GradScaler:
         return retval
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
-        """Move the scale by the preset's rule (no sync), or set it to ``new_scale``.
+        """Move the scale by the preset's rule, or set it to ``new_scale``. No sync except
+        the floor check's every ``check_interval`` updates and a ``new_scale`` tensor's read.
 
         Raises:
-            RuntimeError: if no optimizer was unscaled or stepped since the last update
-                (and no ``new_scale`` is given).
-            ValueError: for a ``new_scale`` tensor that is not a 1-element tensor on this
-                scaler's device type with ``requires_grad=False``.
+            GradScalerRuntimeError: if no optimizer was unscaled or stepped since the last
+                update (and no ``new_scale`` is given), or before the first :meth:`scale`.
+            GradScalerValueError: for a ``new_scale`` tensor that is not a 1-element tensor
+                on this scaler's device type with ``requires_grad=False``.
+            ValueError: for a NaN, inf, zero, negative or subnormal ``new_scale`` (read to
+                the host when a tensor: one sync).
             ScaleFloorError: from the periodic floor check (see :class:`LossScaler`).
         """
         if not self._enabled:
@@ -305,14 +334,14 @@ class GradScaler:
                     or new_scale.numel() != 1
                     or new_scale.requires_grad
                 ):
-                    raise ValueError(
+                    raise GradScalerValueError(
                         "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
                         "torch.FloatTensor with requires_grad=False."
                     )
-            else:
-                new_scale = float(new_scale)
+            exact = self._scaler.config.framework_exact
+            new_scale = check_scale(new_scale, exact=exact, what="new_scale")
         elif not found_infs:
-            raise RuntimeError(
+            raise GradScalerRuntimeError(
                 "No inf checks were recorded prior to update(): call step() (or unscale_()) "
                 "for each optimizer before update()."
             )
@@ -326,108 +355,6 @@ class GradScaler:
         else:
             self._scaler.set_scale(new_scale)
 
-    # -- getters / setters (as torch) --------------------------------------------------------
-    def get_scale(self) -> float:
-        """The current scale as a float; 1.0 when disabled.
-
-        .. warning:: Syncs with the device.
-        """
-        return self._scaler.get_scale()
-
-    def get_growth_factor(self) -> float:
-        """The scale growth factor."""
-        return self._scaler.config.growth_factor
-
-    def set_growth_factor(self, new_factor: float) -> None:
-        """Set the scale growth factor."""
-        self._scaler.config = self._scaler.config.replace(growth_factor=new_factor)
-
-    def get_backoff_factor(self) -> float:
-        """The scale backoff factor."""
-        return self._scaler.config.backoff_factor
-
-    def set_backoff_factor(self, new_factor: float) -> None:
-        """Set the scale backoff factor."""
-        self._scaler.config = self._scaler.config.replace(backoff_factor=new_factor)
-
-    def get_growth_interval(self) -> int:
-        """The growth interval."""
-        return self._scaler.config.growth_interval
-
-    def set_growth_interval(self, new_interval: int) -> None:
-        """Set the growth interval."""
-        self._scaler.config = self._scaler.config.replace(growth_interval=new_interval)
-
-    def _get_growth_tracker(self) -> int:
-        if not self._enabled:
-            return 0
-        if self._scaler._scale is None:
-            return self._scaler._init_state[1]
-        return int(self._scaler.growth_tracker.item())
-
-    def is_enabled(self) -> bool:
-        """Whether this scaler is enabled."""
-        return self._enabled
-
     def telemetry(self):
         """Steps, skipped steps, scale history and first non-finite parameters (syncs)."""
         return self._scaler.telemetry()
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
-        ``growth_interval``, ``_growth_tracker``) plus, when the rule is not torch's,
-        ``preset``, ``hysteresis``, ``min_scale``, ``max_scale``,
-        ``consecutive_hysteresis`` and ``_hysteresis_tracker``. Empty when disabled.
-        Syncs.
-        """
-        if not self._enabled:
-            return {}
-        config = self._scaler.config
-        state = {
-            "scale": self.get_scale(),
-            "growth_factor": config.growth_factor,
-            "backoff_factor": config.backoff_factor,
-            "growth_interval": config.growth_interval,
-            "_growth_tracker": self._get_growth_tracker(),
-        }
-        if config.preset != "torch" or not config.is_torch_rule:
-            hyst = self._scaler._init_state[2]
-            if self._scaler._scale is not None:
-                hyst = int(self._scaler.hysteresis_tracker.item())
-            state.update(
-                preset=config.preset,
-                hysteresis=config.hysteresis,
-                min_scale=config.min_scale,
-                max_scale=config.max_scale,
-                consecutive_hysteresis=config.consecutive_hysteresis,
-                _hysteresis_tracker=hyst,
-            )
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by this class or by ``torch.amp.GradScaler``."""
-        if not self._enabled:
-            return
-        if len(state_dict) == 0:
-            raise RuntimeError(
-                "The source state dict is empty, possibly because it was saved "
-                "from a disabled instance of GradScaler."
-            )
-        config = self._scaler.config
-        if "preset" in state_dict and state_dict["preset"] != config.preset:
-            config = preset_config(state_dict["preset"])
-        changes = {
-            key: state_dict[key]
-            for key in _OVERRIDABLE
-            if key != "init_scale" and key in state_dict
-        }
-        self._scaler.config = config.replace(init_scale=float(state_dict["scale"]), **changes)
-        hyst = state_dict.get("_hysteresis_tracker", self._scaler.config.hysteresis)
-        self._scaler.load_state_dict(
-            {
-                "scale": state_dict["scale"],
-                "growth_tracker": state_dict["_growth_tracker"],
-                "hysteresis_tracker": hyst,
-            }
-        )

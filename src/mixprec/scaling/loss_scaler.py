@@ -1,8 +1,8 @@
-"""LossScaler: none / static / dynamic loss scaling behind one sync-free interface."""
+"""LossScaler: none / static / dynamic loss scaling behind one interface, sync-free between
+periodic floor checks."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -10,6 +10,12 @@ import torch
 
 from mixprec.scaling.kernels import NONE_INDEX, GradChecker, LocateMethod
 from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
+from mixprec.scaling.state import (
+    check_scale,
+    load_state_dict_into,
+    pickle_state_of,
+    state_dict_of,
+)
 from mixprec.scaling.telemetry import ScalerRecord, StepLog
 
 __all__ = ["LossScaler"]
@@ -23,21 +29,33 @@ _OVERRIDABLE = (
     "min_scale",
     "max_scale",
     "consecutive_hysteresis",
+    "framework_exact",
 )
 
 
 class LossScaler(ScalerRecord):
-    """Scales the loss, unscales and checks gradients, and moves the scale; never syncs.
+    """Scales the loss, unscales and checks gradients, and moves the scale.
+
+    Host syncs: none in :meth:`scale_loss`, :meth:`unscale_` and :meth:`check_`; in
+    :meth:`update` one every ``check_interval`` calls (default 100: the floor check copies
+    the record to the host), none in between; :meth:`get_scale`, :meth:`state_dict`,
+    :meth:`telemetry` and a tensor given to :meth:`set_scale` one each.
 
     One interface for no scaling (``enabled=False``: every method is a no-op), a static
     scale (``dynamic=False``) and dynamic scaling following one of the framework rules in
     :mod:`mixprec.scaling.rules` (``preset``: ``"torch"``, ``"apex"``, ``"deepspeed"``,
-    ``"megatron"``; each setting left as ``None`` takes the preset's value).
+    ``"deepspeed-legacy"``, ``"deepspeed-fp16-optimizer"``, ``"megatron"``; each setting
+    left as ``None`` takes the preset's value).
 
-    The hot path (:meth:`scale_loss`, :meth:`unscale_`, :meth:`check_`, :meth:`update`)
-    reads nothing back to the host: the inf/NaN check and unscaling run as
-    ``torch._amp_foreach_non_finite_check_and_unscale_`` per (device, dtype) group, and
-    the scale state machine runs as tensor ops.
+    Between those checks the hot path reads nothing back to the host: the inf/NaN check
+    and unscaling run as ``torch._amp_foreach_non_finite_check_and_unscale_`` per
+    (device, dtype) group, and the scale state machine runs as tensor ops.
+
+    What the step applies is what is checked: while the scale may be below 1, unscaling
+    can turn a finite gradient into inf, so the check then also covers the unscaled values
+    (one extra max-abs read of the gradients, see :mod:`mixprec.scaling.kernels`). Whether
+    it may be is known on the host without a sync (a lower bound, refreshed from a host
+    copy of the scale that :meth:`update` starts).
 
     Telemetry is recorded on the device and read out by :meth:`telemetry` (one sync).
     With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records, on the
@@ -47,19 +65,20 @@ class LossScaler(ScalerRecord):
     on accelerators one extra fused read of the gradients (a foreach max-abs). Plus ~4
     tiny kernels either way. ``locate_nonfinite=False`` removes it.
 
-    Floor check: when ``min_scale > 0`` and ``floor_patience`` consecutive steps overflow
-    with the scale already at ``min_scale``, :meth:`check` raises :class:`ScaleFloorError`
-    naming the first non-finite gradient. It costs nothing per step: :meth:`check` scans
-    the on-device record on the host, and :meth:`update` calls it every
-    ``check_interval`` steps (one copy of the record to the host each time, so one sync
-    per ``check_interval`` steps; ``0`` turns the periodic check off), as does
-    :meth:`telemetry`. Presets without a floor (torch, apex) never check.
+    Floor (mixprec's safety, see :mod:`mixprec.scaling.rules`): the scale never goes below
+    ``config.floor`` = ``max(min_scale, 2^-126)``, and when ``floor_patience`` consecutive
+    steps overflow with the scale already at that floor, :meth:`check` raises
+    :class:`ScaleFloorError` naming the first non-finite gradient and how many steps in a
+    row overflowed. It costs nothing per step: :meth:`check` scans the on-device record on
+    the host, and :meth:`update` calls it every ``check_interval`` steps (one copy of the
+    record to the host each time; ``0`` turns the periodic check off), as does
+    :meth:`telemetry`. ``framework_exact=True`` removes both (the preset's rule alone).
 
     Args:
         enabled: ``False`` makes every method a no-op (``unscale_`` returns zeros).
         dynamic: adjust the scale; ``False`` keeps ``init_scale`` (static scaling).
         init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
-        min_scale, max_scale, consecutive_hysteresis: see
+        min_scale, max_scale, consecutive_hysteresis, framework_exact: see
             :class:`~mixprec.scaling.rules.ScalerConfig`; ``None`` = the preset's value.
         preset: framework rule to follow.
         device: device of the scale state; ``None`` = that of the first loss or grads.
@@ -96,6 +115,7 @@ class LossScaler(ScalerRecord):
         min_scale: float | None = None,
         max_scale: float | None = None,
         consecutive_hysteresis: bool | None = None,
+        framework_exact: bool | None = None,
         preset: str = "torch",
         device: torch.device | str | None = None,
         locate_nonfinite: bool = True,
@@ -113,6 +133,7 @@ class LossScaler(ScalerRecord):
             min_scale=min_scale,
             max_scale=max_scale,
             consecutive_hysteresis=consecutive_hysteresis,
+            framework_exact=framework_exact,
         )
         overrides = {k: v for k, v in given.items() if v is not None}
         if not dynamic and "min_scale" not in overrides:
@@ -146,6 +167,15 @@ class LossScaler(ScalerRecord):
         # last _floor_streak of them overflowed at the floor.
         self._floor_scanned = 0
         self._floor_streak = 0
+        self._overflow_run = 0
+        # A lower bound on the current scale, known on the host without a sync (unscaling
+        # can only overflow below 1): exact after set_scale / load_state_dict, lowered by one
+        # backoff per update(), and exact again once the host copy that update() starts of
+        # the new scale has landed (at once on CPU; on CUDA when its event says so).
+        self._low = self.config.init_scale
+        self._mirror: torch.Tensor | None = None  # host copy of the scale (pinned on CUDA)
+        self._mirror_event = None
+        self._mirror_fresh = False
         self._log: StepLog | None = None
         self._init_state = (
             self.config.init_scale,
@@ -199,6 +229,8 @@ class LossScaler(ScalerRecord):
             self._log = StepLog(self.history_len, dev)
             self._log.skipped.fill_(self._init_skipped)
             self._log.origin = self._steps
+            if dev.type in ("cpu", "cuda"):
+                self._mirror = torch.empty((), dtype=torch.float32, pin_memory=dev.type == "cuda")
         return self._scale
 
     @property
@@ -230,12 +262,26 @@ class LossScaler(ScalerRecord):
         return self._init_state[0] if self._scale is None else float(self._scale.item())
 
     def set_scale(self, value: float | torch.Tensor) -> None:
-        """Overwrite the scale (trackers untouched); a tensor is copied, not read."""
+        """Overwrite the scale (trackers untouched).
+
+        .. warning:: A tensor is read to the host to be checked (one sync).
+
+        Raises:
+            ValueError: for a NaN, inf, zero, negative or subnormal scale (see
+                :func:`~mixprec.scaling.validate.check_scale`).
+        """
+        number = check_scale(value, exact=self.config.framework_exact)
         scale = self._ensure_state(value.device if isinstance(value, torch.Tensor) else None)
-        if isinstance(value, torch.Tensor):
-            scale.copy_(value.detach().reshape(()))
-        else:
-            scale.fill_(float(value))
+        scale.fill_(number)
+        self._low = number
+        self._mirror_fresh = False  # the host copy holds an older scale
+
+    def _amplifies(self) -> bool:
+        """Whether the scale may be below 1, so that unscaling can overflow (no sync)."""
+        if self._mirror_fresh and (self._mirror_event is None or self._mirror_event.query()):
+            self._low = float(self._mirror.numpy())  # host memory: no device read
+            self._mirror_fresh = False
+        return self._low < 1.0
 
     # -- hot path -------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -290,6 +336,7 @@ class LossScaler(ScalerRecord):
             scale,
             unscale=unscale,
             locate=self.locate_nonfinite if locate is None else locate,
+            amplifies=self._amplifies(),
         )
         if first is not None:
             self._pending.append((first, names, len(grads)))
@@ -302,20 +349,27 @@ class LossScaler(ScalerRecord):
         *,
         new_scale: float | torch.Tensor | None = None,
     ) -> None:
-        """Record the step and move the scale by the preset's rule, without a host sync.
+        """Record the step and move the scale by the preset's rule. No host sync, except
+        one every ``check_interval`` calls (the floor check copies the record to the host).
 
         Args:
             found_inf: non-zero if the step's gradients overflowed (the sum of what
                 :meth:`unscale_` / :meth:`check_` returned this step).
-            new_scale: set this scale instead of applying the rule (trackers untouched).
+            new_scale: set this scale instead of applying the rule (trackers untouched);
+                checked as by :meth:`set_scale` (a tensor is read: one sync).
 
         Raises:
+            ValueError: for a ``new_scale`` that is not a usable scale (NaN, inf, <= 0,
+                subnormal), before anything is recorded.
             ScaleFloorError: on a periodic check (every ``check_interval`` steps) when the
                 scale sat at ``min_scale`` for ``floor_patience`` overflowing steps.
         """
         if not self.enabled:
             self._pending.clear()
             return
+        if new_scale is not None:
+            exact = self.config.framework_exact
+            new_scale = check_scale(new_scale, exact=exact, what="new_scale")
         if isinstance(found_inf, torch.Tensor):
             scale = self._ensure_state(found_inf.device)
             found = found_inf.detach().reshape(()).to(scale.device, torch.float32, True)
@@ -329,6 +383,16 @@ class LossScaler(ScalerRecord):
         else:
             apply_rule_(scale, self._growth_tracker, self._hysteresis_tracker, found, self.config)
         self._steps += 1
+        if new_scale is not None:
+            self._low = new_scale
+        elif self.config.dynamic:  # the most the rule can lower the scale by in one step
+            self._low = max(self.config.floor, self._low * self.config.backoff_factor)
+            if self._mirror is not None:  # learn the new scale without waiting for it
+                self._mirror.copy_(scale, non_blocking=True)
+                if scale.device.type == "cuda":
+                    self._mirror_event = torch.cuda.Event()
+                    self._mirror_event.record()
+                self._mirror_fresh = True
         if self.check_interval and self._steps % self.check_interval == 0:
             self.check()
 
@@ -344,58 +408,37 @@ class LossScaler(ScalerRecord):
             offset += count
         return first, tuple(segments)
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints and pickling (bodies in mixprec.scaling.state) ----------------------------
     def state_dict(self) -> dict:
         """Settings, scale state and counters as plain Python values (syncs)."""
-        if not self.enabled:
-            return {"enabled": False}
-        if self._scale is None:
-            scale, growth, hyst = self._init_state
-            skipped = 0
-        else:
-            scale = float(self._scale.item())
-            growth = int(self._growth_tracker.item())
-            hyst = int(self._hysteresis_tracker.item())
-            skipped = int(self._log.skipped.item())
-        return {
-            "enabled": True,
-            "config": dataclasses.asdict(self.config),
-            "scale": scale,
-            "growth_tracker": growth,
-            "hysteresis_tracker": hyst,
-            "steps": self._steps,
-            "steps_skipped": skipped,
-        }
+        return state_dict_of(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (no-op when disabled).
 
         ``config``, ``steps`` and ``steps_skipped`` are optional: absent, they stay as they are.
+        Everything is checked before anything changes.
+
+        Raises:
+            RuntimeError: for the state of a disabled scaler.
+            ValueError: for a missing key, a bad setting, a NaN / inf / zero / negative /
+                subnormal scale or a tracker out of its range (the value is named).
         """
-        if not self.enabled:
-            return
-        if not state.get("enabled", True):
-            raise RuntimeError(
-                "the state dict was saved from a disabled LossScaler; it holds no scale"
-            )
-        if "config" in state:
-            self.config = ScalerConfig(**state["config"])
-        self._init_state = (
-            float(state["scale"]),
-            int(state["growth_tracker"]),
-            int(state["hysteresis_tracker"]),
-        )
-        self._steps = int(state.get("steps", self._steps))
-        if "steps_skipped" in state:
-            self._init_skipped = int(state["steps_skipped"])
-        elif self._scale is not None:
-            self._init_skipped = int(self._log.skipped.item())
-        if self._scale is not None:
-            self._scale.fill_(self._init_state[0])
-            self._growth_tracker.fill_(self._init_state[1])
-            self._hysteresis_tracker.fill_(self._init_state[2])
-            self._log.skipped.fill_(self._init_skipped)
-            self._log.origin = self._steps  # steps before the checkpoint are not in the log
+        load_state_dict_into(self, state)
+
+    def __getstate__(self) -> dict:
+        """Settings and scale state as plain Python values: no tensors, no telemetry ring
+        buffers (the record restarts after unpickling, as after :meth:`load_state_dict`),
+        so the pickle is small and loads on a machine without the scale's device.
+
+        Raises:
+            RuntimeError: between :meth:`unscale_` / :meth:`check_` and :meth:`update`
+                (the iteration's pending record would be lost).
+        """
+        return pickle_state_of(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         if not self.enabled:

@@ -90,20 +90,53 @@ How each framework's published rule maps onto it (``PRESETS``):
 
 Where this differs from a framework: scales are fp32 here, so a scale that would pass
 2^127 stays put (torch's rule), where DeepSpeed's Python float would keep growing.
+
+The safety mixprec adds on top (``framework_exact=False``, the default): the scale never
+goes below ``SAFE_MIN_SCALE`` = 2^-126, the smallest normal fp32 number (so ``1/scale`` is
+finite: torch's rule would otherwise halve a persistently overflowing scale to a
+subnormal and then to exactly 0.0 after about 165 steps, and ``0 * (1/0)`` is NaN), and a
+scale that sits at its floor while steps keep overflowing is an error
+(:class:`~mixprec.scaling.ScaleFloorError`, see :class:`~mixprec.scaling.LossScaler`).
+``framework_exact=True`` switches both off: the floor is the preset's ``min_scale`` alone
+(0 for torch and apex) and no floor error is raised (the scale stays at ``min_scale``, as
+Megatron and apex do; DeepSpeed's own ``raise_error_at_min_scale`` is not reproduced).
+Either way a gradient whose unscaled value is not finite is reported as an overflow.
+
+Versions reproduced (``PRESET_SOURCES`` gives the file each preset follows):
+``deepspeed`` follows DeepSpeed >= 0.17.1 (``stable_interval``, commit e440506 "Improve
+overflow handling in ZeRO"); ``deepspeed-legacy`` follows DeepSpeed <= 0.17.0, whose test
+``(cur_iter - last_overflow_iter) % scale_window == 0`` grows one step earlier (growth
+tracker restarting at 0, not -1); ``deepspeed-fp16-optimizer`` follows DeepSpeed's non-ZeRO
+``FP16_Optimizer._update_scale`` (no hysteresis, ``stable_interval``, clamps at
+``min_loss_scale`` without raising).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-__all__ = ["PRESETS", "PresetName", "ScalerConfig", "apply_rule_", "preset_config"]
+__all__ = [
+    "PRESETS",
+    "PRESET_SOURCES",
+    "SAFE_MIN_SCALE",
+    "PresetName",
+    "ScalerConfig",
+    "apply_rule_",
+    "preset_config",
+]
 
-PresetName = Literal["torch", "apex", "deepspeed", "megatron"]
+PresetName = Literal[
+    "torch", "apex", "deepspeed", "deepspeed-legacy", "deepspeed-fp16-optimizer", "megatron"
+]
+
+# Smallest normal fp32 number: the lowest scale whose reciprocal is finite and exact.
+SAFE_MIN_SCALE = float.fromhex("0x1p-126")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +157,10 @@ class ScalerConfig:
             ``-1`` reproduces DeepSpeed's ``stable_interval`` arithmetic.
         consecutive_hysteresis: refill the hysteresis on every clean step (so only
             consecutive overflows count), instead of only when the scale grows.
+        framework_exact: ``False`` (default) adds mixprec's safety: the scale never goes
+            below ``SAFE_MIN_SCALE`` (2^-126) and a scale stuck at its floor while steps
+            overflow raises :class:`~mixprec.scaling.ScaleFloorError`. ``True`` follows
+            the framework's rule alone (torch's scale can then reach 0.0).
 
     Example:
         >>> preset_config("megatron").init_scale == 2.0**32
@@ -141,12 +178,25 @@ class ScalerConfig:
     max_scale: float = math.inf
     growth_tracker_start: int = 0
     consecutive_hysteresis: bool = False
+    framework_exact: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS_NAMES:
             raise ValueError(f"preset={self.preset!r} is not one of {_names()}")
+        for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a real number")
+        for name in ("dynamic", "consecutive_hysteresis", "framework_exact"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (0.0 < self.init_scale < math.inf):
             raise ValueError(f"init_scale={self.init_scale!r} must be positive and finite")
+        if not self.framework_exact and self.init_scale < SAFE_MIN_SCALE:
+            raise ValueError(
+                f"init_scale={self.init_scale!r} is below 2^-126, the smallest normal fp32 "
+                "number (its reciprocal is not finite); pass framework_exact=True to allow it"
+            )
         if not self.growth_factor > 1.0:
             raise ValueError(f"growth_factor={self.growth_factor!r} must be > 1.0")
         if not 0.0 < self.backoff_factor < 1.0:
@@ -166,8 +216,15 @@ class ScalerConfig:
             )
 
     @property
+    def floor(self) -> float:
+        """The lowest scale the rule can reach: ``min_scale``, raised to ``SAFE_MIN_SCALE``
+        (2^-126) unless ``framework_exact``."""
+        return self.min_scale if self.framework_exact else max(self.min_scale, SAFE_MIN_SCALE)
+
+    @property
     def is_torch_rule(self) -> bool:
-        """True when the settings reduce to ``torch._amp_update_scale_`` exactly."""
+        """True when the settings reduce to ``torch._amp_update_scale_`` (followed by the
+        clamp to :attr:`floor`; exactly torch's rule when ``framework_exact``)."""
         return (
             self.hysteresis == 1
             and self.min_scale == 0.0
@@ -181,7 +238,9 @@ class ScalerConfig:
 
 
 PRESETS: dict[str, ScalerConfig] = {}
-PRESETS_NAMES = ("torch", "apex", "deepspeed", "megatron")
+PRESETS_NAMES = (
+    "torch", "apex", "deepspeed", "deepspeed-legacy", "deepspeed-fp16-optimizer", "megatron"
+)
 
 
 def _names() -> str:
@@ -198,6 +257,27 @@ PRESETS.update(
         "megatron", init_scale=2.0**32, growth_interval=1000, hysteresis=2, min_scale=1.0
     ),
 )
+PRESETS["deepspeed-legacy"] = ScalerConfig(
+    "deepspeed-legacy", growth_interval=1000, hysteresis=2, min_scale=1.0
+)
+PRESETS["deepspeed-fp16-optimizer"] = ScalerConfig(
+    "deepspeed-fp16-optimizer", growth_interval=1000, min_scale=1.0, growth_tracker_start=-1
+)
+
+# The framework code each preset reproduces (tests/data/scaler_trajectories.json holds
+# trajectories recorded by running that code).
+PRESET_SOURCES: dict[str, str] = {
+    "torch": "torch.amp.GradScaler / torch._amp_update_scale_ (torch 2.x)",
+    "apex": "apex/amp/scaler.py LossScaler.update_scale (last in apex at e13873de, 2025-04)",
+    "deepspeed": "deepspeed/runtime/fp16/loss_scaler.py DynamicLossScaler.update_scale, "
+    "DeepSpeed >= 0.17.1 (stable_interval; checked against 0.19.6)",
+    "deepspeed-legacy": "deepspeed/runtime/fp16/loss_scaler.py DynamicLossScaler.update_scale, "
+    "DeepSpeed <= 0.17.0",
+    "deepspeed-fp16-optimizer": "deepspeed/runtime/fp16/fused_optimizer.py "
+    "FP16_Optimizer._update_scale (non-ZeRO fp16, no hysteresis), DeepSpeed >= 0.17.1",
+    "megatron": "megatron/core/optimizer/grad_scaler.py DynamicGradScaler.update "
+    "(Megatron-LM core 0.20)",
+}
 
 
 def preset_config(name: str, **overrides) -> ScalerConfig:
@@ -252,6 +332,8 @@ def apply_rule_(
     torch_args = (config.growth_factor, config.backoff_factor, config.growth_interval)
     if config.is_torch_rule:
         torch._amp_update_scale_(scale, growth_tracker, found_inf, *torch_args)
+        if config.floor > 0.0:
+            scale.clamp_(min=config.floor)
         return
     # torch's kernel does the tracker and the finite-guarded growth/backoff; the rest is
     # corrected around it (about 15 small ops instead of about 45 for the general path).
@@ -262,7 +344,7 @@ def apply_rule_(
     torch._amp_update_scale_(scale, growth_tracker, found_inf, *torch_args)
     tolerated = overflow & (hyst > 0)  # hysteresis not spent: undo the backoff
     torch.where(tolerated, before, scale, out=scale)
-    scale.clamp_(min=config.min_scale, max=config.max_scale)
+    scale.clamp_(min=config.floor, max=config.max_scale)
     if config.growth_tracker_start:
         growth_tracker.masked_fill_(overflow, config.growth_tracker_start)
     refill = (grows | ~overflow) if config.consecutive_hysteresis else grows
@@ -280,7 +362,7 @@ def _general_rule_(scale, growth_tracker, hysteresis_tracker, found_inf, config)
     grow = clean & (counted == config.growth_interval)
 
     wide = scale.double()
-    backed = (wide * config.backoff_factor).float().clamp_(min=config.min_scale)
+    backed = (wide * config.backoff_factor).float().clamp_(min=config.floor)
     grown = (wide * config.growth_factor).float()
     grown = torch.where(torch.isfinite(grown), grown, scale).clamp_(max=config.max_scale)
     new_scale = torch.where(back_off, backed, torch.where(grow, grown, scale))

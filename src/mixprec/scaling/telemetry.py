@@ -138,7 +138,8 @@ class ScalerRecord:
 
     The half of ``LossScaler`` that reads what it recorded; ``LossScaler`` (which extends
     it) sets up the state used here: ``enabled``, ``config``, ``floor_patience``, ``_scale``,
-    ``_log`` (a :class:`StepLog`), ``_steps``, ``_floor_scanned`` and ``_floor_streak``,
+    ``_log`` (a :class:`StepLog`), ``_steps``, ``_floor_scanned``, ``_floor_streak`` and
+    ``_overflow_run``,
     and provides ``_ensure_state`` and ``get_scale``.
     """
 
@@ -160,36 +161,46 @@ class ScalerRecord:
 
     def check(self) -> None:
         """Raise :class:`ScaleFloorError` if, among the steps not yet checked,
-        ``floor_patience`` consecutive ones overflowed with the scale at ``min_scale``.
+        ``floor_patience`` consecutive ones overflowed with the scale at its floor
+        (``config.floor`` = ``max(min_scale, 2^-126)``). Off with ``framework_exact``.
 
         Scans the on-device record of those steps on the host (one copy of the record,
         so one sync). Steps that left the record (more than ``history_len`` since the
         last check) are not seen. One error covers all steps recorded so far.
         """
-        if not self.enabled or self._scale is None or self.config.min_scale <= 0:
+        config = self.config
+        if not self.enabled or self._scale is None or config.framework_exact:
+            return
+        if not config.dynamic:
             return
         log = self._log
         start = max(self._floor_scanned, log.origin, self._steps - log.capacity)
         if start > self._floor_scanned:
-            self._floor_streak = 0  # unseen steps: count afresh
+            self._floor_streak = self._overflow_run = 0  # unseen steps: count afresh
         if start >= self._steps:
             return
         scales, overflowed = torch.stack([log.scale, log.overflow.float()]).tolist()
         for step in range(start, self._steps):
             slot = step % log.capacity
-            at_floor = overflowed[slot] and scales[slot] <= self.config.min_scale
+            at_floor = overflowed[slot] and scales[slot] <= config.floor
             self._floor_streak = self._floor_streak + 1 if at_floor else 0
+            self._overflow_run = self._overflow_run + 1 if overflowed[slot] else 0
             if self._floor_streak >= self.floor_patience:
                 # Report once for everything recorded so far; a caller that catches the
                 # error and trains on is told again after floor_patience more such steps.
-                self._floor_scanned, self._floor_streak = self._steps, 0
-                self._raise_floor_error(step)
+                last = step
+                while last + 1 < self._steps and overflowed[(last + 1) % log.capacity]:
+                    last += 1  # the run goes on past `step`
+                first = last + 1 - (self._overflow_run + last - step)
+                self._floor_scanned, self._floor_streak, self._overflow_run = self._steps, 0, 0
+                self._raise_floor_error(first, last)
         self._floor_scanned = self._steps
 
-    def _raise_floor_error(self, step: int) -> None:
-        name = self._log.name_at(step, self._steps)
+    def _raise_floor_error(self, first: int, last: int) -> None:
+        named = max(first, self._log.origin, self._steps - self._log.capacity)
+        name = self._log.name_at(named, self._steps)
         where = (
-            f"the first non-finite gradient was {name!r}"
+            f"the first non-finite gradient of step {named} was {name!r}"
             if name
             else (
                 "the first non-finite gradient was not recorded (locate_nonfinite=False or "
@@ -197,11 +208,13 @@ class ScalerRecord:
             )
         )
         raise ScaleFloorError(
-            f"loss scale is at its floor min_scale={self.config.min_scale:g} and "
-            f"{self.floor_patience} consecutive steps overflowed (through step {step}); {where}. "
+            f"{last - first + 1} steps in a row overflowed (steps {first} to {last}), the last "
+            f"{self.floor_patience} or more with the loss scale at its floor "
+            f"{self.config.floor:g}; {where}. "
             "Lowering the scale cannot help: the gradients are inf/NaN at the smallest scale. "
             "Look for an overflow in the forward pass (fp16 activations past 65504, log(0), "
-            "division by zero), lower the learning rate, or train in bf16."
+            "division by zero), lower the learning rate, or train in bf16 "
+            "(framework_exact=True turns this check off)."
         )
 
     def telemetry(self) -> ScalerTelemetry:
