@@ -338,7 +338,7 @@ class Precision:
             elif not self._scaling and found_inf is not None:
                 guard.check_streak(found_inf, grads, plan.names)
             if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
-                present = [g for g in grads if g is not None]
+                present = plan.grads_in_model_order(grads)
                 self.last_grad_norm = self._dist.clip_(present, max_grad_norm, clip_grads_)
         if found_inf is None:
             step()

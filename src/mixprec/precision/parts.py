@@ -148,7 +148,7 @@ class OptimizerPlan:
 
     __slots__ = (
         "optimizer", "params", "names", "n_groups", "masters", "compensated", "fused",
-        "last_epoch", "_model_names",
+        "last_epoch", "_model_names", "model_order",
     )  # fmt: skip
 
     def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
@@ -175,9 +175,21 @@ class OptimizerPlan:
         stand_in = self.masters.low_params_by_master() if self.masters is not None else {}
         names = self._model_names
         self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
+        # clipping sums the norms in the model's parameter order, as a hand-written
+        # clip_grad_norm_(model.parameters()) does (param groups may order them otherwise)
+        position = {key: i for i, key in enumerate(names)}
+        last = len(position)
+        self.model_order = sorted(
+            range(len(self.params)),
+            key=lambda i: position.get(id(stand_in.get(id(self.params[i]), self.params[i])), last),
+        )
 
     def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
+
+    def grads_in_model_order(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """``grads`` (from :meth:`grads`) reordered as the model's parameters, Nones dropped."""
+        return [grads[i] for i in self.model_order if grads[i] is not None]
 
 
 def make_scaler(recipe: Recipe) -> LossScaler:
