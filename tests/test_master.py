@@ -182,6 +182,21 @@ def test_master_state_dict_roundtrip():
     assert torch.equal(masters.groups[0].low, state["masters"][0].to(torch.bfloat16))
 
 
+def test_master_state_from_a_model_with_other_shapes_is_refused():
+    def build(n_in, n_out):  # 32 elements either way, in another shape
+        model = nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+        return MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    saved = build(8, 4).state_dict()
+    masters = build(4, 8)
+    before = masters.master_flats[0].clone()
+    with pytest.raises(ValueError, match=r"other parameter shapes \(parameter 0 is \(4, 8\)"):
+        masters.load_state_dict(saved)
+    assert torch.equal(masters.master_flats[0], before)  # nothing changed
+    with pytest.raises(ValueError, match="'masters' and 'shapes'"):
+        masters.load_state_dict({"masters": saved["masters"]})
+
+
 def _updates(method: str | None, n: int = 10_000, size: int = 1, *, native: bool = True):
     """``size`` weights of 1.0, each getting ``n`` updates of +1e-4 (SGD lr 1e-4, grad -1).
 

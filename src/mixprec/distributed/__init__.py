@@ -19,7 +19,12 @@ Example (run with ``torchrun --nproc-per-node 2 train.py``)::
     model, opt = precision.setup(model, opt)            # use the returned model
 """
 
-from mixprec.distributed.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mixprec.distributed.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mixprec.distributed.core import (
     Strategy,
     global_grad_norm,
@@ -43,6 +48,7 @@ from mixprec.distributed.plan import (
 
 __all__ = [
     "COMM_DTYPES",
+    "CheckpointError",
     "DistributedSetup",
     "Strategy",
     "begin_setup",

@@ -32,6 +32,7 @@ syncs; it takes no ``found_inf``, so a loss-scaled custom recipe syncs once).
 """
 
 from mixprec.precision.engine import Precision
+from mixprec.precision.nonfinite import NonFiniteGradientError
 from mixprec.precision.parts import StepResult
 
-__all__ = ["Precision", "StepResult"]
+__all__ = ["NonFiniteGradientError", "Precision", "StepResult"]

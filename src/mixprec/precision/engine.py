@@ -20,6 +20,8 @@ from mixprec.precision.parts import (
     clip_grads_,
     make_scaler,
 )
+from mixprec.precision.prepare import check_model_dtype, convert_fp8
+from mixprec.precision.state import check_state
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["Precision"]
@@ -154,13 +156,13 @@ class Precision:
             model, self.recipe, grad_comm_dtype=self._grad_comm_dtype
         )
         wrapped, model, recipe = model, self._dist.module, self._dist.recipe
-        self._check_model_dtype(model)
+        check_model_dtype(self.recipe, model)
         first = next(model.parameters(), None)
         if first is not None:
             self._device_type = first.device.type
             self._context_factory = self._build_context()
         if recipe.fp8 != "off":
-            self._convert_fp8(model)
+            convert_fp8(self.recipe, model)
         if recipe.param_dtype != torch.float32:
             cast_module_(model, recipe.param_dtype, keep_norms_fp32=recipe.keep_norms_fp32)
         names = {id(p): name for name, p in model.named_parameters()}
@@ -178,31 +180,6 @@ class Precision:
         self._set_up_params.update(id(p) for p in model.parameters())
         self._tf32.apply(recipe.allow_tf32)  # forward, backward and step: until close()
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
-
-    def _check_model_dtype(self, model: nn.Module) -> None:
-        if self.recipe.param_dtype != torch.float32:
-            return
-        low = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
-        if low:
-            dtype = sorted(low, key=str)[0]
-            master = "fp16-master" if dtype == torch.float16 else "bf16-master' or 'bf16-true"
-            raise ValueError(
-                f"recipe {self.recipe.name!r} keeps fp32 parameters and autocasts the compute, "
-                f"but this model's parameters are already {dtype}: the optimizer would step "
-                f"16-bit weights and lose small updates. Use the master-weight recipe "
-                f"'{master}' (fp32 master copies of 16-bit parameters), or call model.float() "
-                f"before setup."
-            )
-
-    def _convert_fp8(self, model: nn.Module) -> None:
-        try:
-            from mixprec.float8 import Float8Config, convert_to_float8
-        except ImportError:
-            raise NotImplementedError(
-                f"recipe {self.recipe.name!r} needs fp8 Linear layers (mixprec.float8), which "
-                "are not available in this build; use 'bf16-mixed' instead"
-            ) from None
-        convert_to_float8(model, config=Float8Config(scaling=self.recipe.fp8))
 
     # -- autocast -----------------------------------------------------------------------
     def _build_context(self):
@@ -380,7 +357,8 @@ class Precision:
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Scaler, master weights, compensation buffers and RNG state, for a bit-exact resume.
+        """Scaler, skip counters, master weights and compensation buffers, for a bit-exact
+        resume (layout: :mod:`mixprec.precision.state`).
 
         Save it with the model's and the optimizers' state dicts; restore all three after
         ``setup`` in a fresh process.
@@ -388,6 +366,7 @@ class Precision:
         return {
             "recipe": str(self.recipe),
             "scaler": self.scaler.state_dict(),
+            "nonfinite": self._guard.state_dict(),
             "optimizers": [
                 {
                     "masters": None if plan.masters is None else plan.masters.state_dict(),
@@ -399,19 +378,25 @@ class Precision:
             ],
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raise if :meth:`load_state_dict` would refuse ``state``; changes nothing."""
+        check_state(state, str(self.recipe), list(self._plans.values()))
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (after :meth:`setup`, same optimizer order)."""
-        if state["recipe"] != str(self.recipe):
-            raise ValueError(
-                f"checkpoint was saved with recipe {state['recipe']!r}, this Precision runs "
-                f"{str(self.recipe)!r}"
-            )
-        if len(state["optimizers"]) != len(self._plans):
-            raise ValueError(
-                f"checkpoint has {len(state['optimizers'])} optimizers, setup() was given "
-                f"{len(self._plans)}"
-            )
+        """Restore what :meth:`state_dict` saved (after :meth:`setup`, same optimizer order).
+
+        Everything is checked first (:func:`mixprec.precision.state.check_state`): a state
+        of another recipe, model or optimizer list raises with nothing changed.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: a missing key, another recipe, another number of optimizers, or
+                master / compensation buffers of other shapes.
+        """
+        self.check_state_dict(state)
         self.scaler.load_state_dict(state["scaler"])
+        if "nonfinite" in state:
+            self._guard.load_state_dict(state["nonfinite"])
         for plan, saved in zip(self._plans.values(), state["optimizers"], strict=True):
             if plan.masters is not None:
                 plan.masters.load_state_dict(saved["masters"])
