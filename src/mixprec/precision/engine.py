@@ -247,7 +247,7 @@ class Precision:
 
         Returns:
             :class:`StepResult`, truthy when the step was taken. On the sync-free path
-            (fused optimizer, or no loss scaling) reading it as a bool is a host sync.
+            (a fused optimizer) reading it as a bool is a host sync.
 
         Raises:
             RuntimeError: if there was no ``backward`` since this optimizer's last step.
