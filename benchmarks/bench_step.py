@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, AdamW")
-    print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up steps\n")
     if args.check_cost:
+        print(f"{args.reps} timed runs of each after {args.warmup} warm-up runs\n")
         print(f"{'model':<18} {'recipe':<11} {'check ms':>14} {'step ms':>14} {'check/step':>11}")
         print(f"{'':<30} {'min / median':>14} {'min / median':>14} {'min / median':>11}")
         for model_name in args.models:
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{c_min / s_min:>6.2%} / {c_med / s_med:.2%}"
                 )
         return
+    print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up steps\n")
     header = (
         f"{'model':<18} {'recipe':<11} {'nonfinite':<9} {'AdamW':<8} {'hand ms':>9} "
         f"{'mixprec ms':>11} {'ratio':>7} {'min ratio':>9}"
