@@ -37,14 +37,6 @@ def _flags() -> tuple[bool, bool]:
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
-@pytest.fixture(autouse=True)
-def _keep_tf32_flags():
-    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    yield
-    torch.set_float32_matmul_precision(before[0])
-    torch.backends.cudnn.allow_tf32 = before[1]
-
-
 # -- clipping: bit for bit the hand-written torch.amp loop ---------------------------------
 def _groups(model: nn.Module) -> list[dict]:
     """nanoGPT's param groups: matrices decay, vectors do not (another order than the model's)."""
