@@ -409,15 +409,19 @@ def test_bf16_step_falls_back_for_other_optimizers():
 @pytest.mark.parametrize(
     ("max_grad_norm", "norm"), [(None, False), (1.0, False), (None, True), (1.0, True)]
 )
-def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
+@pytest.mark.parametrize(("nonfinite", "expected_syncs"), [("ignore", 0), ("skip", 1)])
+def test_bf16_true_adamw_step_syncs_only_for_the_skip_decision(
+    max_grad_norm, norm, nonfinite, expected_syncs
+):
     from mixprec import Precision
 
     # An fp32 LayerNorm is stepped by torch's AdamW itself: its single-tensor CPU path
-    # reads the step counter on the host, its fused path does not.
+    # reads the step counter on the host, its fused path does not. The bf16 step takes no
+    # found_inf, so skipping a non-finite step (the default) reads it once on the host.
     middle = nn.LayerNorm(16) if norm else nn.ReLU()
     model = nn.Sequential(nn.Linear(8, 16), middle, nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=norm)
-    precision = Precision("bf16-true")
+    precision = Precision("bf16-true", nonfinite=nonfinite)
     model, opt = precision.setup(model, opt)
     x = torch.randn(8, 8)
     for _ in range(2):  # the first step creates the states
@@ -426,7 +430,7 @@ def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
         precision.backward(loss)
         with SyncCounter() as syncs:
             precision.step(opt, max_grad_norm=max_grad_norm)
-        assert syncs.count == 0
+        assert syncs.count == expected_syncs, syncs.calls
     assert all(
         t.dtype == p.dtype for p, s in opt.state.items() for k, t in s.items() if k != "step"
     )  # bf16 states for bf16 params (fp32 for the fp32 norm)
