@@ -1,21 +1,33 @@
 """Per-step time of ``mixprec.Precision`` against a hand-written torch.amp loop (CPU).
 
-For each model (an MLP and a small transformer block) and recipe (fp32, bf16-mixed), two
-identical copies of the model and optimizer are trained side by side: one with the
-hand-written loop (``torch.autocast`` + ``loss.backward()`` + ``opt.step()`` +
-``opt.zero_grad()``), one with ``Precision``. Steps are interleaved, alternating which
-loop goes first each repetition, so machine load hits both alike.
+For each model (an MLP and a small transformer block), recipe (fp32, bf16-mixed),
+non-finite policy of ``Precision`` (``skip``: the default inf/NaN check and skip;
+``ignore``: no check) and AdamW flavour (``foreach`` or ``fused``), two identical copies of
+the model and optimizer are trained side by side: one with the hand-written loop
+(``torch.autocast`` + ``loss.backward()`` + ``opt.step()`` + ``opt.zero_grad()``, no
+inf/NaN check), one with ``Precision``. Steps are interleaved, alternating which loop
+goes first each repetition, so machine load hits both alike.
 
 Figures printed (per model and recipe):
 
 * ``hand ms`` / ``mixprec ms``: median over ``--reps`` repetitions of one training step
   (forward, backward, optimizer step, zero_grad), in milliseconds.
 * ``ratio = mixprec ms / hand ms`` (target: at most 1.03).
+* ``min ratio = min mixprec ms / min hand ms``: the fastest step of each loop, the figure
+  least disturbed by other processes on a shared machine (load adds time, never removes
+  it).
 * ``bf16 speed-up = hand ms (fp32) / hand ms (bf16-mixed)`` per model.
+* ``--check-cost``: the non-finite check alone (``NonFiniteGuard.check`` + ``record`` on
+  the model's gradients, what ``nonfinite="skip"`` adds to a step without loss scaling),
+  timed in isolation, and ``check / step = check ms / hand-written step ms`` (minimum and
+  median over ``--reps``). On a loaded machine the interleaved ratios above swing by more
+  than the check costs; this figure does not.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_step.py [--reps 100] [--warmup 20] [--threads N]
+        [--policies skip ignore] [--optimizers foreach fused] [--models mlp]
+        [--recipes fp32 bf16-mixed]
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec as mp
+from mixprec.precision.nonfinite import NonFiniteGuard
 
 RECIPES = ("fp32", "bf16-mixed")
 
@@ -91,15 +104,15 @@ def _mixprec_step(precision: mp.Precision):
     return step
 
 
-def _pair(build, recipe: str):
+def _pair(build, recipe: str, policy: str = "skip", fused: bool = False):
     """Two identical (model, optimizer) pairs and the step function of each loop."""
     torch.manual_seed(0)
     model_a, x, y = build()
     torch.manual_seed(0)
     model_b, _, _ = build()
-    opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-4)
-    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-4)
-    precision = mp.Precision(recipe)
+    opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-4, fused=fused)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-4, fused=fused)
+    precision = mp.Precision(recipe, nonfinite=policy)
     model_b, opt_b = precision.setup(model_b, opt_b)
     hand = (_hand_step(recipe), model_a, opt_a)
     ours = (_mixprec_step(precision), model_b, opt_b)
@@ -113,9 +126,12 @@ def _time(entry, x, y) -> float:
     return time.perf_counter() - start
 
 
-def measure(build, recipe: str, *, reps: int, warmup: int) -> tuple[float, float]:
-    """Median seconds per step of (hand-written, mixprec), interleaved A/B then B/A."""
-    hand, ours, x, y = _pair(build, recipe)
+def measure(
+    build, recipe: str, *, reps: int, warmup: int, policy: str = "skip", fused: bool = False
+) -> tuple[float, float, float, float]:
+    """Seconds per step of (hand-written, mixprec), interleaved A/B then B/A: the two
+    medians, then the two minima."""
+    hand, ours, x, y = _pair(build, recipe, policy, fused)
     for _ in range(warmup):
         _time(hand, x, y)
         _time(ours, x, y)
@@ -127,7 +143,44 @@ def measure(build, recipe: str, *, reps: int, warmup: int) -> tuple[float, float
         else:
             times_ours.append(_time(ours, x, y))
             times_hand.append(_time(hand, x, y))
-    return statistics.median(times_hand), statistics.median(times_ours)
+    return (
+        statistics.median(times_hand), statistics.median(times_ours),
+        min(times_hand), min(times_ours),
+    )  # fmt: skip
+
+
+def _times(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def check_cost(build, recipe: str, *, reps: int, warmup: int) -> tuple[float, ...]:
+    """(check min, check median, step min, step median) in seconds, for one model."""
+    torch.manual_seed(0)
+    model, x, y = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = _hand_step(recipe)
+    keep = lambda: None  # noqa: E731
+    opt.zero_grad = keep  # keep the gradients for the check below
+    for _ in range(warmup):
+        step(model, opt, x, y)
+    grads = [p.grad for p in model.parameters()]
+    guard = NonFiniteGuard("skip", check_grads=True)
+
+    def check():
+        guard.record(guard.check(grads))
+
+    for _ in range(warmup):
+        check()
+    del opt.zero_grad
+    step_times = _times(lambda: step(model, opt, x, y), reps)
+    check_times = _times(check, reps)
+    return (min(check_times), statistics.median(check_times),
+            min(step_times), statistics.median(step_times))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,27 +188,62 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=100, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--policies", nargs="+", default=["skip", "ignore"],
+                        choices=["skip", "raise", "ignore"], help="Precision(nonfinite=...)")
+    parser.add_argument("--optimizers", nargs="+", default=["foreach", "fused"],
+                        choices=["foreach", "fused"], help="AdamW implementation")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--check-cost", action="store_true",
+                        help="time the non-finite check alone instead of the two loops")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, AdamW")
+    if args.check_cost:
+        print(f"{args.reps} timed runs of each after {args.warmup} warm-up runs\n")
+        print(f"{'model':<18} {'recipe':<11} {'check ms':>14} {'step ms':>14} {'check/step':>11}")
+        print(f"{'':<30} {'min / median':>14} {'min / median':>14} {'min / median':>11}")
+        for model_name in args.models:
+            for recipe in args.recipes:
+                c_min, c_med, s_min, s_med = check_cost(
+                    MODELS[model_name], recipe, reps=args.reps, warmup=args.warmup
+                )
+                print(
+                    f"{model_name:<18} {recipe:<11} {c_min * 1e3:>6.3f} / {c_med * 1e3:<6.3f}"
+                    f"{s_min * 1e3:>7.2f} / {s_med * 1e3:<6.2f}"
+                    f"{c_min / s_min:>6.2%} / {c_med / s_med:.2%}"
+                )
+        return
     print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up steps\n")
-    header = f"{'model':<18} {'recipe':<11} {'hand ms':>9} {'mixprec ms':>11} {'ratio':>7}"
+    header = (
+        f"{'model':<18} {'recipe':<11} {'nonfinite':<9} {'AdamW':<8} {'hand ms':>9} "
+        f"{'mixprec ms':>11} {'ratio':>7} {'min ratio':>9}"
+    )
     print(header)
     print("-" * len(header))
-    hand_times: dict[tuple[str, str], float] = {}
-    for model_name, build in MODELS.items():
-        for recipe in RECIPES:
-            hand, ours = measure(build, recipe, reps=args.reps, warmup=args.warmup)
-            hand_times[model_name, recipe] = hand
-            print(
-                f"{model_name:<18} {recipe:<11} {hand * 1e3:>9.2f} {ours * 1e3:>11.2f} "
-                f"{ours / hand:>7.3f}"
-            )
-    print("\nbf16-mixed speed-up over fp32 (hand-written loop, fp32 ms / bf16-mixed ms):")
-    for model_name in MODELS:
-        speedup = hand_times[model_name, "fp32"] / hand_times[model_name, "bf16-mixed"]
-        print(f"  {model_name:<18} {speedup:.2f}x")
+    hand_times: dict[tuple[str, str], list[float]] = {}
+    for model_name in args.models:
+        build = MODELS[model_name]
+        for recipe in args.recipes:
+            for optimizer in args.optimizers:
+                for policy in args.policies:
+                    hand, ours, hand_min, ours_min = measure(
+                        build, recipe, reps=args.reps, warmup=args.warmup, policy=policy,
+                        fused=optimizer == "fused",
+                    )  # fmt: skip
+                    hand_times.setdefault((model_name, recipe), []).append(hand)
+                    print(
+                        f"{model_name:<18} {recipe:<11} {policy:<9} {optimizer:<8} "
+                        f"{hand * 1e3:>9.2f} {ours * 1e3:>11.2f} {ours / hand:>7.3f} "
+                        f"{ours_min / hand_min:>9.3f}"
+                    )
+    print("\nbf16-mixed speed-up over fp32 (hand-written loop, fp32 ms / bf16-mixed ms,")
+    print("medians over the rows above):")
+    for model_name in args.models if set(args.recipes) == set(RECIPES) else ():
+        fp32 = statistics.median(hand_times[model_name, "fp32"])
+        bf16 = statistics.median(hand_times[model_name, "bf16-mixed"])
+        print(f"  {model_name:<18} {fp32 / bf16:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32_flags():
+    """Precision.setup sets the process-wide TF32 flags until close(): undo after each test."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts ops that copy a device value to the host (a sync on an accelerator)."""
 

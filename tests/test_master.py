@@ -182,6 +182,21 @@ def test_master_state_dict_roundtrip():
     assert torch.equal(masters.groups[0].low, state["masters"][0].to(torch.bfloat16))
 
 
+def test_master_state_from_a_model_with_other_shapes_is_refused():
+    def build(n_in, n_out):  # 32 elements either way, in another shape
+        model = nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+        return MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    saved = build(8, 4).state_dict()
+    masters = build(4, 8)
+    before = masters.master_flats[0].clone()
+    with pytest.raises(ValueError, match=r"other parameter shapes \(parameter 0 is \(4, 8\)"):
+        masters.load_state_dict(saved)
+    assert torch.equal(masters.master_flats[0], before)  # nothing changed
+    with pytest.raises(ValueError, match="'masters' and 'shapes'"):
+        masters.load_state_dict({"masters": saved["masters"]})
+
+
 def _updates(method: str | None, n: int = 10_000, size: int = 1, *, native: bool = True):
     """``size`` weights of 1.0, each getting ``n`` updates of +1e-4 (SGD lr 1e-4, grad -1).
 
@@ -394,15 +409,19 @@ def test_bf16_step_falls_back_for_other_optimizers():
 @pytest.mark.parametrize(
     ("max_grad_norm", "norm"), [(None, False), (1.0, False), (None, True), (1.0, True)]
 )
-def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
+@pytest.mark.parametrize(("nonfinite", "expected_syncs"), [("ignore", 0), ("skip", 1)])
+def test_bf16_true_adamw_step_syncs_only_for_the_skip_decision(
+    max_grad_norm, norm, nonfinite, expected_syncs
+):
     from mixprec import Precision
 
     # An fp32 LayerNorm is stepped by torch's AdamW itself: its single-tensor CPU path
-    # reads the step counter on the host, its fused path does not.
+    # reads the step counter on the host, its fused path does not. The bf16 step takes no
+    # found_inf, so skipping a non-finite step (the default) reads it once on the host.
     middle = nn.LayerNorm(16) if norm else nn.ReLU()
     model = nn.Sequential(nn.Linear(8, 16), middle, nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=norm)
-    precision = Precision("bf16-true")
+    precision = Precision("bf16-true", nonfinite=nonfinite)
     model, opt = precision.setup(model, opt)
     x = torch.randn(8, 8)
     for _ in range(2):  # the first step creates the states
@@ -411,7 +430,7 @@ def test_bf16_true_adamw_step_is_sync_free(max_grad_norm, norm):
         precision.backward(loss)
         with SyncCounter() as syncs:
             precision.step(opt, max_grad_norm=max_grad_norm)
-        assert syncs.count == 0
+        assert syncs.count == expected_syncs, syncs.calls
     assert all(
         t.dtype == p.dtype for p, s in opt.state.items() for k, t in s.items() if k != "step"
     )  # bf16 states for bf16 params (fp32 for the fp32 norm)

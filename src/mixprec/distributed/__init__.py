@@ -22,7 +22,12 @@ Example (run with ``torchrun --nproc-per-node 2 train.py``)::
     model, opt = precision.setup(model, opt)            # use the returned model
 """
 
-from mixprec.distributed.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mixprec.distributed.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mixprec.distributed.comm_bytes import CommBytes, count_fsdp_bytes
 from mixprec.distributed.core import (
     Strategy,
@@ -54,6 +59,7 @@ from mixprec.distributed.plan import (
 
 __all__ = [
     "COMM_DTYPES",
+    "CheckpointError",
     "CommBytes",
     "Float8AllGatherWeight",
     "Float8GatheredWeight",

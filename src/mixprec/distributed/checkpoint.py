@@ -11,10 +11,21 @@ the file holds plain tensors only. On another number of ranks a checkpoint still
 not bit-exactly (the RNG state is not restored; a warning says so): a replicated one (DDP,
 one process) from rank 0's file, an FSDP2 one from every rank's file, its shards rebuilt
 for this run (:mod:`mixprec.distributed.reshard`; FSDP2's 1-D ``Shard(0)`` only).
+
+All or nothing: the file is a ``torch.save`` of ``{"format": "mixprec-checkpoint",
+"version": 1, "sha256": hex, "payload": uint8 tensor}`` where ``payload`` is the
+``torch.save`` bytes of the state and ``sha256 = SHA-256(payload)``. ``load_checkpoint``
+checks the digest (a flipped byte is an error naming the file), the layout, the ranks, the
+model's keys and shapes, the optimizer's groups and the Precision state, and only then
+changes anything. ``save_checkpoint`` refuses an ``extra`` that ``weights_only`` loading
+could not read back.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,7 +38,15 @@ from torch import nn
 from mixprec.distributed.core import is_sharded, strategy_of, world_size
 from mixprec.distributed.reshard import reshard_state
 
-__all__ = ["checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+
+_FORMAT, _VERSION = "mixprec-checkpoint", 1
+_KEYS = ("world_size", "strategy", "model", "optimizer", "precision", "rng", "extra")
+_PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: unreadable, corrupt, or of another setup."""
 
 
 def _rank() -> int:
@@ -72,6 +91,29 @@ def checkpoint_path(
     return Path(directory) / f"rank-{rank:05d}-of-{world:05d}.pt"
 
 
+def _check_plain(value, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would not read back."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}: "
+                                "use str or int keys")  # fmt: skip
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    hint = " (e.g. value.isoformat())" if isinstance(value, (datetime.date, datetime.time)) else ""
+    raise TypeError(
+        f"{where} is a {type(value).__name__} ({value!r}), which load_checkpoint could not "
+        "read back: extra keeps plain data (None, bool, int, float, str, bytes, tensors, and "
+        f"lists / tuples / dicts of them); convert it first{hint}"
+    )
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -87,31 +129,118 @@ def save_checkpoint(
         model: the model ``Precision.setup`` returned (DDP, FSDP2 or plain).
         optimizer: the optimizer ``Precision.setup`` returned.
         precision: the :class:`~mixprec.Precision` (scaler and master state), or ``None``.
-        extra: plain data to keep alongside (step counter, data position).
+        extra: plain data to keep alongside (step counter, data position): None, bool,
+            int, float, str, bytes, tensors, and lists / tuples / dicts of them.
+
+    Raises:
+        TypeError: ``extra`` holds something else (a ``datetime``, an object), named by
+            its place, e.g. ``extra['when']``; nothing is written then.
 
     Example:
         >>> save_checkpoint("ckpt", model=model, optimizer=opt, precision=p)  # doctest: +SKIP
     """
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict of plain data, got {type(extra).__name__}")
+    _check_plain(extra, "extra")
     path = checkpoint_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    strategy = strategy_of(model)
     state = {
         "world_size": world_size(),
-        "strategy": strategy,  # "ddp" / "none": every rank holds the same state
+        "strategy": strategy_of(model),  # "ddp" / "none": every rank holds the same state
         "model": _plain_state(_unwrapped(model).state_dict()),
         "optimizer": optimizer.state_dict(),
         "precision": precision.state_dict() if precision is not None else None,
         "rng": {"torch": torch.get_rng_state()},
-        "extra": extra or {},
+        "extra": extra,
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = bytearray(buffer.getbuffer())
+    wrapped = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(payload, dtype=torch.uint8),
+    }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(wrapped, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
     if world_size() > 1:
         dist.barrier()
     return path
+
+
+def _read(path: Path) -> dict:
+    """The checked state in ``path``, or one :class:`CheckpointError` naming the file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes): the save did not finish")
+    try:
+        wrapped = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated zip, not a torch file, ...: one clear error
+        raise CheckpointError(
+            f"checkpoint file {path} ({size} bytes) cannot be read, it is truncated or not a "
+            f"mixprec checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(wrapped, dict) or wrapped.get("format") != _FORMAT:
+        raise CheckpointError(
+            f"checkpoint file {path} is not a mixprec checkpoint (no format={_FORMAT!r} "
+            "header); it may be an older mixprec checkpoint, or another torch file"
+        )
+    if wrapped.get("version") != _VERSION:
+        raise CheckpointError(
+            f"checkpoint file {path} has version {wrapped.get('version')!r}; this mixprec "
+            f"reads version {_VERSION}"
+        )
+    payload = wrapped.get("payload")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        raise CheckpointError(f"checkpoint file {path} has no payload")
+    data = payload.numpy().tobytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != wrapped.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: the SHA-256 of its content is {digest}, "
+            f"but {wrapped.get('sha256')!r} was written when it was saved"
+        )
+    state = torch.load(io.BytesIO(data), weights_only=True)  # to the devices they left
+    missing = [key for key in _KEYS if key not in state] if isinstance(state, dict) else _KEYS
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} lacks {list(missing)}")
+    return state
+
+
+def _check_model(path: Path, model: nn.Module, saved: dict) -> None:
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in saved]
+    unexpected = [k for k in saved if k not in mine]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint file {path} holds another model: missing keys {missing[:4]}, "
+            f"unexpected keys {unexpected[:4]}"
+        )
+    for key, value in mine.items():
+        other = saved[key]
+        if isinstance(value, torch.Tensor) and (
+            not isinstance(other, torch.Tensor) or other.shape != value.shape
+        ):
+            raise CheckpointError(
+                f"checkpoint file {path} holds another model: {key!r} has shape "
+                f"{tuple(getattr(other, 'shape', ()))} there and {tuple(value.shape)} here"
+            )
+
+
+def _check_optimizer(path: Path, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else None
+    if theirs != mine:
+        raise CheckpointError(
+            f"checkpoint file {path} holds another optimizer: param groups of sizes {theirs} "
+            f"there, {mine} here"
+        )
 
 
 def load_checkpoint(
@@ -123,17 +252,20 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore this rank's part of a checkpoint in place; returns its ``extra`` dict.
 
-    Call after ``Precision.setup`` with the same recipe. The same number of ranks resumes
-    bit-exactly. Another number of ranks loads the same state, with a warning that the RNG
-    state is not restored (bit-exact continuation needs the same ranks): a replicated
-    checkpoint (DDP, one process) from rank 0's file, into a model with or without DDP; an
-    FSDP2 checkpoint from every rank's file, shards rebuilt for this run's sharding.
+    Call after ``Precision.setup`` with the same recipe. Everything is checked before
+    anything is changed. The same number of ranks resumes bit-exactly. Another number of
+    ranks loads the same state, with a warning that the RNG state is not restored
+    (bit-exact continuation needs the same ranks): a replicated checkpoint (DDP, one
+    process) from rank 0's file, into a model with or without DDP; an FSDP2 checkpoint from
+    every rank's file, shards rebuilt for this run's sharding.
 
     Raises:
         FileNotFoundError: no file for this rank and no usable checkpoint of another number
             of ranks (a rank's file missing, no rank-0 file; names the paths).
-        ValueError: the file says it was written by a different number of ranks, or a
-            tensor is sharded other than FSDP2's 1-D ``Shard(0)``.
+        CheckpointError: (a ``ValueError``) the file is empty, truncated, corrupt (digest
+            mismatch), lacks a key, says it was written by a different number of ranks, holds
+            another model, optimizer or Precision state; names the file.
+        ValueError: resharding met a tensor sharded other than FSDP2's 1-D ``Shard(0)``.
 
     Warns:
         UserWarning: a checkpoint loaded on a different number of ranks.
@@ -142,20 +274,39 @@ def load_checkpoint(
         >>> load_checkpoint("ckpt", model=model, optimizer=opt, precision=p)  # doctest: +SKIP
     """
     path = checkpoint_path(directory)
+    module = _unwrapped(model)
     resharded = not path.exists()
     if resharded:
-        source, state = _state_for_this_world(directory, path, _unwrapped(model), optimizer)
+        source, state = _state_for_this_world(directory, path, module, optimizer)
     else:
-        state = torch.load(path, weights_only=True)  # tensors return to the devices they left
+        state = _read(path)
         if state["world_size"] != world_size():
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {directory} was written by {state['world_size']} ranks, this run "
                 f"has {world_size()}; resume on {state['world_size']} ranks"
             )
-    _unwrapped(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if precision is not None and state["precision"] is not None:
+    _check_model(path, module, state["model"])
+    _check_optimizer(path, optimizer, state["optimizer"])
+    if (precision is None) != (state["precision"] is None):
+        raise CheckpointError(
+            f"checkpoint file {path} was saved "
+            + ("without a Precision; pass precision=None" if precision is not None else
+               f"with Precision state (recipe {state['precision'].get('recipe')!r}); pass "
+               "the Precision to load_checkpoint(..., precision=precision)")
+        )  # fmt: skip
+    if precision is not None:
+        try:
+            precision.check_state_dict(state["precision"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint file {path}: {exc}") from exc
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        raise CheckpointError(f"checkpoint file {path} has no torch RNG state")
+    # everything checked: now change things (the Precision first: its scaler checks its own)
+    if precision is not None:
         precision.load_state_dict(state["precision"])
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
     if resharded:
         warnings.warn(
             f"checkpoint {directory} was written by {state['world_size']} rank(s) and this run "
@@ -185,7 +336,7 @@ def _state_for_this_world(directory, missing: Path, module, optimizer) -> tuple[
 
     files = sorted(Path(directory).glob("rank-*-of-*.pt"))
     first = [p for p in files if p.name.startswith("rank-00000-of-")]
-    state = torch.load(first[0], weights_only=True) if len(first) == 1 else None
+    state = _read(first[0]) if len(first) == 1 else None
     strategy = None if state is None else state.get("strategy")
     if strategy in ("ddp", "none"):
         return first[0].name, state
@@ -198,7 +349,7 @@ def _state_for_this_world(directory, missing: Path, module, optimizer) -> tuple[
                 f"checkpoint {directory} of {world} FSDP2 ranks lacks {absent[:4]}: every "
                 "rank's file is needed to rebuild the shards for another number of ranks"
             )
-        states = [state] + [torch.load(p, weights_only=True) for p in paths[1:]]
+        states = [state] + [_read(p) for p in paths[1:]]
         return f"all {world} files", reshard_state(states, module, optimizer)
     raise FileNotFoundError(
         f"no checkpoint file {missing} for rank {_rank()} of {world_size()}"

@@ -95,24 +95,62 @@ class MasterWeights:
             p.grad = None
 
     def state_dict(self) -> dict:
-        """``{"masters": [flat fp32 buffer per group]}`` (copies)."""
-        return {"masters": [flat.clone() for flat in self.master_flats]}
+        """``{"masters": [flat fp32 buffer per group], "shapes": [[shape per param] per group]}``.
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the masters and round them into the 16-bit parameters."""
-        flats = state["masters"]
-        if len(flats) != len(self.master_flats):
+        The buffers are copies; the shapes let :meth:`load_state_dict` refuse a checkpoint
+        of another model whose groups happen to hold the same number of elements.
+        """
+        return {
+            "masters": [flat.clone() for flat in self.master_flats],
+            "shapes": [[tuple(shape) for shape in group.shapes] for group in self.groups],
+        }
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded here; changes nothing."""
+        if not isinstance(state, dict) or "masters" not in state or "shapes" not in state:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"master-weight state must be a dict with 'masters' and 'shapes' (what "
+                f"MasterWeights.state_dict() returns), got {keys}"
+            )
+        flats, shapes = state["masters"], state["shapes"]
+        if len(flats) != len(self.master_flats) or len(shapes) != len(self.groups):
             raise ValueError(
                 f"checkpoint has {len(flats)} master-weight groups, this setup has "
                 f"{len(self.master_flats)}: was it saved from the same model and optimizer?"
             )
+        for g, (group, mine, saved, saved_shapes) in enumerate(
+            zip(self.groups, self.master_flats, flats, shapes, strict=True)
+        ):
+            if not isinstance(saved, torch.Tensor) or saved.dtype != mine.dtype:
+                raise ValueError(
+                    f"master-weight group {g} in the checkpoint is "
+                    f"{getattr(saved, 'dtype', type(saved).__name__)}, expected {mine.dtype}"
+                )
+            want = [tuple(s) for s in group.shapes]
+            got = [tuple(s) for s in saved_shapes]
+            if got != want or saved.shape != mine.shape:
+                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+                detail = (
+                    f"parameter {at} is {got[at]} there and {want[at]} here"
+                    if at is not None
+                    else f"{len(got)} parameters there, {len(want)} here"
+                )
+                raise ValueError(
+                    f"master-weight group {g} was saved from a model with other parameter "
+                    f"shapes ({detail}): load a checkpoint of this model"
+                )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the masters and round them into the 16-bit parameters.
+
+        Raises:
+            ValueError: the checkpoint holds other groups, shapes or dtypes (nothing is
+                changed then).
+        """
+        self.check_state_dict(state)
         with torch.no_grad():
-            for mine, saved in zip(self.master_flats, flats, strict=True):
-                if mine.shape != saved.shape:
-                    raise ValueError(
-                        f"master-weight buffer of {saved.numel()} elements in the checkpoint "
-                        f"does not match this model's {mine.numel()}"
-                    )
+            for mine, saved in zip(self.master_flats, state["masters"], strict=True):
                 mine.copy_(saved)
         self.copy_back()
 

@@ -9,14 +9,19 @@ from torch import nn
 
 from mixprec import distributed
 from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
+from mixprec.precision.nonfinite import NonFiniteGuard, NonFinitePolicy, check_policy
 from mixprec.precision.parts import (
     CudaContext,
     NoAutocast,
     OptimizerPlan,
     StepResult,
+    Tf32Flags,
+    check_max_grad_norm,
     clip_grads_,
     make_scaler,
 )
+from mixprec.precision.prepare import check_model_dtype, convert_fp8
+from mixprec.precision.state import check_state
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["Precision"]
@@ -33,11 +38,23 @@ class Precision:
             ``update="stochastic"``); by default ``torch.initial_seed()``.
         grad_comm_dtype: dtype DDP / FSDP2 communicate gradients in (fp32, bf16, fp16);
             ``None``: the gradients' own dtype (see :mod:`mixprec.distributed`).
+        nonfinite: what ``step`` does with an inf / NaN gradient, for every recipe:
+            ``"skip"`` the step (default), ``"raise"`` :class:`NonFiniteGradientError`,
+            or ``"ignore"`` it (no check, no cost; not with loss scaling). See
+            :mod:`mixprec.precision.nonfinite` for what each costs.
+        max_consecutive_skips: with ``"skip"``, this many skipped steps in a row raise
+            :class:`NonFiniteGradientError` naming the first non-finite parameter (checked
+            every 100 steps; with loss scaling the scaler's floor check does this).
+
+    Lifetime: ``setup`` sets the process-wide TF32 flags to the recipe's (off for
+    ``fp32``, on for ``tf32``), so forward, backward and step all follow the recipe;
+    :meth:`close` (or leaving ``with Precision(...) as precision:``) restores the user's.
 
     Attributes:
         recipe: the recipe. scaler: the loss scaler (a disabled one is a no-op).
         last_grad_norm: total grad norm (0-dim tensor, before clipping) from the last
             ``step`` that clipped, else None.
+        skipped_steps: steps skipped because of an inf / NaN gradient (reading it syncs).
 
     Example:
         >>> p = Precision("fp16-mixed")
@@ -52,12 +69,22 @@ class Precision:
         scaler=None,
         seed: int | None = None,
         grad_comm_dtype: torch.dtype | None = None,
+        nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: int = 10,
     ):
         self.recipe = get_recipe(recipe_or_name)
         self._grad_comm_dtype = grad_comm_dtype  # mixprec.distributed
         self._dist: distributed.DistributedSetup | None = None
         self.scaler = scaler if scaler is not None else make_scaler(self.recipe)
         self._scaling = bool(getattr(self.scaler, "enabled", True))
+        check_policy(nonfinite, loss_scaling=self._scaling, max_consecutive=max_consecutive_skips)
+        self.nonfinite = nonfinite
+        self._guard = NonFiniteGuard(
+            nonfinite, check_grads=not self._scaling, max_consecutive=max_consecutive_skips
+        )
+        self._tf32 = Tf32Flags()
+        self._closed = False
+        self._set_up_params: set[int] = set()  # ids of model parameters setup() has seen
         self._seed = seed
         self._plans: dict[int, OptimizerPlan] = {}
         self._epoch = 0  # number of backward() calls so far
@@ -66,6 +93,33 @@ class Precision:
         self._device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self._context_factory = self._build_context()
         self.last_grad_norm: torch.Tensor | None = None
+
+    # -- lifetime -----------------------------------------------------------------------
+    def __enter__(self) -> Precision:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Restore the TF32 flags ``setup`` changed; afterwards backward / step refuse.
+
+        Idempotent. ``with Precision(...) as precision:`` calls it on leaving the block.
+        """
+        self._tf32.restore()
+        self._closed = True
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"{what}() on a closed Precision: close() restored the TF32 flags it had "
+                "set; make a new Precision to train again"
+            )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far because a gradient held an inf / NaN (one host sync)."""
+        return self._guard.skipped_steps
 
     # -- setup --------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer):
@@ -86,20 +140,29 @@ class Precision:
             >>> m.weight.dtype, o.param_groups[0]["params"][0].dtype
             (torch.bfloat16, torch.float32)
         """
+        self._check_open("setup")
         optimizers = list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"setup() needs an nn.Module, got {type(model).__name__}")
+        if any(id(p) in self._set_up_params for p in model.parameters()):
+            raise RuntimeError(
+                "setup() was already called with this model's parameters: call it once, "
+                "with every optimizer, precision.setup(model, [opt_a, opt_b]) (a second "
+                "setup would cast them and build master weights over them again)"
+            )
         # distributed (DDP / FSDP2): check the combination, work on the wrapped module, and
         # under FSDP2 leave casting to its MixedPrecisionPolicy (mixprec.distributed.plan)
         self._dist = distributed.begin_setup(
             model, self.recipe, grad_comm_dtype=self._grad_comm_dtype
         )
         wrapped, model, recipe = model, self._dist.module, self._dist.recipe
-        self._check_model_dtype(model)
+        check_model_dtype(self.recipe, model)
         first = next(model.parameters(), None)
         if first is not None:
             self._device_type = first.device.type
             self._context_factory = self._build_context()
         if recipe.fp8 != "off":
-            self._convert_fp8(model)
+            convert_fp8(self.recipe, model)
         if recipe.param_dtype != torch.float32:
             cast_module_(model, recipe.param_dtype, keep_norms_fp32=recipe.keep_norms_fp32)
         names = {id(p): name for name, p in model.named_parameters()}
@@ -114,32 +177,9 @@ class Precision:
                 compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
             self._plans[id(opt)] = OptimizerPlan(opt, masters, compensated, names)
         model = distributed.finish_setup(self._dist, model, wrapped)  # DDP: re-wrap if cast
+        self._set_up_params.update(id(p) for p in model.parameters())
+        self._tf32.apply(recipe.allow_tf32)  # forward, backward and step: until close()
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
-
-    def _check_model_dtype(self, model: nn.Module) -> None:
-        if self.recipe.param_dtype != torch.float32:
-            return
-        low = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
-        if low:
-            dtype = sorted(low, key=str)[0]
-            master = "fp16-master" if dtype == torch.float16 else "bf16-master' or 'bf16-true"
-            raise ValueError(
-                f"recipe {self.recipe.name!r} keeps fp32 parameters and autocasts the compute, "
-                f"but this model's parameters are already {dtype}: the optimizer would step "
-                f"16-bit weights and lose small updates. Use the master-weight recipe "
-                f"'{master}' (fp32 master copies of 16-bit parameters), or call model.float() "
-                f"before setup."
-            )
-
-    def _convert_fp8(self, model: nn.Module) -> None:
-        try:
-            from mixprec.float8 import Float8Config, convert_to_float8
-        except ImportError:
-            raise NotImplementedError(
-                f"recipe {self.recipe.name!r} needs fp8 Linear layers (mixprec.float8), which "
-                "are not available in this build; use 'bf16-mixed' instead"
-            ) from None
-        convert_to_float8(model, config=Float8Config(scaling=self.recipe.fp8))
 
     # -- autocast -----------------------------------------------------------------------
     def _build_context(self):
@@ -175,8 +215,15 @@ class Precision:
         Call it once per micro-batch (gradients accumulate) and once per loss.
 
         Raises:
-            RuntimeError: if ``loss`` has more than one element.
+            TypeError: if ``loss`` is not a tensor.
+            RuntimeError: if ``loss`` has more than one element, or after :meth:`close`.
         """
+        self._check_open("backward")
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"backward() needs the loss tensor the forward pass returned, got "
+                f"{type(loss).__name__} {loss!r}: a number has no graph to back-propagate"
+            )
         if loss.numel() != 1:
             raise RuntimeError(
                 f"backward() needs a scalar loss, got shape {tuple(loss.shape)}: reduce it "
@@ -194,15 +241,22 @@ class Precision:
 
         Args:
             optimizer: an optimizer passed to :meth:`setup`.
-            max_grad_norm: clip the total 2-norm of the (unscaled) gradients to this.
+            max_grad_norm: clip the total 2-norm of the (unscaled) gradients to this, as
+                ``torch.nn.utils.clip_grad_norm_`` does (bit for bit); a positive finite
+                number or None.
 
         Returns:
             :class:`StepResult`, truthy when the step was taken. On the sync-free path
-            (fused optimizer, or no loss scaling) reading it as a bool is a host sync.
+            (a fused optimizer) reading it as a bool is a host sync.
 
         Raises:
             RuntimeError: if there was no ``backward`` since this optimizer's last step.
+            ValueError: ``max_grad_norm`` is negative, zero, nan or inf.
+            NonFiniteGradientError: policy ``"raise"`` and a non-finite gradient, or
+                ``max_consecutive_skips`` skipped steps in a row.
         """
+        self._check_open("step")
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         plan = self._plans.get(id(optimizer))
         if plan is None:
             raise RuntimeError(
@@ -250,13 +304,20 @@ class Precision:
         native = plan.compensated is not None and plan.compensated.native
         step = plan.compensated.step if native else opt.step
         found_inf = None
-        if self._scaling or max_grad_norm is not None:
+        guard = self._guard
+        if self._scaling or guard.check_grads or max_grad_norm is not None:
             grads = plan.grads()
             if self._scaling:  # distributed: unscale local shards, then MAX over ranks
                 found_inf = self.scaler.unscale_(self._dist.local(grads), plan.names)
                 found_inf = self._dist.reduce_found_inf(found_inf)
+            elif guard.check_grads:  # the same check, at scale 1 (grads unchanged)
+                found_inf = self._dist.reduce_found_inf(guard.check(self._dist.local(grads)))
+            if guard.policy == "raise":
+                guard.raise_if_found(found_inf, grads, plan.names)
+            elif not self._scaling and found_inf is not None:
+                guard.check_streak(found_inf, grads, plan.names)
             if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
-                present = [g for g in grads if g is not None]
+                present = plan.grads_in_model_order(grads)
                 self.last_grad_norm = self._dist.clip_(present, max_grad_norm, clip_grads_)
         if found_inf is None:
             step()
@@ -277,7 +338,7 @@ class Precision:
         return result, found_inf
 
     def _end_step(self, plan: OptimizerPlan, result: StepResult, found_inf) -> StepResult:
-        if self._scaling:
+        if found_inf is not None:
             self._found_infs.append(found_inf)
         self._stepped.add(id(plan.optimizer))
         if len(self._stepped) == len(self._plans):
@@ -287,17 +348,21 @@ class Precision:
     def _finish_iteration(self) -> None:
         if self._dist is not None:
             self._dist.after_step()  # FSDP2 fp8 all-gather: next scales, one all-reduce
-        if self._scaling and self._found_infs:
+        found = None
+        if self._found_infs:
             found = self._found_infs[0]
             for other in self._found_infs[1:]:
                 found = found + other
+        if self._scaling and found is not None:
             self.scaler.update(found)
+        self._guard.record(found)
         self._found_infs = []
         self._stepped = set()
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Scaler, master weights, compensation buffers and RNG state, for a bit-exact resume.
+        """Scaler, skip counters, master weights and compensation buffers, for a bit-exact
+        resume (layout: :mod:`mixprec.precision.state`).
 
         Save it with the model's and the optimizers' state dicts; restore all three after
         ``setup`` in a fresh process.
@@ -305,6 +370,7 @@ class Precision:
         return {
             "recipe": str(self.recipe),
             "scaler": self.scaler.state_dict(),
+            "nonfinite": self._guard.state_dict(),
             "optimizers": [
                 {
                     "masters": None if plan.masters is None else plan.masters.state_dict(),
@@ -316,19 +382,25 @@ class Precision:
             ],
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raise if :meth:`load_state_dict` would refuse ``state``; changes nothing."""
+        check_state(state, str(self.recipe), list(self._plans.values()))
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (after :meth:`setup`, same optimizer order)."""
-        if state["recipe"] != str(self.recipe):
-            raise ValueError(
-                f"checkpoint was saved with recipe {state['recipe']!r}, this Precision runs "
-                f"{str(self.recipe)!r}"
-            )
-        if len(state["optimizers"]) != len(self._plans):
-            raise ValueError(
-                f"checkpoint has {len(state['optimizers'])} optimizers, setup() was given "
-                f"{len(self._plans)}"
-            )
+        """Restore what :meth:`state_dict` saved (after :meth:`setup`, same optimizer order).
+
+        Everything is checked first (:func:`mixprec.precision.state.check_state`): a state
+        of another recipe, model or optimizer list raises with nothing changed.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: a missing key, another recipe, another number of optimizers, or
+                master / compensation buffers of other shapes.
+        """
+        self.check_state_dict(state)
         self.scaler.load_state_dict(state["scaler"])
+        if "nonfinite" in state:
+            self._guard.load_state_dict(state["nonfinite"])
         for plan, saved in zip(self._plans.values(), state["optimizers"], strict=True):
             if plan.masters is not None:
                 plan.masters.load_state_dict(saved["masters"])

@@ -8,6 +8,7 @@ for, and sync-free gradient clipping.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -20,6 +21,8 @@ __all__ = [
     "NoAutocast",
     "OptimizerPlan",
     "StepResult",
+    "Tf32Flags",
+    "check_max_grad_norm",
     "clip_grads_",
     "make_scaler",
 ]
@@ -104,12 +107,48 @@ class CudaContext(contextlib.ContextDecorator):
         return False
 
 
+class Tf32Flags:
+    """The process-wide TF32 switches, set to a recipe's for a Precision's lifetime.
+
+    ``apply`` saves the user's settings (``torch.get_float32_matmul_precision()`` and
+    ``torch.backends.cudnn.allow_tf32``) the first time and sets both matmul and cuDNN
+    TF32 to ``allow``; ``restore`` puts the saved settings back. The flags are global, so
+    forward, backward and the optimizer step all run under them (on CUDA; on a CPU they
+    are recorded but change no arithmetic).
+
+    Example:
+        >>> flags = Tf32Flags(); before = torch.backends.cudnn.allow_tf32
+        >>> flags.apply(False); torch.backends.cudnn.allow_tf32
+        False
+        >>> flags.restore(); torch.backends.cudnn.allow_tf32 == before
+        True
+    """
+
+    __slots__ = ("_saved",)
+
+    def __init__(self) -> None:
+        self._saved: tuple[str, bool] | None = None
+
+    def apply(self, allow: bool) -> None:
+        if self._saved is None:
+            self._saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            matmul, cudnn = self._saved
+            torch.set_float32_matmul_precision(matmul)
+            torch.backends.cudnn.allow_tf32 = cudnn
+            self._saved = None
+
+
 class OptimizerPlan:
     """What ``step`` does for one optimizer, decided once in ``setup``."""
 
     __slots__ = (
         "optimizer", "params", "names", "n_groups", "masters", "compensated", "fused",
-        "last_epoch", "_model_names",
+        "last_epoch", "_model_names", "model_order",
     )  # fmt: skip
 
     def __init__(self, optimizer, masters, compensated, names: dict[int, str]) -> None:
@@ -136,9 +175,21 @@ class OptimizerPlan:
         stand_in = self.masters.low_params_by_master() if self.masters is not None else {}
         names = self._model_names
         self.names = [names.get(id(stand_in.get(id(p), p)), "?") for p in self.params]
+        # clipping sums the norms in the model's parameter order, as a hand-written
+        # clip_grad_norm_(model.parameters()) does (param groups may order them otherwise)
+        position = {key: i for i, key in enumerate(names)}
+        last = len(position)
+        self.model_order = sorted(
+            range(len(self.params)),
+            key=lambda i: position.get(id(stand_in.get(id(self.params[i]), self.params[i])), last),
+        )
 
     def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
+
+    def grads_in_model_order(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """``grads`` (from :meth:`grads`) reordered as the model's parameters, Nones dropped."""
+        return [grads[i] for i in self.model_order if grads[i] is not None]
 
 
 def make_scaler(recipe: Recipe) -> LossScaler:
@@ -149,21 +200,48 @@ def make_scaler(recipe: Recipe) -> LossScaler:
     return LossScaler.disabled()
 
 
+def check_max_grad_norm(value) -> float | None:
+    """``value`` as a float, or a ``ValueError`` / ``TypeError`` naming it.
+
+    A negative norm would flip the gradients (``coef = max_norm / total < 0``: training
+    goes uphill), NaN / inf would write NaN or nothing, zero would zero every gradient.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"max_grad_norm={value!r} must be a positive finite number or None, "
+            f"got {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"max_grad_norm={value!r} must be a positive finite number (or None for no "
+            "clipping): a negative value flips the gradients, nan/inf do not clip"
+        )
+    return float(value)
+
+
 def clip_grads_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale ``grads`` in place so their total 2-norm is at most ``max_norm`` (no sync).
 
-    ``total = sqrt(sum_i ||g_i||^2)``, ``g_i *= min(1, max_norm / (total + 1e-6))``, as
-    ``torch.nn.utils.clip_grad_norm_``. Returns ``total`` (0-dim fp32 tensor).
+    ``total = sqrt(sum_i ||g_i||^2)``, ``g_i *= min(1, max_norm / (total + 1e-6))``,
+    computed by torch's own ``torch.nn.utils.get_total_norm`` (norms per (device, dtype)
+    group, in ``grads`` order) and the same multiply as ``clip_grads_with_norm_``, so the
+    result is bit for bit that of ``torch.nn.utils.clip_grad_norm_`` over the same
+    gradients. Returns ``total`` (0-dim, in the gradients' dtype as torch gives it).
     """
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    device = grads[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    by_dtype: dict = {}
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:  # torch >= 2.6
+        total = get_total_norm(grads, 2.0)
+    else:  # pragma: no cover - older torch: the body of its clip_grad_norm_
+        norms = [n for g in grads for n in torch._foreach_norm([g])]
+        total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_device: dict = {}
     for g in grads:
-        by_dtype.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, dtype), group in by_dtype.items():
-        torch._foreach_mul_(group, coef.to(dev, dtype))
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), group in by_device.items():
+        torch._foreach_mul_(group, coef.to(dev))  # no dtype cast: as clip_grads_with_norm_
     return total
