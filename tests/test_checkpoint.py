@@ -100,7 +100,7 @@ def _corrupt_weight_byte(path, model):
         (_corrupt_weight_byte, "cannot be read|is corrupt"),
         (lambda path, model: torch.save({"model": {}}, path), "not a mixprec checkpoint"),
         (lambda path, model: _rewrap(path, {"world_size": 1, "model": {}}),
-         r"lacks \['optimizer', 'precision', 'rng', 'extra'\]"),
+         r"lacks \['strategy', 'optimizer', 'precision', 'rng', 'extra'\]"),
     ],  # fmt: skip
     ids=["empty", "truncated", "garbage", "flipped-byte", "plain-torch-file", "missing-key"],
 )

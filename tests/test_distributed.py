@@ -561,12 +561,15 @@ def test_single_process_checkpoint_and_world_size_mismatch(tmp_path):
     assert torch.equal(_flat(model), before)
     # a sharded checkpoint of two ranks needs both files; one that does not say its
     # strategy (written before it was recorded) only resumes on its own number of ranks
-    state = torch.load(moved, weights_only=True)
-    torch.save({**state, "strategy": "fsdp2", "world_size": 2}, moved)
+    from mixprec.distributed.checkpoint import _write, read_checkpoint_file
+
+    state = read_checkpoint_file(moved)
+    _write(moved, {**state, "strategy": "fsdp2", "world_size": 2})
     with pytest.raises(FileNotFoundError, match="rank-00001-of-00002.pt"):
         mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
-    torch.save({k: v for k, v in state.items() if k != "strategy"}, moved)
-    with pytest.raises(FileNotFoundError, match="number of ranks that wrote it"):
+    # a file that does not say its strategy is malformed, whatever the number of ranks
+    _write(moved, {k: v for k, v in state.items() if k != "strategy"})
+    with pytest.raises(mpd.CheckpointError, match=r"lacks \['strategy'\]"):
         mpd.load_checkpoint(tmp_path, model=model, optimizer=opt, precision=precision)
 
 

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixprec.distributed as mpd
 from mixprec import Precision, get_recipe
+from mixprec.distributed.checkpoint import read_checkpoint_file
 from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
 from mixprec.float8.scaling import amax_to_scale, hp_tensor_and_scale_to_float8, tensor_to_amax
 from tests.test_distributed import WORLD, run_on_two_ranks
@@ -192,7 +193,7 @@ def _resume(rank: int, mode: str, directory: str):
     saved_types = sorted(
         {
             type(mpd.local_tensor(v)).__name__
-            for v in torch.load(path, weights_only=True)["model"].values()
+            for v in read_checkpoint_file(path)["model"].values()
         }
     )
     straight = _loop(model, precision, opt, batches[3:], rank)

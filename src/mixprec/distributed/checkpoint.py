@@ -38,7 +38,13 @@ from torch import nn
 from mixprec.distributed.core import is_sharded, strategy_of, world_size
 from mixprec.distributed.reshard import reshard_state
 
-__all__ = ["CheckpointError", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_path",
+    "load_checkpoint",
+    "read_checkpoint_file",
+    "save_checkpoint",
+]
 
 _FORMAT, _VERSION = "mixprec-checkpoint", 1
 _KEYS = ("world_size", "strategy", "model", "optimizer", "precision", "rng", "extra")
@@ -156,6 +162,14 @@ def save_checkpoint(
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    _write(path, state)
+    if world_size() > 1:
+        dist.barrier()
+    return path
+
+
+def _write(path: Path, state: dict) -> None:
+    """Save ``state`` wrapped with its SHA-256, atomically (a crash leaves the old file)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = bytearray(buffer.getbuffer())
@@ -168,13 +182,16 @@ def save_checkpoint(
     tmp = path.with_suffix(".tmp")
     torch.save(wrapped, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
-    if world_size() > 1:
-        dist.barrier()
-    return path
 
 
-def _read(path: Path) -> dict:
-    """The checked state in ``path``, or one :class:`CheckpointError` naming the file."""
+def read_checkpoint_file(path: str | os.PathLike) -> dict:
+    """The checked content of one rank's checkpoint file (for inspection), or one
+    :class:`CheckpointError` naming the file.
+
+    Example:
+        >>> read_checkpoint_file("ckpt/rank-00000-of-00001.pt")["extra"]  # doctest: +SKIP
+    """
+    path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint file {path} is empty (0 bytes): the save did not finish")
@@ -279,7 +296,7 @@ def load_checkpoint(
     if resharded:
         source, state = _state_for_this_world(directory, path, module, optimizer)
     else:
-        state = _read(path)
+        state = read_checkpoint_file(path)
         if state["world_size"] != world_size():
             raise CheckpointError(
                 f"checkpoint {directory} was written by {state['world_size']} ranks, this run "
@@ -336,7 +353,7 @@ def _state_for_this_world(directory, missing: Path, module, optimizer) -> tuple[
 
     files = sorted(Path(directory).glob("rank-*-of-*.pt"))
     first = [p for p in files if p.name.startswith("rank-00000-of-")]
-    state = _read(first[0]) if len(first) == 1 else None
+    state = read_checkpoint_file(first[0]) if len(first) == 1 else None
     strategy = None if state is None else state.get("strategy")
     if strategy in ("ddp", "none"):
         return first[0].name, state
@@ -349,7 +366,7 @@ def _state_for_this_world(directory, missing: Path, module, optimizer) -> tuple[
                 f"checkpoint {directory} of {world} FSDP2 ranks lacks {absent[:4]}: every "
                 "rank's file is needed to rebuild the shards for another number of ranks"
             )
-        states = [state] + [_read(p) for p in paths[1:]]
+        states = [state] + [read_checkpoint_file(p) for p in paths[1:]]
         return f"all {world} files", reshard_state(states, module, optimizer)
     raise FileNotFoundError(
         f"no checkpoint file {missing} for rank {_rank()} of {world_size()}"
