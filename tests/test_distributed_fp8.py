@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import mixprec.distributed as mpd
 from mixprec import Precision, get_recipe
 from mixprec.distributed.checkpoint import read_checkpoint_file
+from mixprec.distributed.fp8_all_gather import Float8GatheredWeight
 from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
 from mixprec.float8.scaling import amax_to_scale, hp_tensor_and_scale_to_float8, tensor_to_amax
 from tests.test_distributed import WORLD, run_on_two_ranks
@@ -447,7 +448,7 @@ def test_float8_linear_uses_a_gathered_fp8_weight_as_is():
     data = hp_tensor_and_scale_to_float8(plain.weight, scale, e4m3)
     gathered = Float8Linear(32, 16)
     gathered.bias = plain.bias
-    gathered.weight = nn.Parameter(mpd.Float8GatheredWeight(data, scale, torch.float32))
+    gathered.weight = nn.Parameter(Float8GatheredWeight(data, scale, torch.float32))
     x = torch.randn(8, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     out, out2 = plain(x), gathered(x2)
@@ -460,7 +461,7 @@ def test_float8_linear_uses_a_gathered_fp8_weight_as_is():
     # used as is, not cast again: a scale a quarter of current scaling's is kept
     quarter = scale / 4
     gathered.weight = nn.Parameter(
-        mpd.Float8GatheredWeight(
+        Float8GatheredWeight(
             hp_tensor_and_scale_to_float8(plain.weight, quarter, e4m3), quarter, torch.float32
         )
     )

@@ -379,7 +379,7 @@ def neighbours(x: np.ndarray, ml_type) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", [*SMALL, "bf16"])  # bf16 from fp32: the bit-pattern path
 def test_toward_zero_and_stochastic_return_a_neighbour(name):
     f, ml_type = FORMATS[name], ML[name]
     gen = torch.Generator().manual_seed(0)

@@ -26,68 +26,42 @@ from mixprec.distributed.checkpoint import (
     CheckpointError,
     checkpoint_path,
     load_checkpoint,
+    read_checkpoint_file,
     save_checkpoint,
 )
 from mixprec.distributed.comm_bytes import CommBytes, count_fsdp_bytes
-from mixprec.distributed.core import (
-    Strategy,
-    global_grad_norm,
-    is_sharded,
-    local_tensor,
-    reduce_found_inf,
-    require_process_group,
-    strategy_of,
-    world_size,
-)
-from mixprec.distributed.ddp import COMM_DTYPES, grad_comm_hook, register_grad_comm_hook, rewrap_ddp
-from mixprec.distributed.fp8_all_gather import (
-    Float8AllGatherWeight,
-    Float8GatheredWeight,
-    enable_float8_all_gather,
-    precompute_float8_scales,
-)
+from mixprec.distributed.compat import check_recipe
+from mixprec.distributed.core import global_grad_norm, is_sharded, local_tensor
+from mixprec.distributed.ddp import COMM_DTYPES, grad_comm_hook, register_grad_comm_hook
+from mixprec.distributed.fp8_all_gather import Float8AllGatherWeight, enable_float8_all_gather
 from mixprec.distributed.fp8_sync import sync_float8_amax_history
 from mixprec.distributed.fsdp import fsdp_policies, fsdp_policy, shard_model
-from mixprec.distributed.plan import (
-    DistributedSetup,
-    begin_setup,
-    check_fsdp_model,
-    check_recipe,
-    finish_setup,
-    local_recipe,
-)
 
+# What users call. The setup hooks Precision uses (mixprec.distributed.plan) and the
+# helpers of the modules stay importable from their modules, not from here.
 __all__ = [
+    # launching and sharding
     "COMM_DTYPES",
-    "CheckpointError",
-    "CommBytes",
-    "Float8AllGatherWeight",
-    "Float8GatheredWeight",
-    "DistributedSetup",
-    "Strategy",
-    "begin_setup",
-    "check_fsdp_model",
     "check_recipe",
-    "checkpoint_path",
-    "count_fsdp_bytes",
-    "enable_float8_all_gather",
-    "finish_setup",
     "fsdp_policies",
     "fsdp_policy",
-    "global_grad_norm",
     "grad_comm_hook",
-    "is_sharded",
-    "load_checkpoint",
-    "local_recipe",
-    "local_tensor",
-    "precompute_float8_scales",
-    "reduce_found_inf",
     "register_grad_comm_hook",
-    "require_process_group",
-    "rewrap_ddp",
-    "save_checkpoint",
     "shard_model",
-    "strategy_of",
+    # fp8 under FSDP2 / DDP
+    "Float8AllGatherWeight",
+    "enable_float8_all_gather",
     "sync_float8_amax_history",
-    "world_size",
+    # checkpoints
+    "CheckpointError",
+    "checkpoint_path",
+    "load_checkpoint",
+    "read_checkpoint_file",
+    "save_checkpoint",
+    # inspecting sharded tensors and traffic
+    "CommBytes",
+    "count_fsdp_bytes",
+    "global_grad_norm",
+    "is_sharded",
+    "local_tensor",
 ]

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from mixprec.distributed.compat import check_recipe
 from mixprec.distributed.core import require_process_group
 from mixprec.distributed.fp8_all_gather import enable_float8_all_gather
 from mixprec.recipes import Recipe, get_recipe
@@ -65,7 +66,6 @@ def fsdp_policy(recipe: str | Recipe, *, grad_comm_dtype: torch.dtype | None = N
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from mixprec.distributed.plan import check_recipe
 
     recipe = get_recipe(recipe)
     check_recipe("fsdp2", recipe, grad_comm_dtype=grad_comm_dtype)

@@ -237,10 +237,29 @@ def _finish(y, x, a, f: FloatFormat, rounding: str, overflow: str, mask) -> None
         y.masked_fill_(bad, fill)
 
 
+def _stochastic_fp32_to_bf16(x: torch.Tensor, generator) -> torch.Tensor:
+    """fp32 -> bf16 values by stochastic rounding, on the bit pattern (the same distribution
+    as the general path, whose P(hi) = low16(x) / 2^16 is exact here, in one pass).
+
+    bf16 is the top 16 bits of fp32: adding a uniform integer ``r`` in ``[0, 2^16)`` to the
+    fp32 bits and clearing the low 16 rounds the magnitude up with probability
+    ``low16(x) / 2^16`` (a carry into the exponent is the next binade, or inf past bf16's
+    max, as the format's overflow rule says). inf and NaN pass through.
+    """
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)  # fmt: skip
+    rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
+
+
 def _quantize_tensor(x: torch.Tensor, f: FloatFormat, rounding: str, overflow: str, generator):
     plan = _plan(f, x.dtype, rounding, overflow)
     if plan.native is not None:
         return x.to(plan.native).to(x.dtype)
+    if f.name == "bf16" and x.dtype == torch.float32 and rounding == "stochastic" and (
+        overflow == "inf"
+    ):
+        return _stochastic_fp32_to_bf16(x.contiguous(), generator)
     xc = x.contiguous().view(-1)
     out = torch.empty_like(xc)
     n = xc.numel()

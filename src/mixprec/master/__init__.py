@@ -22,8 +22,8 @@ Both keep the user's optimizer object (its hyperparameters and param_groups); an
 ``torch.optim`` optimizer works, fused ones included.
 """
 
-from mixprec.master.casting import cast_module_, is_norm_module
-from mixprec.master.compensated import CompensatedUpdate, stochastic_round_to_bf16
+from mixprec.master.casting import cast_module_, is_norm_module, stochastic_round_to_bf16
+from mixprec.master.compensated import CompensatedUpdate
 from mixprec.master.weights import MasterWeights
 
 __all__ = [

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from mixprec.master.compensated import stochastic_round_to_bf16
+from mixprec.master.casting import stochastic_round_to_bf16
 
 __all__ = ["CHUNK", "bf16_step", "step_temp_bytes", "supports_bf16_step"]
 

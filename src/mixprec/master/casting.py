@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["cast_module_", "is_norm_module"]
+from mixprec.formats import quantize
+
+__all__ = ["cast_module_", "is_norm_module", "stochastic_round_to_bf16"]
 
 _NORM_TYPES: tuple[type, ...] = (
     nn.LayerNorm,
@@ -95,3 +97,22 @@ class _OutputCast:
 
     def __call__(self, module, args, output):
         return _cast_floats(output, self.dtype)
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None):
+    """Round fp32 ``x`` to bf16 stochastically (unbiased: ``E[round(x)] == x``).
+
+    ``quantize(x, "bf16", rounding="stochastic")``, returned as a bf16 tensor (exact: the
+    values are bf16 values): the magnitude rounds up with probability
+    ``low16(x) / 2**16``, the distance to the lower bf16 neighbour over the gap between
+    neighbours. Non-finite values pass through.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = stochastic_round_to_bf16(torch.full((10000,), 1.001), g)
+        >>> round(y.float().mean().item(), 3)
+        1.001
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_to_bf16 expects fp32 input, got {x.dtype}")
+    return quantize(x, "bf16", rounding="stochastic", generator=generator).to(torch.bfloat16)

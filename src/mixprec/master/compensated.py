@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from mixprec.master.bf16_step import bf16_step, supports_bf16_step
+from mixprec.master.casting import stochastic_round_to_bf16
 from mixprec.master.flat import _FlatGroup, _group_low_precision
 
-__all__ = ["CompensatedUpdate", "stochastic_round_to_bf16"]
-
-
-def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None):
-    """Round fp32 ``x`` to bf16 stochastically (unbiased: ``E[round(x)] == x``).
-
-    bf16 is the top 16 bits of fp32. Adding a uniform random integer ``r`` in
-    ``[0, 2**16)`` to the fp32 bit pattern and truncating the low 16 bits rounds the
-    magnitude up with probability ``low16(x) / 2**16``, i.e. the distance to the lower bf16
-    neighbour over the gap between neighbours. Non-finite values pass through.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> y = stochastic_round_to_bf16(torch.full((10000,), 1.001), g)
-        >>> round(y.float().mean().item(), 3)
-        1.001
-    """
-    if x.dtype != torch.float32:
-        raise TypeError(f"stochastic_round_to_bf16 expects fp32 input, got {x.dtype}")
-    bits = x.view(torch.int32)
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
-    rounded = ((bits + noise) & -65536).view(torch.float32)
-    rounded = torch.where(torch.isfinite(x), rounded, x)
-    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+__all__ = ["CompensatedUpdate"]
 
 
 class CompensatedUpdate:
@@ -81,8 +58,6 @@ class CompensatedUpdate:
         seed: int = 0,
         native: bool = True,
     ) -> None:
-        from mixprec.master.bf16_step import supports_bf16_step
-
         if method not in ("kahan", "stochastic"):
             raise ValueError(f"method={method!r} is not one of 'kahan', 'stochastic'")
         self.optimizer = optimizer
@@ -125,8 +100,6 @@ class CompensatedUpdate:
         No host syncs on the native path; the generic path is ``begin(); step; end()``.
         """
         if self.native:
-            from mixprec.master.bf16_step import bf16_step
-
             comps = self._comp_of if self.method == "kahan" else None
             bf16_step(self.optimizer, comps, self.method, self.generators)
             return

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mixprec import distributed
+from mixprec.distributed import plan as distributed
 from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
 from mixprec.precision.nonfinite import NonFiniteGuard, NonFinitePolicy, check_policy
 from mixprec.precision.parts import (
