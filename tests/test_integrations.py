@@ -1,0 +1,246 @@
+"""Integrations with the real frameworks: Lightning (Trainer, Fabric), HF Trainer, TensorBoard.
+
+Each framework run is checked against the plain mixprec loop on the same model and batches:
+the plugin must do exactly what ``Precision`` does (bit-identical parameters).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec import Precision
+from mixprec.numerics import Monitor
+from tests.conftest import RECIPE_NAMES
+
+DONE_WHEN = ["bf16-mixed", "fp16-mixed", "bf16-true", "fp8-mixed"]
+
+
+# -- a tiny model and its batches ---------------------------------------------------------
+class _Net(nn.Module):
+    """8 -> 16 (LayerNorm, ReLU) -> 4; casts its input to its own parameter dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.fc1.weight.dtype)
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # (B, 4)
+
+
+def _data(n: int = 32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _loader(n: int = 32):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(n)), batch_size=8)
+
+
+def _plain(recipe: str, epochs: int, max_grad_norm=None) -> list[torch.Tensor]:
+    """The reference: the plain mixprec loop on the same model, optimizer and batches."""
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    precision = Precision(recipe)
+    model, opt = precision.setup(model, opt)
+    for _ in range(epochs):
+        for x, y in _loader():
+            with precision.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            precision.backward(loss)
+            precision.step(opt, max_grad_norm=max_grad_norm)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_same(got, want, recipe):
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype, recipe
+        assert torch.equal(a.detach(), b), recipe
+
+
+# -- metrics and TensorBoard --------------------------------------------------------------
+def test_metrics_report_scale_skips_grad_norm_and_monitor_summaries():
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    precision = Precision("fp16-mixed")
+    model, opt = precision.setup(model, opt)
+    x, y = _data(8)
+    with Monitor(model, formats=["fp16"]) as monitor:
+        for poison in (False, True, False):
+            with precision.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            precision.backward(loss * (float("inf") if poison else 1.0))
+            precision.step(opt, max_grad_norm=1.0)
+            monitor.step(scale=precision.scaler.scale)
+        m = precision.metrics(monitor)
+    assert m["precision/steps"] == 3
+    assert m["precision/skipped_steps"] == 1  # the poisoned step
+    assert m["precision/skip_rate"] == pytest.approx(1 / 3)
+    assert m["precision/loss_scale"] == precision.scaler.get_scale() == 2.0**15  # backed off
+    assert m["precision/grad_norm"] == pytest.approx(precision.last_grad_norm.item())
+    assert m["numerics/step"] == 2
+    assert m["numerics/nonfinite_tensors"] == 0
+    stats = monitor.stats("fc1", "output", step=2)
+    assert m["numerics/fc1/output/max_abs"] == stats.max_abs
+    assert m["numerics/fc1/output/lost_fp16"] == stats.lost_fraction("fp16")
+    assert all(isinstance(v, (int, float)) for v in m.values())
+
+
+def test_metrics_of_an_unscaled_recipe():
+    m = Precision("bf16-mixed").metrics()
+    assert m == {
+        "precision/loss_scale": 1.0,
+        "precision/steps": 0,
+        "precision/skipped_steps": 0,
+        "precision/skip_rate": 0.0,
+    }
+
+
+def test_tensorboard_logger_writes_every_metric(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mixprec.integrations.tensorboard import TensorBoardLogger
+
+    metrics = {"precision/loss_scale": 1024.0, "precision/skipped_steps": 2}
+    with TensorBoardLogger(tmp_path) as tb:
+        assert tb.log(metrics, step=7) == 2
+        with pytest.raises(TypeError, match="precision/bad"):
+            tb.log({"precision/bad": "x"}, step=7)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(metrics)
+    (point,) = events.Scalars("precision/loss_scale")
+    assert (point.step, point.value) == (7, 1024.0)
+
+
+# -- Lightning ----------------------------------------------------------------------------
+L = pytest.importorskip("lightning")
+from lightning.pytorch.loggers import Logger  # noqa: E402
+
+from mixprec.integrations.lightning import MixprecPrecision, NumericsMonitor  # noqa: E402
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = _Net()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class _Recorder(Logger):
+    """A real Lightning logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    name = "recorder"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def _trainer(tmp_path, recipe, *, epochs, callbacks=(), **kwargs):
+    return L.Trainer(
+        max_epochs=epochs,
+        plugins=[MixprecPrecision(recipe)],
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_lightning_trainer_matches_the_plain_loop(tmp_path, recipe):
+    module = _Module()
+    monitor = NumericsMonitor(formats=["fp16", "fp8_e4m3fn"])
+    recorder = _Recorder()
+    trainer = _trainer(
+        tmp_path, recipe, epochs=1, callbacks=[monitor], logger=recorder, log_every_n_steps=2
+    )
+    trainer.fit(module, _loader())
+    _assert_same(list(module.net.parameters()), _plain(recipe, epochs=1), recipe)
+    # the monitor's report is written, and the metrics went through Lightning's logger
+    report = json.loads(monitor.report_path.read_text())
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+    steps = [s for s, m in recorder.logged if "precision/loss_scale" in m]
+    assert steps == [2, 4]
+    assert any(k.startswith("numerics/net.fc1/output/") for k in recorder.logged[-1][1])
+
+
+def test_lightning_gradient_clip_val_clips_the_unscaled_gradients(tmp_path):
+    module = _Module()
+    trainer = _trainer(tmp_path, "fp16-mixed", epochs=1, gradient_clip_val=0.05, logger=False)
+    trainer.fit(module, _loader())
+    _assert_same(list(module.net.parameters()), _plain("fp16-mixed", 1, max_grad_norm=0.05), "")
+    module = _Module()
+    trainer = _trainer(
+        tmp_path, "fp16-mixed", epochs=1, gradient_clip_val=0.05, logger=False,
+        gradient_clip_algorithm="value",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value'"):
+        trainer.fit(module, _loader())
+
+
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-master", "bf16-master", "bf16-true"])
+def test_lightning_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
+    straight = _Module()
+    _trainer(tmp_path / "a", recipe, epochs=2, logger=False).fit(straight, _loader())
+
+    first = _Module()
+    trainer = _trainer(tmp_path / "b", recipe, epochs=1, logger=False)
+    trainer.fit(first, _loader())
+    ckpt = tmp_path / "one_epoch.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "mixprec" in torch.load(ckpt, weights_only=False)["MixprecPrecision"]
+
+    torch.manual_seed(123)  # a fresh process: another init, then the checkpoint
+    resumed = _Module()
+    for p in resumed.parameters():
+        nn.init.normal_(p)
+    _trainer(tmp_path / "c", recipe, epochs=2, logger=False).fit(
+        resumed, _loader(), ckpt_path=ckpt
+    )
+    _assert_same(list(resumed.net.parameters()), list(straight.net.parameters()), recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_lightning_fabric_matches_the_plain_loop(recipe):
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[MixprecPrecision(recipe)])
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fmodel, fopt = fabric.setup(model, opt)
+    for x, y in _loader():
+        loss = F.cross_entropy(fmodel(x).float(), y)
+        fabric.backward(loss)
+        fopt.step()
+    _assert_same(list(model.parameters()), _plain(recipe, epochs=1), recipe)
