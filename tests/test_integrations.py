@@ -7,6 +7,7 @@ the plugin must do exactly what ``Precision`` does (bit-identical parameters).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -124,13 +125,20 @@ def test_tensorboard_logger_writes_every_metric(tmp_path):
 
 
 # -- Lightning ----------------------------------------------------------------------------
-L = pytest.importorskip("lightning")
-from lightning.pytorch.loggers import Logger  # noqa: E402
+try:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
 
-from mixprec.integrations.lightning import MixprecPrecision, NumericsMonitor  # noqa: E402
+    from mixprec.integrations.lightning import MixprecPrecision, NumericsMonitor
+except ImportError:  # the [lightning] extra is not installed
+    L = None
+    Logger = LightningModule = object
+else:
+    LightningModule = L.LightningModule
+needs_lightning = pytest.mark.skipif(L is None, reason="needs mixprec[lightning]")
 
 
-class _Module(L.LightningModule):
+class _Module(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -178,6 +186,7 @@ def _trainer(tmp_path, recipe, *, epochs, callbacks=(), **kwargs):
     )
 
 
+@needs_lightning
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_lightning_trainer_matches_the_plain_loop(tmp_path, recipe):
     module = _Module()
@@ -196,6 +205,7 @@ def test_lightning_trainer_matches_the_plain_loop(tmp_path, recipe):
     assert any(k.startswith("numerics/net.fc1/output/") for k in recorder.logged[-1][1])
 
 
+@needs_lightning
 def test_lightning_gradient_clip_val_clips_the_unscaled_gradients(tmp_path):
     module = _Module()
     trainer = _trainer(tmp_path, "fp16-mixed", epochs=1, gradient_clip_val=0.05, logger=False)
@@ -210,6 +220,7 @@ def test_lightning_gradient_clip_val_clips_the_unscaled_gradients(tmp_path):
         trainer.fit(module, _loader())
 
 
+@needs_lightning
 @pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-master", "bf16-master", "bf16-true"])
 def test_lightning_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
     straight = _Module()
@@ -226,12 +237,11 @@ def test_lightning_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
     resumed = _Module()
     for p in resumed.parameters():
         nn.init.normal_(p)
-    _trainer(tmp_path / "c", recipe, epochs=2, logger=False).fit(
-        resumed, _loader(), ckpt_path=ckpt
-    )
+    _trainer(tmp_path / "c", recipe, epochs=2, logger=False).fit(resumed, _loader(), ckpt_path=ckpt)
     _assert_same(list(resumed.net.parameters()), list(straight.net.parameters()), recipe)
 
 
+@needs_lightning
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_lightning_fabric_matches_the_plain_loop(recipe):
     fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[MixprecPrecision(recipe)])
@@ -244,3 +254,81 @@ def test_lightning_fabric_matches_the_plain_loop(recipe):
         fabric.backward(loss)
         fopt.step()
     _assert_same(list(model.parameters()), _plain(recipe, epochs=1), recipe)
+
+
+# -- Hugging Face Trainer -----------------------------------------------------------------
+try:
+    import accelerate  # noqa: F401  (the Trainer needs it)
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from mixprec.integrations.transformers import (
+        PRECISION_FILE,
+        MixprecTrainer,
+        NumericsMonitorCallback,
+    )
+except ImportError:  # the [hf] extra is not installed
+    MixprecTrainer = None
+needs_hf = pytest.mark.skipif(MixprecTrainer is None, reason="needs mixprec[hf] (+ accelerate)")
+
+
+def _gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def _hf_trainer(out, recipe, *, max_steps=4, seed=0, callbacks=(), **kwargs):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (32, 16), generator=g)
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = TrainingArguments(
+        output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps,
+        per_device_train_batch_size=8, logging_steps=2, save_steps=2, learning_rate=1e-2,
+        disable_tqdm=True, seed=0, **kwargs,
+    )  # fmt: skip
+    return MixprecTrainer(
+        model=_gpt2(seed), args=args, train_dataset=data, recipe=recipe, callbacks=list(callbacks)
+    )
+
+
+@needs_hf
+@pytest.mark.parametrize("recipe", DONE_WHEN)
+def test_hf_trainer_trains_gpt2_and_writes_the_monitor_report(tmp_path, recipe):
+    from mixprec.recipes import get_recipe
+
+    monitor = NumericsMonitorCallback(formats=["fp16", "fp8_e4m3fn"])
+    trainer = _hf_trainer(tmp_path, recipe, callbacks=[monitor])
+    c_attn = trainer.model.transformer.h[0].attn.c_attn.weight  # an HF Conv1D
+    before = c_attn.detach().clone()
+    trainer.train()
+    assert c_attn.dtype == get_recipe(recipe).param_dtype
+    assert not torch.equal(c_attn.detach().float(), before)  # it trained
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    if recipe == "fp16-mixed":  # the loss scaler counted every step
+        assert [h["precision/steps"] for h in logs] == [2, 4]
+    assert all("precision/grad_norm" in h and "numerics/nonfinite_tensors" in h for h in logs)
+    assert monitor.report_path == tmp_path / "numerics" / "numerics.json"
+    report = json.loads(monitor.report_path.read_text())
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+    assert (tmp_path / "checkpoint-2" / PRECISION_FILE).is_file()
+
+
+@needs_hf
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "bf16-master", "bf16-true"])
+def test_hf_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
+    straight = _hf_trainer(tmp_path / "a", recipe)
+    straight.train()
+    resumed = _hf_trainer(tmp_path / "b", recipe, seed=123)  # another init, then the checkpoint
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    _assert_same(list(resumed.model.parameters()), list(straight.model.parameters()), recipe)
+
+
+@needs_hf
+def test_hf_trainer_refuses_accelerate_mixed_precision(tmp_path):
+    with pytest.raises(ValueError, match="drop fp16/bf16"):
+        _hf_trainer(tmp_path, "bf16-mixed", bf16=True)

@@ -319,7 +319,7 @@ class Precision:
         self._stepped = set()
 
     # -- metrics ------------------------------------------------------------------------
-    def metrics(self, monitor=None) -> dict[str, float]:
+    def metrics(self, monitor=None, *, layers: bool = True) -> dict[str, float]:
         """Loss scale, skipped steps, grad norm (and a monitor's per-layer summaries) as a
         plain dict for a logger; names and formulas in :mod:`mixprec.precision.metrics`.
 
@@ -331,7 +331,7 @@ class Precision:
         """
         from mixprec.precision.metrics import precision_metrics
 
-        return precision_metrics(self, monitor)
+        return precision_metrics(self, monitor, layers=layers)
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -39,13 +39,16 @@ from __future__ import annotations
 __all__ = ["monitor_metrics", "precision_metrics"]
 
 
-def precision_metrics(precision, monitor=None) -> dict[str, float]:
+def precision_metrics(precision, monitor=None, *, layers: bool = True) -> dict[str, float]:
     """The scalars of the table in this module's docstring.
 
     Args:
         precision: a :class:`~mixprec.precision.Precision` (after ``setup``).
         monitor: an optional :class:`mixprec.numerics.Monitor`; its last measured step's
-            per-layer summaries are added.
+            summaries are added.
+        layers: include the per-layer ``numerics/<path>/<kind>/...`` entries (four or more
+            per measured tensor); ``False`` keeps ``numerics/step`` and
+            ``numerics/nonfinite_tensors`` only.
 
     Example:
         >>> import torch
@@ -70,11 +73,11 @@ def precision_metrics(precision, monitor=None) -> dict[str, float]:
     if precision.last_grad_norm is not None:
         out["precision/grad_norm"] = float(precision.last_grad_norm.item())  # host sync
     if monitor is not None:
-        out.update(monitor_metrics(monitor))
+        out.update(monitor_metrics(monitor, layers=layers))
     return out
 
 
-def monitor_metrics(monitor) -> dict[str, float]:
+def monitor_metrics(monitor, *, layers: bool = True) -> dict[str, float]:
     """The ``numerics/...`` entries of the table, from the monitor's last measured step."""
     steps = monitor.steps  # reads out what is pending (one transfer)
     if not steps:
@@ -83,6 +86,8 @@ def monitor_metrics(monitor) -> dict[str, float]:
     table = monitor.results[step]
     out: dict[str, float] = {"numerics/step": step}
     out["numerics/nonfinite_tensors"] = sum(1 for s in table.values() if s.nonfinite)
+    if not layers:
+        return out
     for (path, kind), stats in table.items():
         base = f"numerics/{path or '<model>'}/{kind}"
         out[f"{base}/max_abs"] = stats.max_abs
