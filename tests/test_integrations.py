@@ -332,3 +332,42 @@ def test_hf_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
 def test_hf_trainer_refuses_accelerate_mixed_precision(tmp_path):
     with pytest.raises(ValueError, match="drop fp16/bf16"):
         _hf_trainer(tmp_path, "bf16-mixed", bf16=True)
+
+
+# -- the package never needs the frameworks; the documented examples run ------------------
+def test_import_mixprec_needs_no_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mixprec, mixprec.integrations, mixprec.precision.metrics\n"
+        "bad = [m for m in ('lightning', 'transformers', 'tensorboard', 'accelerate')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _doc_examples() -> list:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "integrations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    params = []
+    for i, code in enumerate(blocks):
+        marks = []
+        if "lightning" in code:
+            marks.append(needs_lightning)
+        if "transformers" in code:
+            marks.append(needs_hf)
+        params.append(pytest.param(code, id=f"example{i}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("code", _doc_examples())
+def test_docs_examples_run(tmp_path, monkeypatch, code):
+    monkeypatch.chdir(tmp_path)  # the examples write hf-out/, tb-runs/, lightning_logs/
+    torch._dynamo.reset()
+    exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__doc_example__"})
+    assert any(tmp_path.iterdir()) or "compile" in code  # each example wrote its output
