@@ -220,8 +220,14 @@ def test_lightning_gradient_clip_val_clips_the_unscaled_gradients(tmp_path):
         trainer.fit(module, _loader())
 
 
+# bf16-true with stochastic rounding: the rounding generator's state must resume too
+BF16_TRUE_SR = "params=bf16,compute=bf16,grads=bf16,update=stochastic"
+
+
 @needs_lightning
-@pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-master", "bf16-master", "bf16-true"])
+@pytest.mark.parametrize(
+    "recipe", ["fp16-mixed", "fp16-master", "bf16-master", "bf16-true", BF16_TRUE_SR]
+)
 def test_lightning_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
     straight = _Module()
     _trainer(tmp_path / "a", recipe, epochs=2, logger=False).fit(straight, _loader())
