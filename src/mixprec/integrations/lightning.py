@@ -94,6 +94,7 @@ class MixprecPrecision(_LightningPrecision):
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be positive or None")
         self.max_grad_norm = max_grad_norm
         self._module: nn.Module | None = None
+        self._optimizers: set[int] = set()  # ids of the optimizers set up so far
         self._clip: float | None = None
         self.last_step = None
 
@@ -110,6 +111,7 @@ class MixprecPrecision(_LightningPrecision):
     def _setup(self, module: nn.Module, optimizers: list) -> nn.Module:
         if self._module is None:
             self.mixprec.setup(module, optimizers)
+            self._optimizers.update(id(opt) for opt in optimizers)
             self._module = module
         elif module is not self._module:
             raise RuntimeError(
@@ -122,8 +124,9 @@ class MixprecPrecision(_LightningPrecision):
         return module
 
     def _add(self, optimizer) -> None:
-        if id(optimizer) not in self.mixprec._plans:
+        if id(optimizer) not in self._optimizers:
             self.mixprec.add_optimizer(optimizer)
+            self._optimizers.add(id(optimizer))
 
     # -- forward / backward -----------------------------------------------------------------
     def forward_context(self):
