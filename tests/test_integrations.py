@@ -377,3 +377,21 @@ def test_docs_examples_run(tmp_path, monkeypatch, code):
     torch._dynamo.reset()
     exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__doc_example__"})
     assert any(tmp_path.iterdir()) or "compile" in code  # each example wrote its output
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mixprec.precision.metrics",
+        "mixprec.integrations.tensorboard",
+        pytest.param("mixprec.integrations.lightning", marks=needs_lightning),
+        pytest.param("mixprec.integrations.transformers", marks=needs_hf),
+    ],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    pytest.importorskip("tensorboard")
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0, result

@@ -8,7 +8,8 @@ Example:
     >>> from mixprec.integrations.tensorboard import TensorBoardLogger
     >>> precision = mp.Precision("fp16-mixed")
     >>> with TensorBoardLogger(tempfile.mkdtemp()) as tb:
-    ...     tb.log(precision.metrics(), step=0)
+    ...     tb.log(precision.metrics(), step=0)  # how many scalars were written
+    4
 """
 
 from __future__ import annotations
