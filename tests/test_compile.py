@@ -18,6 +18,8 @@ from mixprec.numerics.stats import StatsLayout
 from mixprec.recipes import get_recipe
 from tests.conftest import RECIPE_NAMES
 
+pytestmark = pytest.mark.slow  # inductor compiles C++ for each recipe: 10-60 s a test
+
 
 class _Net(nn.Module):
     """16 -> 32 (LayerNorm, ReLU) -> 4; casts its input to its own parameter dtype."""
