@@ -59,6 +59,16 @@ _KINDS_OF_TRACK = {
 DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 
+def _eager(hook):
+    """``hook`` kept out of ``torch.compile`` graphs: Dynamo breaks the graph and runs it eagerly.
+
+    Under ``torch.compile(model)`` a measured step so splits the graph at every module (the
+    hooks see real tensors, never fake ones); steps the monitor skips (``every=N``) have no
+    hooks and run the compiled graph whole.
+    """
+    return torch.compiler.disable(hook, recursive=True)
+
+
 class Monitor(MonitorResults):
     """Per-module, per-format statistics of activations, gradients, weights and updates.
 
@@ -177,19 +187,25 @@ class Monitor(MonitorResults):
             self._remove_hooks()
 
     def _register_hooks(self) -> None:
+        # Every hook runs eagerly, outside any torch.compile graph (_eager): Dynamo would
+        # otherwise inline it and hand the statistics code fake tensors.
         want = set(self.kinds)
         for path, module in self.model.named_modules():
             if "grad_input" in want:
                 self._handles.append(
-                    module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True)
+                    module.register_forward_pre_hook(
+                        _eager(self._pre_hook(path)), with_kwargs=True
+                    )
                 )
             if want & {"output", "grad_output"}:
-                self._handles.append(module.register_forward_hook(self._post_hook(path, module)))
+                self._handles.append(
+                    module.register_forward_hook(_eager(self._post_hook(path, module)))
+                )
         if "param_grad" in want:
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
                     self._handles.append(
-                        p.register_post_accumulate_grad_hook(self._param_hook(name))
+                        p.register_post_accumulate_grad_hook(_eager(self._param_hook(name)))
                     )
 
     def _remove_hooks(self) -> None:
@@ -247,7 +263,7 @@ class Monitor(MonitorResults):
                     self._record_once(grad, keys)
 
             try:
-                entry.handle = tensor.register_hook(hook)
+                entry.handle = tensor.register_hook(_eager(hook))
             except RuntimeError:  # e.g. a tensor that cannot take hooks
                 entry.grad_keys = None
         elif key not in entry.grad_keys:

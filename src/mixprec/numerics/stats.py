@@ -278,6 +278,13 @@ class StatsLayout:
         ``[counts per interval..., bits of max |x|, bits of smallest non-zero |x|]``; the bit
         patterns are in ``x``'s own 16-bit format for fp16/bf16 tensors, fp32 otherwise.
         """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "StatsLayout.compute() was traced by torch.compile: the statistics read raw "
+                "bits and memory (a C kernel on the CPU) and cannot run on the fake tensors a "
+                "compiler traces with. Call it outside the compiled region, or wrap the caller "
+                "in torch.compiler.disable (the numerics Monitor's hooks already are)"
+            )
         x = x.detach()
         n = x.numel()
         half = x.dtype in (torch.float16, torch.bfloat16)

@@ -93,6 +93,7 @@ class Precision:
         self._device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self._context_factory = self._build_context()
         self.last_grad_norm: torch.Tensor | None = None
+        self._names: dict[int, str] | None = None  # parameter names, set by setup()
 
     # -- lifetime -----------------------------------------------------------------------
     def __enter__(self) -> Precision:
@@ -165,21 +166,48 @@ class Precision:
             convert_fp8(self.recipe, model)
         if recipe.param_dtype != torch.float32:
             cast_module_(model, recipe.param_dtype, keep_norms_fp32=recipe.keep_norms_fp32)
-        names = {id(p): name for name, p in model.named_parameters()}
+        self._names = {id(p): name for name, p in model.named_parameters()}
         for opt in optimizers:
-            if id(opt) in self._plans:
-                raise RuntimeError("this optimizer was already set up by this Precision")
-            masters = compensated = None
-            if recipe.master_dtype is not None:
-                masters = MasterWeights(opt, accumulate_fp32=recipe.grad_dtype == torch.float32)
-            elif recipe.update != "plain":
-                seed = self._seed if self._seed is not None else torch.initial_seed()
-                compensated = CompensatedUpdate(opt, method=recipe.update, seed=seed % 2**63)
-            self._plans[id(opt)] = OptimizerPlan(opt, masters, compensated, names)
+            self.add_optimizer(opt)
         model = distributed.finish_setup(self._dist, model, wrapped)  # DDP: re-wrap if cast
         self._set_up_params.update(id(p) for p in model.parameters())
         self._tf32.apply(recipe.allow_tf32)  # forward, backward and step: until close()
         return model, (optimizer if not isinstance(optimizer, Sequence) else optimizers)
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Prepare one more optimizer of the model given to :meth:`setup`.
+
+        For frameworks that hand over the optimizer after the model (Lightning Fabric):
+        ``setup(model, [])`` first, this later. Gradients a backward already left in the
+        16-bit parameters are carried into the fp32 master gradients, so a step is the same
+        whichever comes first.
+
+        Raises:
+            RuntimeError: before :meth:`setup`, or for an optimizer already set up.
+        """
+        self._check_open("add_optimizer")
+        if self._names is None:
+            raise RuntimeError("add_optimizer() before setup(): call precision.setup(model, [])")
+        if id(optimizer) in self._plans:
+            raise RuntimeError("this optimizer was already set up by this Precision")
+        recipe = self._dist.recipe
+        masters = compensated = None
+        if recipe.master_dtype is not None:
+            masters = MasterWeights(
+                optimizer, accumulate_fp32=recipe.grad_dtype == torch.float32
+            )
+            if masters.accumulate_fp32:  # grads of a backward that ran before the hooks
+                low = masters.low_params_by_master()
+                with torch.no_grad():
+                    for master in masters.masters:
+                        p = low[id(master)]
+                        if p.grad is not None:
+                            master.grad.add_(p.grad)
+                            p.grad = None
+        elif recipe.update != "plain":
+            seed = self._seed if self._seed is not None else torch.initial_seed()
+            compensated = CompensatedUpdate(optimizer, method=recipe.update, seed=seed % 2**63)
+        self._plans[id(optimizer)] = OptimizerPlan(optimizer, masters, compensated, self._names)
 
     # -- autocast -----------------------------------------------------------------------
     def _build_context(self):
@@ -358,6 +386,21 @@ class Precision:
         self._guard.record(found)
         self._found_infs = []
         self._stepped = set()
+
+    # -- metrics ------------------------------------------------------------------------
+    def metrics(self, monitor=None, *, layers: bool = True) -> dict[str, float]:
+        """Loss scale, skipped steps, grad norm (and a monitor's per-layer summaries) as a
+        plain dict for a logger; names and formulas in :mod:`mixprec.precision.metrics`.
+
+        .. warning:: Reads a few scalars from the device (a host sync): call it when logging.
+
+        Example:
+            >>> Precision("bf16-mixed").metrics()["precision/loss_scale"]
+            1.0
+        """
+        from mixprec.precision.metrics import precision_metrics
+
+        return precision_metrics(self, monitor, layers=layers)
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
