@@ -48,6 +48,7 @@ from torch import nn
 
 from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdlib_corpus
 from mixprec.bench.models import GPT, MLP, Encoder, TransformerConfig, UNet
+from mixprec.formats.names import unknown
 
 __all__ = ["SIZES", "TASKS", "Task", "get_task"]
 
@@ -81,7 +82,7 @@ class Task(ABC):
 
     def __init__(self, size: str = "tiny", *, seed: int = 0) -> None:
         if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+            raise ValueError(unknown("size", size, SIZES))
         self.size = size
         self.seed = int(seed)
         self.config = self._configs()[size]
@@ -388,7 +389,6 @@ def get_task(name: str, size: str = "tiny", *, seed: int = 0) -> Task:
         return load_user_task(name, seed=seed)
     if name not in _TASK_CLASSES:
         raise ValueError(
-            f"unknown task {name!r}; choose one of {', '.join(TASKS)} "
-            "or give a user model as package.module:factory"
+            unknown("task", name, TASKS, "(or a user model as package.module:factory)")
         )
     return _TASK_CLASSES[name](size, seed=seed)
