@@ -101,6 +101,11 @@ class Monitor(MonitorResults):
     ) -> None:
         from mixprec.formats import get_format
 
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Monitor(model): model must be a torch.nn.Module, got {type(model).__name__} "
+                f"{model!r:.60}"
+            )
         if isinstance(formats, str):
             formats = (formats,)
         self.formats = tuple(get_format(f) for f in formats)  # ValueError lists the names
