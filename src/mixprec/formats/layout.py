@@ -91,18 +91,18 @@ class FloatFormat:
         low, high = self._bias_limits()
         if not low <= self.bias <= high:
             raise ValueError(
-                f"bias={self.bias} puts e{e}m{m}'s values at 2^{lowest} .. 2^{self.max_exponent}, "
-                f"outside float64's 2^{_F64_MIN_EXP} .. 2^{_F64_MAX_EXP} that mixprec computes "
-                f"in; the bias must be between {self._bias_limits()[0]} and "
-                f"{self._bias_limits()[1]} (IEEE default {2 ** (e - 1) - 1})"
+                f"bias={self.bias} puts e{e}m{m}'s values at 2^{lowest} .. 2^{self.max_exponent}; "
+                f"mixprec computes in float64, which needs 2^-bias <= 2^{_F64_MAX_EXP} and a top "
+                f"binade >= 2^{_F64_MIN_NORMAL_EXP}: the bias must be between {low} and {high} "
+                f"(IEEE default {2 ** (e - 1) - 1})"
             )
 
     def _bias_limits(self) -> tuple[int, int]:
         """Smallest and largest bias mixprec computes with in float64: ``2^-bias`` (the scale
-        of exponent field 0) at most 2^1023, and the top binade at least 2^-1074."""
+        of exponent field 0) at most 2^1023, and the top binade a float64 normal (>= 2^-1022)."""
         e, m = self.exponent_bits, self.mantissa_bits
         top = 2**e - 1 - (self.nan == "ieee" or (self.nan == "fn" and m == 0))
-        return -_F64_MAX_EXP, top - _F64_MIN_EXP
+        return -_F64_MAX_EXP, top - _F64_MIN_NORMAL_EXP
 
     @classmethod
     def custom(
@@ -253,7 +253,8 @@ class FloatFormat:
         return self.name
 
 
-_F64_MIN_EXP, _F64_MAX_EXP = -1074, 1023  # float64's smallest subnormal, top binade
+# float64's smallest normal and top binade (as powers of two)
+_F64_MIN_NORMAL_EXP, _F64_MAX_EXP = -1022, 1023
 
 
 def _fmt(name: str, e: int, m: int, nan: NanEncoding = "ieee", *, signed: bool = True):
