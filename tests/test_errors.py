@@ -143,3 +143,89 @@ def test_user_module_import_does_not_let_the_cwd_shadow_packages(tmp_path, monke
     assert isinstance(task.build_model(), nn.Linear)
     assert sys.path == before  # the cwd is gone again: later imports cannot pick it up
     assert str(tmp_path) not in sys.path
+
+
+# -- the CPU kernel cache: no other user can place code that mixprec runs ---------------------
+needs_cc = pytest.mark.skipif(
+    __import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
+    reason="no C compiler",
+)
+_C = "int mp_answer(void) { return 42; }\n"
+
+
+def _cache_under(tmp_path, monkeypatch, parent_mode: int, owner: int | None = None):
+    import os
+
+    from mixprec.numerics.kernel_cache import private_folder
+
+    shared = tmp_path / "shared"
+    shared.mkdir(parents=True)
+    os.chmod(shared, parent_mode)
+    if owner is not None:
+        os.chown(shared, owner, owner)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared / "cache"))
+    return private_folder()
+
+
+def test_cache_accepts_a_private_path(tmp_path, monkeypatch):
+    folder = _cache_under(tmp_path, monkeypatch, 0o755)
+    assert folder is not None and folder.name == "kernels"
+    assert _cache_under(tmp_path / "x", monkeypatch, 0o1777) is not None  # sticky, like /tmp
+
+
+def test_cache_refuses_a_world_writable_folder_on_the_way(tmp_path, monkeypatch):
+    # the kernels folder itself is private; a parent anyone can write lets them swap it
+    assert _cache_under(tmp_path, monkeypatch, 0o777) is None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid") or __import__("os").getuid() != 0,
+                    reason="needs root to give a folder to another user")  # fmt: skip
+def test_cache_refuses_a_folder_of_another_user_on_the_way(tmp_path, monkeypatch):
+    assert _cache_under(tmp_path, monkeypatch, 0o755, owner=54321) is None
+
+
+def test_cache_resolves_links_before_checking(tmp_path, monkeypatch):
+    import os
+
+    from mixprec.numerics.kernel_cache import private_folder
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "cache").symlink_to(open_dir)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / "cache"))
+    assert private_folder() is None
+
+
+@needs_cc
+def test_library_is_built_privately_and_checked_when_opened(tmp_path):
+    import ctypes
+    import os
+    import shutil
+
+    from mixprec.numerics.kernel_cache import compile_cached, load_private
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    path = compile_cached(_C, _C + cc, "answer", cc, tmp_path, ["-O1"])
+    assert path is not None and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    lib = load_private(path)
+    lib.mp_answer.restype = ctypes.c_int
+    assert lib.mp_answer() == 42
+    link = tmp_path / "link.so"
+    link.symlink_to(path)
+    with pytest.raises(OSError):  # a link is not followed
+        load_private(link)
+    os.chmod(path, 0o722)  # writable by others: someone may have replaced the code
+    with pytest.raises(PermissionError, match="not loaded"):
+        load_private(path)
+    os.chmod(path, 0o700)
+    os.chmod(tmp_path, 0o777)  # a folder others can write: they could swap the file
+    with pytest.raises(PermissionError, match="writable by other users"):
+        load_private(path)
+    os.chmod(tmp_path, 0o700)
+    if os.getuid() == 0:
+        os.chown(path, 54321, 54321)
+        with pytest.raises(PermissionError, match="owner uid 54321"):
+            load_private(path)
