@@ -65,12 +65,12 @@ class LayerVerdict:
 
 
 def _merged(monitor, path: str, kinds: tuple[str, ...]) -> TensorStats | None:
+    """``kinds`` of ``path`` merged over every measured step of the run."""
     out = None
     for kind in kinds:
-        for table in monitor.results.values():
-            s = table.get((path, kind))
-            if s is not None:
-                out = s if out is None else out.merge(s)
+        s = monitor.totals.get((path, kind))
+        if s is not None:
+            out = s if out is None else out.merge(s)
     return out
 
 
