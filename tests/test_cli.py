@@ -233,3 +233,71 @@ def test_a_new_report_replaces_the_previous_one_whole(tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert "stale_plot.png" not in names and {"report.md", "results.json"} <= names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_batches_are_produced_as_consumed():
+    import tracemalloc
+
+    from mixprec.bench.tasks import Batches, get_task
+
+    task = get_task("mlp", "tiny")
+    task.example_batch()  # loads the data set (cached) before memory is counted
+    tracemalloc.start()
+    batches = Batches(task, 100_000_000)  # used to build every batch up front
+    first = [x for x, _ in itertools.islice(iter(batches), 3)]
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(batches) == 100_000_000 and size < 2**20  # 3 batches, not 10^8
+    again = [x for x, _ in batches[:3]]  # a second pass: the same batches
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(batches[1][0], first[1])
+
+
+def test_user_batches_are_read_as_consumed_and_replayed(tmp_path, monkeypatch):
+    from mixprec.bench.tasks import Batches, get_task
+
+    body = """
+        import functools, itertools, torch
+        from torch import nn
+        READ = []
+
+        def stream():  # endless: the bench must not read it all before training
+            for i in itertools.count():
+                READ.append(i)
+                yield torch.full((2, 2), float(i)), torch.zeros(2, 1)
+
+        def factory():
+            return (nn.Linear(2, 1), functools.partial(torch.optim.SGD, lr=0.1), stream(),
+                    nn.functional.mse_loss)
+    """
+    spec = _user_module(tmp_path, monkeypatch, body)
+    task = get_task(spec)
+    module = sys.modules[spec.split(":")[0]]
+    batches = Batches(task, 10**9)
+    values = [float(x[0, 0]) for x, _ in itertools.islice(iter(batches), 5)]
+    assert values == [0, 1, 2, 3, 4] and len(module.READ) <= 6
+    assert [float(x[0, 0]) for x, _ in batches[:5]] == values  # the next recipe: same data
+
+
+def test_a_run_that_cannot_finish_soon_is_warned_about():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from mixprec.bench.command import _warn_long_runs
+
+    console = Console(file=io.StringIO(), width=200)
+    seen = []
+    on_event = _warn_long_runs(lambda kind, info: seen.append(kind), 10**8, 5, console)
+    for step in range(1, 8):
+        time.sleep(0.002)
+        on_event("step", {"recipe": "fp32", "step": step, "loss": 1.0})
+    text = console.file.getvalue()
+    assert len(seen) == 7 and "100,000,000 steps x 5 recipes take about" in text
+    assert "days" in text and "--steps" in text
+    quiet = Console(file=io.StringIO())
+    on_event = _warn_long_runs(lambda kind, info: None, 10, 1, quiet)
+    for step in range(1, 8):
+        on_event("step", {"recipe": "fp32", "step": step, "loss": 1.0})
+    assert quiet.file.getvalue() == ""

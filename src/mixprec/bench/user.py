@@ -163,10 +163,21 @@ class UserTask(Task):
         return opt
 
     def train_batches(self, steps: int) -> Iterator[tuple[Any, Any]]:
+        """The first ``steps`` batches (cyclically when there are fewer), read from the
+        user's iterable as training consumes them and kept for the next recipe."""
         if steps < 0:
             raise ValueError(f"steps={steps} must be >= 0")
-        batches = self._take(steps)
-        return itertools.islice(itertools.cycle(batches), steps)
+        return itertools.islice(self._replay(), steps)
+
+    def _replay(self) -> Iterator[tuple[Any, Any]]:
+        i = 0
+        while True:
+            if i == len(self._cache) and not self._take(i + 1)[i:]:
+                break
+            yield self._cache[i]
+            i += 1
+        while self._cache:  # fewer batches than steps: start over
+            yield from self._cache
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         loss = self._loss_fn(outputs, targets)
