@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mixprec bench`` options to ``p``."""
     from mixprec.bench.results import DEFAULT_RECIPES
     from mixprec.bench.tasks import SIZES, TASKS
-    from mixprec.cli import _non_negative_int, _positive_int
+    from mixprec.cli_checks import non_negative_int, positive_int
     from mixprec.recipes import RECIPES
 
     p.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {', '.join(TASKS)}")
@@ -79,12 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"training steps per recipe (default: the task's; at most {MAX_STEPS:,})",
     )
     p.add_argument(
-        "--warmup", type=_non_negative_int, default=2, help="first steps not timed (default 2)"
+        "--warmup", type=non_negative_int, default=2, help="first steps not timed (default 2)"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the weights and data order (default 0)"
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--memory-steps",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=2,
         help="steps of the memory measurement (default 2; 0: skip)",
     )
