@@ -373,6 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mixprec bench --list | head`: the reader has gone, quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except (CliError, *_EXPECTED) as exc:
         if _debug_requested(args):
             traceback.print_exc()
