@@ -2,19 +2,38 @@
 
 Each subcommand parses its arguments here and calls the library; rendering lives beside
 the data it renders (e.g. ``mixprec.bench.report``), so this module stays a thin shell.
+
+Errors: an expected failure (a bad name or number, a path that cannot be read or written,
+a device this machine does not have, a user factory that fails) is printed as one line on
+stderr, ``mixprec COMMAND: error: ...`` naming the bad value and what is accepted, and the
+exit status is 2. Ctrl-C prints one line and exits with 130. Anything else is a bug: one
+line and exit status 1. ``--debug`` (or ``MIXPREC_DEBUG=1``) prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+from mixprec.cli_checks import (
+    DEBUG_ENV,
+    CliError,
+    _add_debug,
+    _names,
+    _Parser,
+    check_device,
+    check_out_dir,
+)
+from mixprec.cli_checks import positive_int as _positive_int
 
+__all__ = ["DEBUG_ENV", "CliError", "build_parser", "main"]
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+# Exceptions that mean "the input cannot be used": one line, exit status 2.
+_EXPECTED = (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError)
 
 
 def _add_formats(sub: argparse._SubParsersAction) -> None:
@@ -24,19 +43,30 @@ def _add_formats(sub: argparse._SubParsersAction) -> None:
         description="Without an action: a table of every format's layout and limits.",
     )
     p.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
-                   help="only these formats (name, alias, or layout like e3m4)")  # fmt: skip
+                   help=f"only these formats (repeatable): {_format_choices()}")  # fmt: skip
+    _add_debug(p)
     p.set_defaults(func=_formats_table, command_name="formats")
     actions = p.add_subparsers(dest="formats_action", metavar="ACTION")
     e = actions.add_parser("explain", help="what one value becomes in each format")
     e.add_argument("value", help="a number: 0.001, 1e-8, inf, nan, 0x1p-14")
     e.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
-                   help="format to explain in (repeatable; default: fp32 to fp8)")  # fmt: skip
+                   help="format to explain in (repeatable; default fp32, fp16, bf16, "
+                   f"fp8_e4m3fn, fp8_e5m2): {_format_choices()}")  # fmt: skip
+    _add_debug(e)
     e.set_defaults(func=_formats_explain)
     pl = actions.add_parser("plot", help="PNG bit layouts and a rounding-error chart")
     pl.add_argument("--out", required=True, help="directory to write the PNG files to")
     pl.add_argument("--format", "-f", dest="formats", action="append", metavar="F",
-                    help="formats to draw (repeatable; default fp16 bf16 fp8 fp6 fp4)")  # fmt: skip
+                    help="formats to draw (repeatable; default fp16 bf16 fp8 fp6 fp4): "
+                    f"{_format_choices()}")  # fmt: skip
+    _add_debug(pl)
     pl.set_defaults(func=_formats_plot)
+
+
+def _format_choices() -> str:
+    from mixprec.formats import FORMATS
+
+    return _names(FORMATS) + ", an alias (half, e4m3, ...) or a layout such as e3m4"
 
 
 def _format_list(names: list[str] | None, default: Sequence[str]) -> list:
@@ -53,9 +83,10 @@ def wide_console():
     when writing to a file or pipe (so wide tables stay readable there)."""
     from rich.console import Console
 
-    console = Console()
+    literal = {"markup": False, "emoji": False, "highlight": False}  # user text as written
+    console = Console(**literal)
     if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
+        console = Console(width=max(console.width, 160), **literal)
     return console
 
 
@@ -73,13 +104,40 @@ def _formats_explain(args: argparse.Namespace) -> int:
     text = args.value.strip()
     try:
         value = float.fromhex(text) if "0x" in text.lower() else float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise CliError(
-            f"value {args.value!r} is not a number (e.g. 0.001, 1e-8, 0x1p-14)"
+            f"value {args.value!r} is not a number (e.g. 0.001, 1e-8, 0x1p-14, inf, nan)"
         ) from None
+    word = text.lower().lstrip("+-")
+    if math.isinf(value) and word not in ("inf", "infinity"):
+        print(
+            f"note: {args.value} is beyond float64's largest value (1.8e308) and is read as "
+            f"{value}",
+            file=sys.stderr,
+        )
+    elif value == 0 and _nonzero_digits(text):
+        print(
+            f"note: {args.value} is below float64's smallest value (4.9e-324) and is read as "
+            f"{value}",
+            file=sys.stderr,
+        )
     default = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
-    wide_console().print(explain_table(value, _format_list(args.formats, default)))
+    fmts = _format_list(args.formats, default)
+    wide_console().print(explain_table(value, fmts))
+    if math.isnan(value):
+        for f in fmts:
+            if not f.has_nan:
+                print(f"note: {f.name} has no NaN (every bit pattern is a number); a NaN "
+                      "cannot be stored in it", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _nonzero_digits(text: str) -> bool:
+    """Whether the digits of a decimal or hex number (before its exponent) are not all 0."""
+    low = text.lower()
+    if "0x" in low:
+        return any(c in "123456789abcdef" for c in low.split("0x", 1)[1].split("p")[0])
+    return any(c in "123456789" for c in low.split("e")[0])
 
 
 def _formats_plot(args: argparse.Namespace) -> int:
@@ -88,7 +146,7 @@ def _formats_plot(args: argparse.Namespace) -> int:
     from mixprec.formats.report import DEFAULT_PLOT_FORMATS, plot_layouts, plot_rounding_error
 
     fmts = _format_list(args.formats, DEFAULT_PLOT_FORMATS)
-    out = Path(args.out)
+    out = Path(check_out_dir(args.out))
     paths = plot_layouts(fmts, out)
     paths.append(plot_rounding_error(fmts, out / "rounding_error.png"))
     for path in paths:
@@ -103,12 +161,19 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
         description="Memory per device: weights, gradients, masters, optimizer states, "
         "copies, activations; and whether it fits a device.",
     )
-    p.add_argument("model", help="preset name (e.g. llama-2-7b) or a config.json path")
-    p.add_argument("--recipe", default="bf16-mixed", help="recipe name (default bf16-mixed)")
+    from mixprec.memory.devices import DEVICES
+    from mixprec.memory.specs import PRESETS
+
+    p.add_argument("model", help=f"a config.json path or a preset: {_names(PRESETS)}")
+    p.add_argument(
+        "--recipe", default="bf16-mixed", help=f"recipe (default bf16-mixed): {_recipe_names()}"
+    )
     p.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd, sgd-momentum")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch per device")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: max)")
-    p.add_argument("--gpus", type=int, default=1, help="devices the states are sharded over")
+    p.add_argument("--batch", type=_positive_int, default=1, help="micro-batch per device")
+    p.add_argument("--seq", type=_positive_int, default=None, help="sequence length (default: max)")
+    p.add_argument(
+        "--gpus", type=_positive_int, default=1, help="devices the states are sharded over"
+    )
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument(
@@ -118,10 +183,23 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
         help="eager keeps the attention scores (default); flash keeps only log-sum-exp",
     )
     dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--device", help="known device, e.g. h100-80gb, a100-40gb, l4")
+    dev.add_argument("--device", help=f"known device: {_names(DEVICES)}")
     dev.add_argument("--device-memory", help="device memory, e.g. 80GiB or 24GB")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_debug(p)
     p.set_defaults(func=_run_estimate, command_name="estimate")
+
+
+def _recipe_names() -> str:
+    from mixprec.recipes import RECIPES
+
+    return _names(RECIPES)
+
+
+def _task_names() -> str:
+    from mixprec.bench.tasks import SIZES, TASKS
+
+    return _names(TASKS), " | ".join(SIZES)
 
 
 def _run_estimate(args: argparse.Namespace) -> int:
@@ -161,22 +239,41 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         description="Train a task (or a user model) with a recipe under the numerics monitor; "
         "print the per-layer table and write numerics.json, table.txt and PNG plots.",
     )
+    tasks, sizes = _task_names()
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default="gpt", help="built-in task: mlp, unet, gpt, bert")
-    src.add_argument("--model", help="user model as package.module:factory")
-    p.add_argument("--size", default="small", help="task size: tiny, small, base")
-    p.add_argument("--recipe", default="fp16-mixed", help="recipe name (default fp16-mixed)")
-    p.add_argument("--steps", type=int, default=50, help="training steps (default 50)")
-    p.add_argument("--every", type=int, default=1, help="measure one step in N (default 1)")
+    src.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {tasks}")
+    src.add_argument(
+        "--model",
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="your model instead of a task (protocol: mixprec.bench.user)",
+    )
+    p.add_argument("--size", default="small", help=f"task size (default small): {sizes}")
+    p.add_argument(
+        "--recipe", default="fp16-mixed", help=f"recipe (default fp16-mixed): {_recipe_names()}"
+    )
+    p.add_argument("--steps", type=_positive_int, default=50, help="training steps (default 50)")
+    p.add_argument(
+        "--every", type=_positive_int, default=1, help="measure one step in N (default 1)"
+    )
     p.add_argument(
         "--format",
         dest="formats",
         action="append",
-        help="target format (repeatable; default fp16, bf16, fp8_e4m3fn, fp8_e5m2)",
+        help="target format (repeatable; default fp16, bf16, fp8_e4m3fn, fp8_e5m2): "
+        + _format_choices(),
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="diagnose-report", help="output folder")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and data order (default 0)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to train on (default cpu): cpu, cuda, cuda:N, mps",
+    )
+    p.add_argument(
+        "--out", default="diagnose-report", help="output folder (default diagnose-report)"
+    )
+    _add_debug(p)
     p.set_defaults(func=_diagnose, command_name="diagnose")
 
 
@@ -184,6 +281,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     from mixprec.numerics.diagnose import diagnose
     from mixprec.numerics.monitor import DEFAULT_FORMATS
 
+    check_device(args.device)
+    check_out_dir(args.out)
     try:
         diagnose(
             args.model or args.task,
@@ -213,12 +312,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "OUT/report.md, OUT/results.json and PNG plots.",
     )
     add_arguments(p)
+    _add_debug(p)
     p.set_defaults(func=_bench, command_name="bench")
 
 
 def _bench(args: argparse.Namespace) -> int:
     from mixprec.bench.command import run
 
+    check_device(args.device)
+    check_out_dir(args.out)
     try:
         return run(args)
     except ValueError as exc:
@@ -230,24 +332,67 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixprec",
         description="Mixed-precision training for PyTorch: formats, memory, numerics, bench.",
     )
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_formats, _add_estimate, _add_diagnose, _add_bench):
         add(sub)
     return parser
 
 
+def _debug_requested(args: argparse.Namespace) -> bool:
+    env = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return bool(getattr(args, "debug", False)) or env in ("1", "true", "yes", "on")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (CliError, ValueError)):
+        return text
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename!r}"
+    return f"{type(exc).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 130 Ctrl-C, 1 bug)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error, already printed (2)
+            return exc.code if isinstance(exc.code, int) else 2
         return int(args.func(args) or 0)
-    except CliError as exc:
-        print(f"mixprec {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        name = f"mixprec {args.command}" if args is not None else "mixprec"
+        if args is not None and _debug_requested(args):
+            traceback.print_exc()
+        print(f"{name}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mixprec bench --list | head`: the reader has gone, quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    except (CliError, *_EXPECTED) as exc:
+        if _debug_requested(args):
+            traceback.print_exc()
+        print(f"mixprec {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if _debug_requested(args):
+            traceback.print_exc()
+        print(
+            f"mixprec {args.command}: internal error: {_one_line(exc)} (run with --debug or "
+            f"{DEBUG_ENV}=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from mixprec.formats.names import unknown
+
 __all__ = ["RECIPES", "Recipe", "get_recipe", "recipe_names"]
 
 LossScaling = Literal["none", "static", "dynamic"]
@@ -300,4 +302,4 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
         return RECIPES[name]
     if "=" in name:
         return _parse(name)
-    raise ValueError(f"unknown recipe {recipe!r}; choose one of {_choices(RECIPES)}")
+    raise ValueError(unknown("recipe", recipe, RECIPES, quote=True))

@@ -22,10 +22,15 @@ holds when the machine's load slows every recipe alike.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-__all__ = ["add_arguments", "parse_budget", "run"]
+from mixprec._output import replace_folder
+
+__all__ = ["MAX_STEPS", "add_arguments", "parse_budget", "reference_finished", "run"]
 
 DEFAULT_BUDGET = "4x"
+MAX_STEPS = 1_000_000  # the bench keeps per-step losses and times: bounded memory
+LONG_RUN_S = 24 * 3600.0  # a projected run longer than this gets a warning
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -52,27 +57,43 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mixprec bench`` options to ``p``."""
-    p.add_argument(
-        "--task", default="gpt", help="built-in task: mlp, unet, gpt, bert (default gpt)"
-    )
+    from mixprec.bench.results import DEFAULT_RECIPES
+    from mixprec.bench.tasks import SIZES, TASKS
+    from mixprec.cli_checks import non_negative_int, positive_int
+    from mixprec.recipes import RECIPES
+
+    p.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {', '.join(TASKS)}")
     p.add_argument(
         "--model",
         metavar="PACKAGE.MODULE:FACTORY",
         help="your model instead of a task: factory() returns "
         "(model, optimizer_factory, batches, loss_fn)",
     )
-    p.add_argument("--size", default="small", help="tiny | small | base (default small)")
+    p.add_argument(
+        "--size", default="small", help=f"task size (default small): {' | '.join(SIZES)}"
+    )
     p.add_argument(
         "--recipes",
         default=None,
-        help="comma-separated recipes (default fp32,bf16-mixed,fp16-mixed,bf16-true,fp8-mixed)",
+        help=f"comma-separated recipes (default {','.join(DEFAULT_RECIPES)}): {', '.join(RECIPES)}",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="training steps per recipe (default: the task's)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"training steps per recipe (default: the task's; at most {MAX_STEPS:,})",
     )
-    p.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=2, help="first steps not timed (default 2)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and data order (default 0)"
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device: cpu, cuda, cuda:N, mps (default: cuda when available, else cpu)",
+    )
     p.add_argument(
         "--budget",
         default=DEFAULT_BUDGET,
@@ -81,7 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"fp32's time (4x) or 0 for no limit (default {DEFAULT_BUDGET})",
     )
     p.add_argument(
-        "--memory-steps", type=int, default=2, help="steps of the memory measurement (0: skip)"
+        "--memory-steps",
+        type=non_negative_int,
+        default=2,
+        help="steps of the memory measurement (default 2; 0: skip)",
     )
     p.add_argument("--out", default="bench-report", help="report folder (default bench-report)")
     p.add_argument(
@@ -142,27 +166,98 @@ def run(args: argparse.Namespace) -> int:
     from mixprec.bench.recommend import recommend
     from mixprec.bench.report import write_report
     from mixprec.bench.runner import run_bench
-    from mixprec.bench.tasks import TASKS, get_task
+    from mixprec.bench.tasks import get_task
     from mixprec.cli import wide_console
 
     args.budget_s, args.budget_x = parse_budget(args.budget)
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise ValueError(
+            f"--steps {args.steps:,} is more than a bench can hold: at most {MAX_STEPS:,} "
+            "(the bench keeps one loss and one step time per step and recipe); a bench "
+            "compares recipes over a short run, train long runs with mixprec.Precision"
+        )
     if args.suite:
         from mixprec.bench.suite import run_suite
 
         return run_suite(args)
     task_name = args.model or args.task
-    if not args.model and args.task not in TASKS:
-        raise ValueError(
-            f"unknown task {args.task!r}; choose one of {', '.join(TASKS)} "
-            "or pass --model package.module:factory"
-        )
     config = config_from_args(args, task_name, _recipes(args.recipes))
-    task = get_task(task_name, args.size, seed=args.seed)
+    task = get_task(task_name, args.size, seed=args.seed)  # ValueError names the tasks
     console = wide_console()
-    with BenchProgress(len(config.recipe_list()), console=console) as progress:
-        result = run_bench(config, task=task, on_event=progress)
+    names = config.recipe_list()
+    steps = config.steps or task.default_steps
+    with BenchProgress(len(names), console=console) as progress:
+        on_event = _warn_long_runs(progress, steps, len(names), console)
+        result = run_bench(config, task=task, on_event=on_event)
     verdict = recommend(result)
     print_summary(result, verdict, console)
-    files = write_report(result, args.out)
-    console.print(f"report: {files['report']}  results: {files['results']}")
-    return 130 if result.interrupted else 0
+    with replace_folder(args.out) as tmp:
+        files = write_report(result, tmp)
+    out = Path(args.out)
+    console.print(f"report: {out / files['report'].name}  results: {out / files['results'].name}")
+    if result.interrupted:
+        return 130
+    return 0 if reference_finished(result, console) else 1
+
+
+def reference_finished(result, console) -> bool:
+    """False (and one line saying why) when the fp32 reference, and so the comparison,
+    did not finish: nothing is recommended then and the command exits with status 1."""
+    from rich.text import Text
+
+    ref = result.reference
+    if ref is not None and ref.status == "ok":
+        return True
+    failed = [r for r in result.recipes if r.status == "failed"]
+    if ref is None:
+        why = "the fp32 reference did not run"
+    elif ref.status == "failed":
+        why = f"the fp32 reference failed ({ref.error})"
+    else:
+        why = f"the fp32 reference {ref.status}"
+    if failed and len(failed) == len(result.recipes):
+        why = f"every recipe failed; {why}"
+    console.print(Text(f"No recommendation: {why}.", style="bold red"))
+    return False
+
+
+def _warn_long_runs(progress, steps: int, recipes: int, console):
+    """``progress`` plus one warning, after the first recipe's first 5 steps, when the run
+    will take longer than :data:`LONG_RUN_S`: projected time = mean step time so far x
+    steps x recipes (a lower bound: other recipes may be slower than fp32)."""
+    import time
+
+    from rich.text import Text
+
+    state = {"t0": None, "warned": False}
+
+    def on_event(kind, info):
+        progress(kind, info)
+        if state["warned"] or kind != "step":
+            return
+        if state["t0"] is None:  # the clock starts after the first (warm-up) step
+            state["t0"] = time.perf_counter()
+            return
+        if info["step"] == 6:
+            state["warned"] = True
+            per_step = (time.perf_counter() - state["t0"]) / 5
+            total = per_step * steps * recipes
+            if total > LONG_RUN_S:
+                console.print(
+                    Text(
+                        f"warning: at {per_step:.3g} s a step, {steps:,} steps x {recipes} "
+                        f"recipes take about {_duration(total)}; Ctrl-C stops the bench and "
+                        "keeps the recipes that finished, or rerun with fewer --steps or a "
+                        "--budget",
+                        style="yellow",
+                    )
+                )
+
+    return on_event
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"

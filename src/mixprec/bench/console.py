@@ -34,7 +34,7 @@ class BenchProgress:
         )
 
         self._progress = Progress(
-            TextColumn("[bold]{task.description:<12}"),
+            TextColumn("{task.description:<12}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -72,26 +72,33 @@ def print_summary(result: BenchResult, verdict: Recommendation, console=None) ->
     """Print the comparison table, the shape check and the recommendation."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     task = result.task
     name = getattr(task, "spec", task.name)
     title = f"{name} ({task.size}), {result.steps} steps, {result.device['name']}"
     headers, rows = table_rows(result)
-    table = Table(title=title)
+    table = Table(title=Text(title))  # user text (module names, errors) printed literally
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 2 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console.print(table)
     issues = [i for v in result.shape_issues.values() for i in v]
     for i in issues:
         console.print(
-            f"shape check: {i.module} ({i.kind}) {i.dim}={i.value} is not a multiple of "
-            f"{i.multiple}: pad to {i.padded}"
+            Text(
+                f"shape check: {i.module} ({i.kind}) {i.dim}={i.value} is not a multiple of "
+                f"{i.multiple}: pad to {i.padded}"
+            )
         )
     if result.interrupted:
-        console.print(f"[yellow]interrupted while running {result.interrupted}[/yellow]")
-    console.print(f"[bold green]Recommended: {verdict.recipe}[/bold green] — {verdict.summary}")
+        console.print(Text(f"interrupted while running {result.interrupted}", style="yellow"))
+    ref = result.reference
+    if ref is not None and ref.status == "ok":  # else nothing is recommended
+        console.print(
+            Text.assemble((f"Recommended: {verdict.recipe}", "bold green"), f" — {verdict.summary}")
+        )
     for line in verdict.reasons:
-        console.print(f"  • {line}")
+        console.print(Text(f"  • {line}"))

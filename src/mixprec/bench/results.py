@@ -16,6 +16,7 @@ import torch
 
 from mixprec.bench.analysis import ShapeIssue, peak_flops
 from mixprec.bench.tasks import SIZES, Task
+from mixprec.formats.names import unknown
 from mixprec.recipes import get_recipe, recipe_names
 
 __all__ = ["DEFAULT_RECIPES", "BenchConfig", "BenchResult", "RecipeResult"]
@@ -67,7 +68,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; choose one of {', '.join(SIZES)}")
+            raise ValueError(unknown("size", self.size, SIZES))
         if not self.recipes:
             raise ValueError(f"no recipes given; choose from {', '.join(recipe_names())}")
         for name in self.recipes:

@@ -1,7 +1,8 @@
 """Run recipes side by side on one task and measure them (rendering lives in :mod:`.report`).
 
 Every recipe starts from the same initial weights (the model is built once and deep-copied),
-reads the same batches in the same order (materialised once) and is seeded the same way;
+reads the same batches in the same order (produced as training consumes them, see
+:class:`~mixprec.bench.tasks.Batches`) and is seeded the same way;
 fp32 always runs first, as the reference. A training step is::
 
     with precision.autocast():
@@ -51,7 +52,7 @@ from mixprec.bench.probes import (
     watch_numerics,
 )
 from mixprec.bench.results import DEFAULT_RECIPES, BenchConfig, BenchResult, RecipeResult
-from mixprec.bench.tasks import Task, get_task
+from mixprec.bench.tasks import Batches, Task, get_task
 from mixprec.bench.user import call_model, to_device
 from mixprec.recipes import get_recipe
 
@@ -173,7 +174,7 @@ def run_bench(
     task = task or get_task(config.task, config.size, seed=config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = config.steps or task.default_steps
-    batches = list(task.train_batches(steps))
+    batches = Batches(task, steps)  # produced as consumed, the same for every recipe
     base_model = task.build_model()
     names = config.recipe_list()
     multiples = sorted({16 if get_recipe(n).fp8 != "off" else 8 for n in names})

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mixprec._output import replace_folder
 from mixprec.bench.command import config_from_args
 from mixprec.bench.runner import BenchResult, run_bench
 
@@ -70,28 +71,38 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
 
 def run_suite(args: argparse.Namespace) -> int:
     """Run the seeds suite with the bench options in ``args``; write ``args.out``."""
-    from rich.table import Table
-
+    from mixprec.bench.command import reference_finished
     from mixprec.bench.console import BenchProgress
-    from mixprec.bench.recommend import recommend
-    from mixprec.bench.report import _markdown_table, to_json, write_report
     from mixprec.cli import wide_console
 
-    out = Path(args.out)
     console = wide_console()
     results: list[BenchResult] = []
     interrupted = False
     for name in SEEDS_TASKS:
         config = config_from_args(args, name, seeds_recipes(args.size))
-        console.print(f"[bold]{name}[/bold] ({args.size})")
+        console.print(f"{name} ({args.size})", style="bold")
         with BenchProgress(len(config.recipe_list()), console=console) as progress:
             result = run_bench(config, on_event=progress)
         if result.recipes:
             results.append(result)
-            write_report(result, out / name)
         if result.interrupted:
             interrupted = True
             break
+    with replace_folder(args.out) as tmp:  # the previous report stays until this one is whole
+        _write_suite(args, results, interrupted, tmp, console)
+    console.print(f"report: {Path(args.out) / 'report.md'}")
+    ok = all(reference_finished(res, console) for res in results) and bool(results)
+    return 130 if interrupted else (0 if ok else 1)
+
+
+def _write_suite(args, results: list[BenchResult], interrupted: bool, out: Path, console) -> None:
+    from rich.table import Table
+
+    from mixprec.bench.recommend import recommend
+    from mixprec.bench.report import _markdown_table, to_json, write_report
+
+    for res in results:
+        write_report(res, out / res.task.name)
     headers, rows = suite_rows(results)
     table = Table(
         title=f"seeds suite ({args.size}) on {results[0].device['name'] if results else '?'}"
@@ -101,7 +112,6 @@ def run_suite(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [f"# mixprec bench --suite seeds ({args.size})", ""]
     if interrupted:
         lines += ["> Interrupted (Ctrl-C): the table holds what finished.", ""]
@@ -121,5 +131,3 @@ def run_suite(args: argparse.Namespace) -> int:
         "benches": [to_json(res) for res in results],
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    console.print(f"report: {out / 'report.md'}")
-    return 130 if interrupted else 0

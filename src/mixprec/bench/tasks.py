@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ from torch import nn
 
 from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdlib_corpus
 from mixprec.bench.models import GPT, MLP, Encoder, TransformerConfig, UNet
+from mixprec.formats.names import unknown
 
-__all__ = ["SIZES", "TASKS", "Task", "get_task"]
+__all__ = ["SIZES", "TASKS", "Batches", "Task", "get_task"]
 
 Size = Literal["tiny", "small", "base"]
 SIZES: tuple[str, ...] = ("tiny", "small", "base")
@@ -81,7 +83,7 @@ class Task(ABC):
 
     def __init__(self, size: str = "tiny", *, seed: int = 0) -> None:
         if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+            raise ValueError(unknown("size", size, SIZES))
         self.size = size
         self.seed = int(seed)
         self.config = self._configs()[size]
@@ -368,6 +370,41 @@ class BertTask(Task):
         return {"accuracy": (pred == y).float().mean().item()}
 
 
+class Batches:
+    """A task's ``steps`` training batches, produced as they are consumed.
+
+    Each iteration calls :meth:`Task.train_batches` afresh, which gives the same batches in
+    the same order for the same seed, so every recipe sees the same data while no list of
+    every batch is held (``--steps 100000000`` needs no memory up front). ``len()`` is
+    ``steps``; ``batches[i]`` and ``batches[:n]`` read from the start.
+
+    Example:
+        >>> b = Batches(get_task("mlp", "tiny"), 10**8)
+        >>> len(b), torch.equal(b[0][0], next(iter(b))[0])
+        (100000000, True)
+    """
+
+    def __init__(self, task: Task, steps: int) -> None:
+        if steps < 0:
+            raise ValueError(f"steps={steps} must be >= 0")
+        self.task, self.steps = task, int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.task.train_batches(self.steps))
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            if (index.start or 0) < 0 or (index.stop or 0) < 0 or index.step not in (None, 1):
+                raise ValueError(f"Batches supports [start:stop] from the front, got {index}")
+            return list(itertools.islice(iter(self), index.start, index.stop))
+        if not 0 <= index < self.steps:
+            raise IndexError(f"batch {index} of {self.steps}")
+        return next(itertools.islice(iter(self), index, None))
+
+
 _TASK_CLASSES: dict[str, type[Task]] = {c.name: c for c in (MLPTask, UNetTask, GPTTask, BertTask)}
 TASKS: tuple[str, ...] = tuple(_TASK_CLASSES)
 
@@ -388,7 +425,6 @@ def get_task(name: str, size: str = "tiny", *, seed: int = 0) -> Task:
         return load_user_task(name, seed=seed)
     if name not in _TASK_CLASSES:
         raise ValueError(
-            f"unknown task {name!r}; choose one of {', '.join(TASKS)} "
-            "or give a user model as package.module:factory"
+            unknown("task", name, TASKS, "(or a user model as package.module:factory)")
         )
     return _TASK_CLASSES[name](size, seed=seed)

@@ -23,7 +23,8 @@ The factory takes no arguments and returns four things::
 The bench evaluates a user model by its mean loss on the first (up to 4) batches, named
 ``loss``, and calls a recipe the same quality as fp32 when that loss is within 5% of fp32's
 (there is no held-out set in the protocol). Torch is seeded with the bench's seed before
-the factory is called. ``module`` is imported with the current directory on ``sys.path``.
+the factory is called. ``module`` is imported with the current directory at the end of
+``sys.path`` (after the installed packages) while it is imported and the factory called.
 
 Example:
     >>> task = load_user_task("mixprec.bench.user:example_factory")
@@ -33,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -161,10 +163,21 @@ class UserTask(Task):
         return opt
 
     def train_batches(self, steps: int) -> Iterator[tuple[Any, Any]]:
+        """The first ``steps`` batches (cyclically when there are fewer), read from the
+        user's iterable as training consumes them and kept for the next recipe."""
         if steps < 0:
             raise ValueError(f"steps={steps} must be >= 0")
-        batches = self._take(steps)
-        return itertools.islice(itertools.cycle(batches), steps)
+        return itertools.islice(self._replay(), steps)
+
+    def _replay(self) -> Iterator[tuple[Any, Any]]:
+        i = 0
+        while True:
+            if i == len(self._cache) and not self._take(i + 1)[i:]:
+                break
+            yield self._cache[i]
+            i += 1
+        while self._cache:  # fewer batches than steps: start over
+            yield from self._cache
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         loss = self._loss_fn(outputs, targets)
@@ -189,14 +202,31 @@ class UserTask(Task):
         return {"loss": total / len(batches)}
 
 
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on ``sys.path`` inside the block only.
+
+    It goes after the installed packages (a ``./matplotlib.py`` never shadows matplotlib)
+    and ``sys.path`` is restored afterwards, so later imports (the report's plots) never
+    pick up files from the current directory.
+    """
+    saved = list(sys.path)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def _import_factory(spec: str) -> Callable:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"model {spec!r} must be written package.module:factory")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        with _cwd_importable():
+            module = importlib.import_module(module_name)
     except Exception as exc:
         raise ValueError(
             f"cannot import module {module_name!r} of {spec!r} ({type(exc).__name__}: {exc}); "
@@ -224,7 +254,7 @@ def load_user_task(spec: str, *, seed: int = 0) -> UserTask:
         'Sequential'
     """
     factory = _import_factory(spec)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _cwd_importable():
         torch.manual_seed(seed)
         try:
             parts = factory()

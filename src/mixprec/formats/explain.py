@@ -22,8 +22,8 @@ class Decoded:
 
     format: str
     value: float  # the representable value decoded (after rounding to nearest)
-    bits: int  # the bit pattern as an unsigned integer
-    bit_string: str  # fields separated by spaces: sign exponent mantissa
+    bits: int | None  # the bit pattern as an unsigned integer; None: NaN in a format without
+    bit_string: str  # fields separated by spaces: sign exponent mantissa ("no NaN" if none)
     sign: int
     exponent_field: int  # biased
     mantissa_field: int
@@ -38,6 +38,9 @@ def _scalar_quantize(value: float, f: FloatFormat, rounding: Rounding = "nearest
 def decode(value: float, fmt: str | FloatFormat) -> Decoded:
     """Round ``value`` to ``fmt`` (nearest) and split the result into its bit fields.
 
+    NaN in a format without NaN (fp6, fp4) has no bit pattern: ``bits`` is None and
+    ``bit_string`` says ``"no NaN in fp4_e2m1fn"``.
+
     For a finite nonzero result ``v``: ``exponent = max(floor(log2|v|), emin)``,
     ``exponent_field = exponent + bias`` (0 for subnormals), and
     ``mantissa_field = |v| / 2^(exponent - m) - 2^m`` (without the ``- 2^m`` for subnormals).
@@ -51,6 +54,8 @@ def decode(value: float, fmt: str | FloatFormat) -> Decoded:
     e_bits, m = f.exponent_bits, f.mantissa_bits
     sign = int(math.copysign(1.0, v) < 0) if f.signed else 0
     exponent: int | None = None
+    if math.isnan(v) and not f.has_nan:  # fp6, fp4: every pattern is a number
+        return Decoded(f.name, v, None, f"no NaN in {f.name}", 0, 0, 0, None, "nan")
     if math.isnan(v):
         cls: ValueClass = "nan"
         if f.nan == "ieee":
@@ -139,7 +144,10 @@ def explain(value: float, formats: str | FloatFormat | list | tuple) -> list[Exp
             err = 0.0
         else:
             err = abs(q - x) if math.isfinite(q) and math.isfinite(x) else math.inf
-        top_gap = math.ldexp(1.0, f.max_exponent - f.mantissa_bits)
+        try:
+            top_gap = math.ldexp(1.0, f.max_exponent - f.mantissa_bits)
+        except OverflowError:  # the format's top binade is beyond float64 (e12m3)
+            top_gap = math.inf
         saturating = not f.has_inf and not f.has_nan  # the default overflow is saturate
         if math.isnan(x):
             status: Status = "nan"

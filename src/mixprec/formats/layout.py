@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from mixprec.formats.names import closest, unknown
+
 __all__ = [
     "FORMATS",
     "FORMAT_ALIASES",
@@ -65,6 +67,8 @@ class FloatFormat:
             raise ValueError(f"mantissa_bits={m!r}: must be an integer >= 0")
         if self.nan not in _NAN_ENCODINGS:
             raise ValueError(f"nan={self.nan!r}: choose one of {_NAN_ENCODINGS}")
+        if isinstance(self.bias, bool) or not isinstance(self.bias, int):
+            raise ValueError(f"bias={self.bias!r}: must be an integer")
         if self.bits > 64:
             raise ValueError(f"{self.bits} bits (1 + {e} + {m}): at most 64 bits are supported")
         if self.has_inf != (self.nan == "ieee"):
@@ -83,6 +87,22 @@ class FloatFormat:
             raise ValueError(f"e{e}m{m} with nan='fn': NaN would leave no finite number")
         if self.max_exponent < self.min_exponent:
             raise ValueError(f"e{e}m{m}: the special encodings leave no normal binade")
+        lowest = self.min_exponent - (m if self.has_zero else 0)  # smallest value 2^lowest
+        low, high = self._bias_limits()
+        if not low <= self.bias <= high:
+            raise ValueError(
+                f"bias={self.bias} puts e{e}m{m}'s values at 2^{lowest} .. 2^{self.max_exponent}; "
+                f"mixprec computes in float64, which needs 2^-bias <= 2^{_F64_MAX_EXP} and a top "
+                f"binade >= 2^{_F64_MIN_NORMAL_EXP}: the bias must be between {low} and {high} "
+                f"(IEEE default {2 ** (e - 1) - 1})"
+            )
+
+    def _bias_limits(self) -> tuple[int, int]:
+        """Smallest and largest bias mixprec computes with in float64: ``2^-bias`` (the scale
+        of exponent field 0) at most 2^1023, and the top binade a float64 normal (>= 2^-1022)."""
+        e, m = self.exponent_bits, self.mantissa_bits
+        top = 2**e - 1 - (self.nan == "ieee" or (self.nan == "fn" and m == 0))
+        return -_F64_MAX_EXP, top - _F64_MIN_NORMAL_EXP
 
     @classmethod
     def custom(
@@ -124,6 +144,8 @@ class FloatFormat:
             raise ValueError(
                 f"exponent_bits={exponent_bits}: a float format needs at least 1 exponent bit"
             )
+        if nan not in _NAN_ENCODINGS:
+            raise ValueError(f"nan={nan!r}: choose one of {_NAN_ENCODINGS}")
         if bias is None:
             bias = 2 ** (exponent_bits - 1) - 1 + (nan == "fnuz")
         suffix = {"ieee": "", "fn": "fn", "fnuz": "fnuz", "none": "fn"}[nan]
@@ -231,6 +253,10 @@ class FloatFormat:
         return self.name
 
 
+# float64's smallest normal and top binade (as powers of two)
+_F64_MIN_NORMAL_EXP, _F64_MAX_EXP = -1022, 1023
+
+
 def _fmt(name: str, e: int, m: int, nan: NanEncoding = "ieee", *, signed: bool = True):
     return FloatFormat.custom(e, m, nan=nan, signed=signed, name=name)
 
@@ -328,10 +354,16 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
         if spec:  # a custom layout spelled like ml_dtypes: e3m4, e2m5fn, e4m3fnuz
             nan = {None: "ieee", "fn": "fn", "fnuz": "fnuz"}[spec[3]]
             return FloatFormat.custom(int(spec[1]), int(spec[2]), nan=nan)
-    raise ValueError(
-        f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)} "
-        f"(aliases: {', '.join(FORMAT_ALIASES)}), or a layout such as e3m4"
-    )
+    if not isinstance(fmt, str):
+        raise TypeError(
+            f"format must be a name, a FloatFormat or a torch dtype, got {type(fmt).__name__}"
+        )
+    extra = "(or an alias such as half, or a layout such as e3m4)"
+    message = unknown("format", fmt, FORMATS, extra)
+    near = closest(fmt, FORMAT_ALIASES)  # a misspelled alias: suggest it and its format
+    if near and not closest(fmt, FORMATS):
+        message += f"; close aliases: {', '.join(f'{a} ({FORMAT_ALIASES[a]})' for a in near)}"
+    raise ValueError(message)
 
 
 def to_torch_dtype(fmt: str | FloatFormat) -> torch.dtype:

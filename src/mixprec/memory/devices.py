@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from mixprec.formats.names import unknown
+
 __all__ = ["DEVICES", "device_memory", "parse_size"]
 
 _GIB = 2**30
@@ -71,5 +73,5 @@ def device_memory(name: str) -> int:
     """
     key = name.strip().lower()
     if key not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+        raise ValueError(unknown("device", name, DEVICES))
     return DEVICES[key]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mixprec.formats.names import unknown
+
 __all__ = [
     "PRESETS",
     "ModelSpec",
@@ -360,5 +362,5 @@ def get_spec(name: str) -> ModelSpec:
     """
     key = name.strip().lower()
     if key not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(unknown("model", name, PRESETS, "(or a config.json path)"))
     return spec_from_config(PRESETS[key], key)

@@ -19,7 +19,10 @@ chunks run on torch's own OpenMP threads, already awake (with Python threads ins
 torch's idle OpenMP worker spinning on a core halved their speed). Otherwise one chunk runs
 on the calling thread and the rest on Python threads (``ctypes`` releases the GIL).
 
-It is compiled once per machine into the user's private cache folder (about a second)
+It is compiled once per machine into the user's private cache folder (about a second;
+every folder of its path is checked, the library is written under a private temporary name
+and the opened file is checked before it is loaded, so no other user can place code that
+this process runs)
 with ``cc -O3 -march=native [-fopenmp]`` when the CPU's feature flags can be read (the file name
 holds a hash of the source, compiler, flags and CPU flags, so a shared cache folder never
 serves code built for another CPU), else with plain ``cc -O3``, and loaded with
@@ -30,11 +33,11 @@ the torch path is used.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
+
+from mixprec.numerics.kernel_cache import compile_cached, load_private, private_folder
 
 __all__ = ["load"]
 
@@ -214,24 +217,6 @@ _tried = False
 _pool = None
 
 
-def _private_folder() -> Path | None:
-    """The user's cache folder for the built library, or None if it is not private.
-
-    A shared library is code: it is only loaded from a folder this user owns and nobody
-    else can write to (``$XDG_CACHE_HOME/mixprec``, else ``~/.cache/mixprec``).
-    """
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    folder = Path(base) / "mixprec" / "kernels"
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = folder.stat()
-    except OSError:
-        return None
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        return None
-    return folder
-
-
 def _cpu_flags() -> str | None:
     """The CPU's feature flags (Linux), or None when they cannot be read."""
     try:
@@ -242,35 +227,6 @@ def _cpu_flags() -> str | None:
     except OSError:
         pass
     return None
-
-
-def _compile(cc: str, folder: Path, flags: list[str]) -> Path | None:
-    """Build the library with ``flags`` unless built already; its path, or None on failure.
-
-    The file name holds a hash of the source, the compiler, the flags and (for
-    ``-march=native``) this CPU's feature flags, so a cache folder shared by machines with
-    different CPUs (a home folder on a cluster) never loads code built for another CPU.
-    """
-    ident = "\0".join([_SOURCE, cc, *flags])
-    if "-march=native" in flags:
-        ident += "\0" + (_cpu_flags() or "")
-    tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    lib_path = folder / f"numerics_{tag}.so"
-    if lib_path.exists():
-        return lib_path
-    src = folder / f"numerics_{tag}_{os.getpid()}.c"
-    tmp = folder / f"numerics_{tag}_{os.getpid()}.so"
-    src.write_text(_SOURCE)
-    cmd = [cc, *flags, "-shared", "-fPIC", str(src), "-o", str(tmp)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        tmp.unlink(missing_ok=True)
-        return None
-    finally:
-        src.unlink(missing_ok=True)
-    os.replace(tmp, lib_path)  # atomic: concurrent builders agree
-    return lib_path
 
 
 def _torch_gomp_loaded() -> bool:
@@ -291,10 +247,18 @@ _OPENMP = False  # whether the loaded library runs its chunks on the OpenMP team
 _KINDS = {"f32": 0, "16": 1}
 
 
+def _compile(cc: str, folder: Path, flags: list[str]) -> Path | None:
+    """Build the kernel with ``flags`` into ``folder``; see :func:`.kernel_cache.compile_cached`."""
+    ident = "\0".join([_SOURCE, cc, *flags])
+    if "-march=native" in flags:
+        ident += "\0" + (_cpu_flags() or "")
+    return compile_cached(_SOURCE, ident, "numerics", cc, folder, flags)
+
+
 def _build() -> ctypes.CDLL | None:
     global _OPENMP
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    folder = _private_folder()
+    folder = private_folder()
     if cc is None or folder is None:
         return None
     # Vector code for this CPU when its flags are known, on torch's OpenMP threads when
@@ -319,8 +283,9 @@ def _build() -> ctypes.CDLL | None:
 
 
 def _open(lib_path: Path) -> ctypes.CDLL:
-    """Load a built library and declare its functions' signatures."""
-    lib = ctypes.CDLL(str(lib_path))
+    """Load a built library (checked, see :func:`.kernel_cache.load_private`) and declare
+    its functions' signatures."""
+    lib = load_private(lib_path)
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.mp_stats_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr]
     lib.mp_stats_f32.restype = None

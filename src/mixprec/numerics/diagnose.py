@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mixprec._output import replace_folder
 from mixprec.numerics.monitor import DEFAULT_FORMATS, Monitor
 
 __all__ = ["diagnose"]
@@ -54,7 +55,7 @@ def diagnose(
     """
     from mixprec.bench.tasks import get_task
     from mixprec.bench.user import call_model, to_device
-    from mixprec.numerics.report import _num, write_report
+    from mixprec.numerics.report import _num
     from mixprec.precision import Precision
 
     if steps < 1:
@@ -66,7 +67,24 @@ def diagnose(
     model, opt = precision.setup(model, the_task.build_optimizer(model))
     scaling = bool(getattr(precision.scaler, "enabled", False))
     monitor = Monitor(model, formats=formats, every=every)
-    losses, results = [], []
+    losses: list[float] = []
+    skipped: list[dict] = []
+    pending: list[tuple[torch.Tensor, object]] = []  # (loss, stepped) not yet read out
+
+    def read_out() -> None:
+        # One transfer per monitor readout interval, so the host keeps floats, not tensors.
+        if not pending:
+            return
+        values = torch.stack([loss for loss, _ in pending]).float().cpu().tolist()
+        first = len(losses)
+        losses.extend(values)
+        for i, (_, stepped) in enumerate(pending):
+            if not bool(stepped):
+                step = first + i
+                why = monitor.explain_step(step) or "not measured (every > 1)"
+                skipped.append({"step": step, "explanation": f"step {step} skipped: {why}"})
+        pending.clear()
+
     with monitor:
         for x, y in the_task.train_batches(steps):
             x, y = to_device(x, dev), to_device(y, dev)
@@ -74,32 +92,34 @@ def diagnose(
                 loss = the_task.loss(call_model(model, x), y)
             precision.backward(loss)
             scale = precision.scaler.scale.detach().clone() if scaling else None
-            results.append(precision.step(opt))
+            stepped = precision.step(opt)
             monitor.step(scale=scale)
-            losses.append(loss.detach())
-    skipped = []
-    for step, result in enumerate(results):
-        if not bool(result):
-            why = monitor.explain_step(step) or "not measured (every > 1)"
-            skipped.append({"step": step, "explanation": f"step {step} skipped: {why}"})
-    out = Path(out)
-    files = write_report(monitor, out, console=console)
-    data = json.loads(files["json"].read_text())
-    data["run"] = {
-        "task": task,
-        "size": size,
-        "recipe": str(precision.recipe),
-        "steps": steps,
-        "seed": seed,
-        "device": str(dev),
-        "losses": [_num(float(v)) for v in torch.stack(losses).float().cpu()],
-        "skipped": skipped,
-    }
-    files["json"].write_text(json.dumps(data, indent=1, allow_nan=False))
+            pending.append((loss.detach(), stepped))
+            if len(pending) >= monitor.report_every:
+                read_out()
+        read_out()
+    with replace_folder(out) as tmp:  # out holds the previous report until this one is whole
+        files = _write(monitor, tmp, console, {
+            "task": task, "size": size, "recipe": str(precision.recipe), "steps": steps,
+            "seed": seed, "device": str(dev), "losses": [_num(v) for v in losses],
+            "skipped": skipped,
+        })  # fmt: skip
+    files = {k: Path(out) / p.name for k, p in files.items()}
     from rich.console import Console
+    from rich.text import Text
 
     con = console or Console()
     for item in skipped:
-        con.print(item["explanation"])
-    con.print(f"wrote {', '.join(str(p) for p in files.values())}")
+        con.print(Text(item["explanation"]))
+    con.print(Text(f"wrote {', '.join(str(p) for p in files.values())}"))
+    return files
+
+
+def _write(monitor, out: Path, console, run: dict) -> dict[str, Path]:
+    from mixprec.numerics.report import write_report
+
+    files = write_report(monitor, out, console=console)
+    data = json.loads(files["json"].read_text())
+    data["run"] = run
+    files["json"].write_text(json.dumps(data, indent=1, allow_nan=False))
     return files

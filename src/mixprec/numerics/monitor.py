@@ -83,6 +83,9 @@ class Monitor(MonitorResults):
             synchronises with the device after every measured tensor).
         loss_threshold: the lost fraction (overflow + flush) a format may have and still
             "fit" a module in :meth:`verdicts`.
+        window: measured steps whose per-step statistics are kept (the last ``window``);
+            the statistics merged over every step, the first inf/NaN ever seen and the
+            step count are kept for the whole run, so memory stays flat however long it is.
 
     Call :meth:`step` once per training step, after the optimizer step (it measures weights
     and updates and advances the step count). With a loss scaler pass ``scale=``.
@@ -108,9 +111,15 @@ class Monitor(MonitorResults):
         report_every: int = 50,
         raise_on_nonfinite: bool = False,
         loss_threshold: float = 0.01,
+        window: int = 100,
     ) -> None:
         from mixprec.formats import get_format
 
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Monitor(model): model must be a torch.nn.Module, got {type(model).__name__} "
+                f"{model!r:.60}"
+            )
         if isinstance(formats, str):
             formats = (formats,)
         self.formats = tuple(get_format(f) for f in formats)  # ValueError lists the names
@@ -127,6 +136,8 @@ class Monitor(MonitorResults):
             raise ValueError(f"every={every!r} must be a positive integer")
         if not isinstance(report_every, int) or report_every < 1:
             raise ValueError(f"report_every={report_every!r} must be a positive integer")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r} must be a positive integer")
         if not 0.0 <= loss_threshold < 1.0:
             raise ValueError(f"loss_threshold={loss_threshold!r} must be in [0, 1)")
         self.model = model
@@ -136,6 +147,7 @@ class Monitor(MonitorResults):
         self.report_every = report_every
         self.raise_on_nonfinite = raise_on_nonfinite
         self.loss_threshold = loss_threshold
+        self.window = window
         self.layout = StatsLayout(self.formats)
         self.module_paths = [name for name, _ in model.named_modules()]
         self.param_names = [name for name, _ in model.named_parameters()]
@@ -147,10 +159,12 @@ class Monitor(MonitorResults):
         self._seen: dict[tuple[int, int], _Seen] = {}
         self._snapshot: dict[str, torch.Tensor] = {}
         self._scales: dict[int, object] = {}
-        # host side results
+        # host side results: per step for the last `window` measured steps, merged for all
         self.results: dict[int, dict[tuple[str, str], TensorStats]] = {}
+        self.totals: dict[tuple[str, str], TensorStats] = {}
         self._host_scales: dict[int, float] = {}
-        self._first: dict[int, FirstNonFinite] = {}
+        self._first: dict[int, FirstNonFinite] = {}  # steps in the window
+        self._first_ever: FirstNonFinite | None = None
         self._last_readout_step = 0
 
     # -- lifecycle ----------------------------------------------------------------------

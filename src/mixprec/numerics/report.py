@@ -65,12 +65,12 @@ class LayerVerdict:
 
 
 def _merged(monitor, path: str, kinds: tuple[str, ...]) -> TensorStats | None:
+    """``kinds`` of ``path`` merged over every measured step of the run."""
     out = None
     for kind in kinds:
-        for table in monitor.results.values():
-            s = table.get((path, kind))
-            if s is not None:
-                out = s if out is None else out.merge(s)
+        s = monitor.totals.get((path, kind))
+        if s is not None:
+            out = s if out is None else out.merge(s)
     return out
 
 
@@ -239,6 +239,7 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     table = Table(title=f"numerics over steps {monitor.steps} (every {monitor.every})")
@@ -254,7 +255,7 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
             continue
         s = monitor.stats(path, kind)
         row = [
-            path or "(model)",
+            Text(path or "(model)"),  # a module name is printed as written, never as markup
             _SHORT[kind],
             f"{s.max_abs:.2g}",
             f"{s.min_nonzero_abs:.2g}",
@@ -269,19 +270,19 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
             ]
             bad = s.lost_fraction(f) > monitor.loss_threshold
             text = "/".join(cells)
-            row.append(f"[red]{text}[/red]" if bad else text)
+            row.append(Text(text, style="red" if bad else ""))
         table.add_row(*row)
     console.print(table)
     first = monitor.first_nonfinite
     if first is not None:
-        console.print(f"[bold red]{first.message()}[/bold red]")
+        console.print(Text(first.message(), style="bold red"))
     recs = [v.recommendation for v in monitor.verdicts() if v.recommendation]
     console.print(
         f"verdicts (a format fits when at most {100 * monitor.loss_threshold:g}% of a "
         "module's activations or gradients overflow or flush to zero):"
     )
     for rec in recs or ["every module fits every monitored format"]:
-        console.print(f"  - {rec}")
+        console.print(Text(f"  - {rec}"))
 
 
 # -- plots ---------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def write_report(monitor, out: str | Path, *, console=None) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(monitor, out / "numerics.json")}
-    recorder = Console(record=True, width=200, file=io.StringIO())
+    recorder = Console(record=True, width=200, file=io.StringIO(), markup=False, emoji=False)
     print_table(monitor, console=recorder)
     (out / "table.txt").write_text(recorder.export_text())
     files["table"] = out / "table.txt"

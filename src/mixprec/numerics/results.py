@@ -3,8 +3,14 @@
 :class:`MonitorResults` is the half of :class:`~mixprec.numerics.monitor.Monitor` that
 reads results; the other half (hooks, recording, ``step()``) lives in :mod:`.monitor`
 and sets up the state used here: ``layout``, ``_pending`` (records not yet read out),
-``_scales``, ``results``, ``_host_scales``, ``_first``, ``_last_readout_step``, ``_step``,
-``module_paths``, ``param_names`` and ``loss_threshold``.
+``_scales``, ``results``, ``totals``, ``_host_scales``, ``_first``, ``_first_ever``,
+``_last_readout_step``, ``_step``, ``window``, ``module_paths``, ``param_names`` and
+``loss_threshold``.
+
+Memory is bounded: per-step statistics (``results``, scales, first non-finite of a step)
+are kept for the last ``window`` measured steps; ``totals`` (every step merged, the
+merge being exact: counts add, extremes take max/min) and the first inf/NaN of the run
+are kept for the whole run.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class MonitorResults:
             for key in rec.keys:
                 old = table.get(key)
                 table[key] = stats if old is None else old.merge(stats)
+                total = self.totals.get(key)
+                self.totals[key] = stats if total is None else total.merge(stats)
             if stats.nonfinite and rec.step not in self._first:
                 infs = stats.nonfinite - stats.nans
                 kinds = [w for w, c in (("inf", infs), ("nan", stats.nans)) if c]
@@ -57,11 +65,25 @@ class MonitorResults:
                     fraction=stats.nonfinite_fraction,
                     also=tuple(keys[1:]),
                 )
+                if self._first_ever is None:  # steps are read out in order
+                    self._first_ever = self._first[rec.step]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Forget the per-step results of all but the last ``window`` measured steps."""
+        if len(self.results) <= self.window:
+            return
+        kept = sorted(self.results)[-self.window :]
+        cutoff = kept[0]
+        self.results = {s: self.results[s] for s in kept}
+        self._host_scales = {s: v for s, v in self._host_scales.items() if s >= cutoff}
+        self._first = {s: v for s, v in self._first.items() if s >= cutoff}
 
     # -- queries ------------------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
-        """Measured steps with results, in order (reads out pending results)."""
+        """Measured steps with per-step results, in order: the last ``window`` of them
+        (reads out pending results)."""
         self.readout()
         return sorted(self.results)
 
@@ -73,14 +95,18 @@ class MonitorResults:
 
     @property
     def first_nonfinite(self) -> FirstNonFinite | None:
-        """The earliest inf/NaN seen in any measured step, or ``None``."""
+        """The earliest inf/NaN seen in any measured step of the run, or ``None``."""
         self.readout()
-        return self._first[min(self._first)] if self._first else None
+        return self._first_ever
 
     def first_nonfinite_in(self, step: int) -> FirstNonFinite | None:
-        """The first inf/NaN of one step, or ``None`` (also when the step was not measured)."""
+        """The first inf/NaN of one step, or ``None`` (also when the step was not measured,
+        or is older than the last ``window`` measured steps and not the run's first)."""
         self.readout()
-        return self._first.get(step)
+        first = self._first.get(step)
+        if first is None and self._first_ever is not None and self._first_ever.step == step:
+            return self._first_ever
+        return first
 
     def explain_step(self, step: int) -> str | None:
         """Why a step went non-finite, e.g. for a skipped loss-scaled step.
@@ -108,32 +134,37 @@ class MonitorResults:
             path: module path as in ``named_modules()`` (``""`` for the model) or a
                 parameter name as in ``named_parameters()``.
             kind: one of :data:`KINDS`.
-            step: one measured step; ``None`` merges all of them.
+            step: one of the last ``window`` measured steps; ``None`` merges every
+                measured step of the run.
 
         Raises:
-            KeyError: unknown path (with close matches), or no statistics of that kind.
+            KeyError: unknown path (with close matches), no statistics of that kind, or a
+                step older than the kept window.
             ValueError: unknown kind.
         """
         self._check_path(path)
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {', '.join(map(repr, KINDS))}")
         self.readout()
-        steps = [step] if step is not None else sorted(self.results)
-        found = [
-            self.results[s][(path, kind)] for s in steps if (path, kind) in self.results.get(s, {})
-        ]
-        if not found:
+        if step is None:
+            found = self.totals.get((path, kind))
+        else:
+            if step not in self.results and self.results and step < min(self.results):
+                raise KeyError(
+                    f"step {step} is no longer kept: the monitor keeps the last "
+                    f"{self.window} measured steps ({min(self.results)} to "
+                    f"{max(self.results)}; Monitor(window=...)); step=None merges every step"
+                )
+            found = self.results.get(step, {}).get((path, kind))
+        if found is None:
             raise KeyError(f"no {kind} statistics for {path!r} (measured steps: {self.steps})")
-        out = found[0]
-        for s in found[1:]:
-            out = out.merge(s)
-        return out
+        return found
 
     def keys(self) -> list[tuple[str, str]]:
         """Every ``(path, kind)`` with statistics, modules in model order."""
         self.readout()
         order = {p: i for i, p in enumerate(self.module_paths + self.param_names)}
-        seen = {k for table in self.results.values() for k in table}
+        seen = set(self.totals)
         return sorted(seen, key=lambda k: (order.get(k[0], math.inf), KINDS.index(k[1])))
 
     # -- reports (rendering lives in .report) -------------------------------------------
