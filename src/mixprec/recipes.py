@@ -29,7 +29,9 @@ from typing import Literal
 
 import torch
 
+from mixprec.formats import get_format, to_torch_dtype
 from mixprec.formats.names import unknown
+from mixprec.scaling.rules import PRESETS_NAMES
 
 __all__ = ["RECIPES", "Recipe", "get_recipe", "recipe_names"]
 
@@ -37,17 +39,12 @@ LossScaling = Literal["none", "static", "dynamic"]
 Update = Literal["plain", "kahan", "stochastic"]
 Fp8Scaling = Literal["off", "current", "delayed"]
 
-# Short names of the dtypes a recipe may place state in (one table, both directions).
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-_NAME_OF_DTYPE = {dtype: name for name, dtype in _DTYPE_NAMES.items()}
+# The dtypes a recipe may place state in; their names come from the format registry.
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = tuple(get_format(d).name for d in _STATE_DTYPES)
 _LOSS_SCALINGS = ("none", "static", "dynamic")
 _UPDATES = ("plain", "kahan", "stochastic")
 _FP8_SCALINGS = ("off", "current", "delayed")
-_SCALER_PRESETS = ("torch", "apex", "deepspeed", "megatron")
 
 
 def _choices(values) -> str:
@@ -107,9 +104,9 @@ class Recipe:
             raise ValueError(
                 f"loss_scaling={self.loss_scaling!r} is not one of {_choices(_LOSS_SCALINGS)}"
             )
-        if self.scaler_preset not in _SCALER_PRESETS:
+        if self.scaler_preset not in PRESETS_NAMES:
             raise ValueError(
-                f"scaler_preset={self.scaler_preset!r} is not one of {_choices(_SCALER_PRESETS)}"
+                f"scaler_preset={self.scaler_preset!r} is not one of {_choices(PRESETS_NAMES)}"
             )
         if not self.static_scale > 0:
             raise ValueError(f"static_scale={self.static_scale!r} must be positive")
@@ -164,9 +161,9 @@ class Recipe:
 def _check_dtype(field: str, value, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if value not in _NAME_OF_DTYPE:
+    if value not in _STATE_DTYPES:
         raise ValueError(
-            f"{field}={value!r} is not one of {_choices(list(_DTYPE_NAMES))} "
+            f"{field}={value!r} is not one of {_choices(_DTYPE_NAMES)} "
             f"(torch.float32, torch.bfloat16, torch.float16)"
         )
 
@@ -194,7 +191,7 @@ def _format_value(value) -> str:
     if value is None:
         return "none"
     if isinstance(value, torch.dtype):
-        return _NAME_OF_DTYPE[value]
+        return get_format(value).name
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -210,9 +207,9 @@ def _parse_value(key: str, text: str, source: str):
             return None
         if text not in _DTYPE_NAMES:
             raise ValueError(
-                f"{key}={text!r} in recipe {source!r} is not one of {_choices(list(_DTYPE_NAMES))}"
+                f"{key}={text!r} in recipe {source!r} is not one of {_choices(_DTYPE_NAMES)}"
             )
-        return _DTYPE_NAMES[text]
+        return to_torch_dtype(text)
     if isinstance(default, bool):
         if text not in ("true", "false"):
             raise ValueError(f"{key}={text!r} in recipe {source!r} must be 'true' or 'false'")

@@ -24,11 +24,11 @@ from mixprec.distributed.ddp import register_grad_comm_hook, rewrap_ddp
 from mixprec.distributed.fp8_all_gather import precompute_float8_scales
 from mixprec.distributed.fp8_sync import sync_float8_amax_history
 from mixprec.distributed.fsdp import NORM_TYPES, fsdp_policies
+from mixprec.formats import get_format
 from mixprec.recipes import Recipe
 
 __all__ = ["DistributedSetup", "begin_setup", "finish_setup", "local_recipe"]
 
-_NAMES = {None: "none", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _allowed_param_dtypes(recipe: Recipe) -> tuple:
@@ -74,7 +74,7 @@ def check_fsdp_model(model: nn.Module, recipe: Recipe, grad_comm_dtype=None) -> 
             raise ValueError(
                 f"module {name or '<root>'!r} has MixedPrecisionPolicy(param_dtype="
                 f"{policy.param_dtype}) but recipe {str(recipe)!r} computes with parameters in "
-                f"{' or '.join(_NAMES[d] for d in allowed)}: use "
+                f"{' or '.join('none' if d is None else get_format(d).name for d in allowed)}: use "
                 "mixprec.distributed.fsdp_policy(recipe)"
             )
         wire = policy.reduce_dtype or policy.param_dtype or torch.float32

@@ -117,7 +117,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -238,9 +238,7 @@ class ScalerConfig:
 
 
 PRESETS: dict[str, ScalerConfig] = {}
-PRESETS_NAMES = (
-    "torch", "apex", "deepspeed", "deepspeed-legacy", "deepspeed-fp16-optimizer", "megatron"
-)
+PRESETS_NAMES: tuple[str, ...] = get_args(PresetName)
 
 
 def _names() -> str:
