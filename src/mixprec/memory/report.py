@@ -83,7 +83,8 @@ def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdic
     base = dict(
         optimizer=e.optimizer, batch_size=e.batch_size, seq_len=e.seq_len,
         activation_checkpointing=e.activation_checkpointing, zero_stage=e.zero_stage,
-        world_size=e.world_size, accounting=e.accounting, attention=e.attention, **kwargs,
+        world_size=e.world_size, accounting=e.accounting, attention=e.attention,
+        implementation=e.implementation, device=e.device, **kwargs,
     )  # fmt: skip
     for desc, changes in _candidates(e):
         recipe = changes.pop("recipe", e.recipe)
