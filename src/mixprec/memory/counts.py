@@ -104,14 +104,15 @@ def _params_of_module(model: nn.Module) -> _Params:
             lin_w += module.weight.numel()
             lin_n += 1
         seen.update(id(p) for p in own)
+    stepped = [p for p in params if p.requires_grad]  # what the optimizer steps
     factored = sum(
         (p.shape[-2] + p.shape[-1]) * math.prod(p.shape[:-2]) if p.dim() >= 2 else p.numel()
-        for p in params
+        for p in stepped
     )
     return _Params(
         total=sum(p.numel() for p in params), norm=norm, matmul=matmul,
         linear_weights=lin_w, linear_layers=lin_n,
-        largest=max((p.numel() for p in params), default=0), tensors=len(params),
+        largest=max((p.numel() for p in stepped), default=0), tensors=len(stepped),
         factored=factored, impl=_default_impl(params),
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
         trainable=sum(p.numel() for p in params if p.requires_grad), norm_trainable=norm_train,
@@ -132,7 +133,14 @@ def _params_of_spec(spec: ModelSpec) -> _Params:
     # parameter tensors: per layer, and outside the layers (embeddings, final norm, head)
     per_layer = {"gpt2": 12, "bert": 16, "llama": 9}[spec.family]
     outside = {"gpt2": 4, "bert": 7, "llama": 2 if spec.tie_word_embeddings else 3}[spec.family]
-    layer = (c.total - c.norm - big) // spec.num_layers
+    # one transformer block (what FSDP2 gathers at a time): all but embeddings, head, final norm
+    V, P_, h_ = spec.vocab_size, spec.max_position_embeddings, spec.hidden_size
+    not_layers = {
+        "gpt2": V * h_ + P_ * h_ + 2 * h_,
+        "bert": (V + P_ + spec.type_vocab_size) * h_ + 2 * h_,
+        "llama": V * h_ * (1 if spec.tie_word_embeddings else 2) + h_,
+    }[spec.family]
+    layer = (c.total - not_layers) // spec.num_layers
     return _Params(
         c.total,
         c.norm,

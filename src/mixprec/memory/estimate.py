@@ -196,6 +196,20 @@ class MemoryEstimate:
         }  # fmt: skip
 
 
+def _spec_of_module(module: nn.Module):
+    """The ModelSpec of a module that carries a Hugging Face style ``config`` (duck-typed:
+    ``config.to_dict()`` with a supported ``model_type``), else None."""
+    from mixprec.memory.specs import spec_from_config
+
+    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
+    if not callable(to_dict):
+        return None
+    try:
+        return spec_from_config(to_dict(), type(module).__name__)
+    except (ValueError, TypeError):
+        return None
+
+
 def _positive(name: str, value) -> None:
     if value is None:
         return
@@ -324,6 +338,8 @@ def estimate(
     if module is not None and batch is not None:
         if any(p.device.type == "meta" for p in module.parameters()):
             raise ValueError("a module on the meta device cannot run a batch: pass batch=None")
+    if module is not None and batch is None and spec is None:
+        spec = _spec_of_module(module)  # a Hugging Face model: its config gives the shapes
     if optimizer == "adafactor" and P.factored is None:
         raise ValueError("optimizer='adafactor' needs parameter shapes: pass an nn.Module")
     if batch_size is None:

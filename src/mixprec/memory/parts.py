@@ -288,10 +288,9 @@ def korthikanti(
 
 
 def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
-    from mixprec.memory.measure import default_loss
     from mixprec.memory.trace import trace_step
 
-    t = trace_step(module, recipe, batch, loss_fn or default_loss)
+    t = trace_step(module, recipe, batch, loss_fn)
     own_buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     scale = batch_size / t.batch_items
     copies = t.weight_copies + t.fp8_copies

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixprec.memory.calls import batch_items, call_model, loss_of
 from mixprec.memory.tracker import StorageTracker, _plain_tensors, storages_of
 from mixprec.recipes import Recipe
 
@@ -93,8 +94,8 @@ def _leaves(obj):
 def trace_step(
     model: nn.Module,
     recipe: Recipe,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple,
+    loss_fn: Callable | None,
 ) -> TraceResult:
     """Trace one forward and backward pass of a copy of ``model`` set up for ``recipe``.
 
@@ -121,7 +122,7 @@ def trace_step(
     tracker.track([params, list(work.buffers()), batch, stepped, [p.grad for p in stepped]])
     ensure = getattr(precision.scaler, "_ensure_state", None)
     if ensure is not None:  # create the loss scaler's state now: it is not per-batch memory
-        ensure(inputs.device)
+        ensure(params[0].device if params else torch.device("cpu"))
     saved: dict[int, tuple[int, bool, bool]] = {}  # storage id -> (bytes, static, fp8)
 
     def pack(t: torch.Tensor):
@@ -140,7 +141,7 @@ def trace_step(
         start = tracker.live
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with precision.autocast():
-                loss = loss_fn(work(inputs), targets)
+                loss = loss_of(call_model(work, inputs), targets, loss_fn)
         forward_end = tracker.live - start
         forward_peak = tracker.peak - start
         tracker.tracing = False
@@ -159,7 +160,7 @@ def trace_step(
     weight_copies = sum(n for n, static, fp8 in saved.values() if static and not fp8)
     fp8_copies = sum(n for n, static, fp8 in saved.values() if static and fp8)
     return TraceResult(
-        batch_items=int(inputs.shape[0]) if inputs.dim() else 1,
+        batch_items=batch_items(inputs),
         batch_bytes=sum(s.nbytes() for s in storages_of(batch)),
         activations=activations,
         weight_copies=weight_copies,
