@@ -295,7 +295,12 @@ def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
     scale = batch_size / t.batch_items
     copies = t.weight_copies + t.fp8_copies
     acts = round((t.forward_end - copies) * scale)
-    bwd = max(t.forward_peak - t.forward_end, t.backward_extra - t.backward_grads)
+    # the larger of the forward's peak above its end, and backward's peak (gradients kept
+    # whole, the rest scaled with the batch)
+    bwd = max(
+        round((t.forward_peak - t.forward_end) * scale),
+        round((t.backward_extra - t.backward_grads) * scale) + t.backward_grads,
+    )
     return {
         "weight_copies": (t.weight_copies, "traced: saved copies derived from weights only"),
         "fp8_copies": (
@@ -308,7 +313,7 @@ def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
         ),
         "batch": (round(t.batch_bytes * scale), "the micro-batch tensors"),
         "backward_transient": (
-            round(bwd * scale) + t.backward_grads,
+            bwd,
             "traced: backward peak above the end of the forward",
         ),
     }

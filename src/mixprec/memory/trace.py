@@ -18,6 +18,7 @@ buffers and factory-made constants are static), tracked op by op in the dispatch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from collections.abc import Callable
@@ -85,6 +86,31 @@ class _StaticTracker(StorageTracker):
         return out
 
 
+_MARK = "mixprec.memory.trace.backward"
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _backward_peak(prof) -> int:
+    """Largest running sum of the allocator events inside the backward mark."""
+    events = list(prof.profiler.kineto_results.events())
+    mark = next(e for e in events if e.name() == _MARK)
+    lo, hi = mark.start_ns(), mark.end_ns()
+    running = peak = 0
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and lo <= e.start_ns() <= hi
+    ):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
 def _leaves(obj):
     from torch.utils._pytree import tree_flatten
 
@@ -137,25 +163,43 @@ def trace_step(
             tracker._keep.append(st)
         return t
 
-    with tracker:
-        start = tracker.live
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with precision.autocast():
-                loss = loss_of(call_model(work, inputs), targets, loss_fn)
-        forward_end = tracker.live - start
-        forward_peak = tracker.peak - start
-        tracker.tracing = False
-        tracker._keep.clear()  # the graph holds the saved tensors from here on
-        tracker.reset_peak()
-        at_peak: list[int] = [0]
+    cpu = not params or params[0].device.type != "cuda"
+    prof = _profiler() if cpu else contextlib.nullcontext()
+    with prof:
+        with tracker:
+            start = tracker.live
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with precision.autocast():
+                    loss = loss_of(call_model(work, inputs), targets, loss_fn)
+            forward_end = tracker.live - start
+            forward_peak = tracker.peak - start
+            tracker.tracing = False
+            tracker._keep.clear()  # the graph holds the saved tensors from here on
+            tracker.reset_peak()
+            at_peak: list[int] = [0]
 
-        def on_peak(t):
-            at_peak[0] = sum(s.nbytes() for s in storages_of([p.grad for p in params]))
+            def on_peak(t):
+                at_peak[0] = sum(s.nbytes() for s in storages_of([p.grad for p in params]))
 
-        tracker.peak_callbacks.append(on_peak)
-        mid = tracker.live
-        precision.backward(loss)
-        backward_extra = tracker.peak - mid
+            tracker.peak_callbacks.append(on_peak)
+            mid = tracker.live
+            if cpu:
+                tracker.__exit__(None, None, None)  # backward outside the dispatch mode
+                tracker.__enter__()
+        if cpu:
+            # Under a dispatch mode autograd accumulates gradients out of place, and the
+            # CPU's GEMM workspaces are not tensors: backward is read from the allocator's
+            # events (the forward ran under the same profiler, so its frees are seen).
+            with torch.profiler.record_function(_MARK):
+                precision.backward(loss)
+        else:
+            with tracker:
+                precision.backward(loss)
+    backward_extra = tracker.peak - mid
+    if cpu:
+        backward_extra = _backward_peak(prof)
+        grads = [p.grad for p in params if p.grad is not None]
+        at_peak[0] = min(sum(s.nbytes() for s in storages_of(grads)), backward_extra)
     activations = sum(n for n, static, _ in saved.values() if not static)
     weight_copies = sum(n for n, static, fp8 in saved.values() if static and not fp8)
     fp8_copies = sum(n for n, static, fp8 in saved.values() if static and fp8)
