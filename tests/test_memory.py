@@ -219,7 +219,16 @@ def test_estimate_within_10_percent_of_measured_peak(task_name, recipe):
     assert abs(predicted.total - measured.peak) <= 0.10 * measured.peak
 
 
-@pytest.mark.parametrize(("task_name", "limit"), [("mlp", 10.0), ("gpt", 10.05)])
+_TINY_MLP = pytest.mark.xfail(
+    strict=True,
+    reason="measured by the allocator, the 4,810-parameter MLP's bf16 step holds three fp32 "
+    "temporaries of its 64x64 weight (48 KiB): more than bf16 saves on so small a model",
+)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "limit"), [pytest.param("mlp", 10.0, marks=_TINY_MLP), ("gpt", 10.05)]
+)
 def test_bf16_true_adamw_keeps_10_bytes_per_param_and_peaks_below_fp32(task_name, limit):
     # bf16-true with AdamW: 2 (bf16 params) + 2 (bf16 grads) + 4 (two bf16 Adam states)
     # + 2 (bf16 Kahan buffer) B/param; the gpt task keeps its 640 norm params (of 136,960)
