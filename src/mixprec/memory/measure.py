@@ -205,53 +205,79 @@ def _storage_bytes(obj) -> int:
     return sum(s.nbytes() for s in storages_of(obj))
 
 
+def allocation_events(prof) -> list[tuple[int, int, int]]:
+    """``(time ns, address, bytes)`` of every CPU allocation (+) and free (-) the profiler
+    recorded, in time order (from its event tree, which keeps the block's address)."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            f = node.extra_fields
+            if str(f.device).startswith("cpu"):
+                out.append((node.start_time_ns, f.ptr, f.alloc_size))
+    out.sort()
+    return out
+
+
+class AllocationReplay:
+    """Live bytes replayed from allocator events, by address.
+
+    A free counts only for a block whose allocation was seen (its size is the one seen
+    then): the allocator's size table can hold stale entries for reused addresses of
+    blocks allocated while no profiler ran, and reports their frees with a wrong size.
+    """
+
+    def __init__(self, live: int) -> None:
+        self.live = live
+        self.known: dict[int, int] = {}
+
+    def apply(self, events, lo: int | None = None, hi: int | None = None) -> int:
+        """Apply events (only those in ``[lo, hi]`` ns when given); return the peak."""
+        peak = self.live
+        for t, ptr, nbytes in events:
+            if (lo is not None and t < lo) or (hi is not None and t > hi):
+                continue
+            if nbytes > 0:
+                self.known[ptr] = nbytes
+                self.live += nbytes
+                peak = max(peak, self.live)
+            elif ptr in self.known:
+                self.live -= self.known.pop(ptr)
+        return peak
+
+
 class _ProfilerMeter:
     """Live and peak bytes on a CPU from the profiler's allocator events, phase by phase.
 
     ``live`` starts at the bytes alive before measuring; each :meth:`phase` replays that
-    phase's allocation (+) and free (-) events in time order: ``peak`` is the largest
-    running sum, ``live`` its end.
+    phase's allocations and frees in time order (:class:`AllocationReplay`): ``peak`` is
+    the largest running sum, ``live`` its end. The storages alive before measuring (the
+    parameters that setup replaces) are counted out when they are released.
     """
 
     source = "cpu-profiler-memory-events"
 
     def __init__(self, live: int, storages: list[torch.UntypedStorage]) -> None:
+        self.replay = AllocationReplay(live)
         self.live = self.peak = live
-        # The profiler reports the free of a block only when it saw the allocation: the
-        # storages alive before measuring (the parameters that setup replaces) are
-        # counted out when their storage is released instead. The allocator's size table
-        # can hold a stale entry for a reused address (a block freed while no profiler
-        # ran), and then the free *is* reported: a reported free of the same size is
-        # taken as that block's, so it is not counted out twice.
         self._freed_before: list[int] = []
         for st in storages:
             weakref.finalize(st, self._freed_before.append, st.nbytes())
 
     @contextlib.contextmanager
     def phase(self):
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with prof:
             yield
-        events = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-        )
-        running = peak = self.live
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
-        frees = [-n for _, n in events if n < 0]
-        for nbytes in self._freed_before:
-            if nbytes in frees:
-                frees.remove(nbytes)
-            else:
-                running -= nbytes
+        self.peak = self.replay.apply(allocation_events(prof))
+        self.replay.live -= sum(self._freed_before)
         self._freed_before.clear()
-        self.live, self.peak = running, peak
+        self.live = self.replay.live
 
 
 class _CudaMeter:

@@ -96,19 +96,16 @@ def _profiler():
 
 
 def _backward_peak(prof) -> int:
-    """Largest running sum of the allocator events inside the backward mark."""
-    events = list(prof.profiler.kineto_results.events())
-    mark = next(e for e in events if e.name() == _MARK)
-    lo, hi = mark.start_ns(), mark.end_ns()
-    running = peak = 0
-    for _, nbytes in sorted(
-        (e.start_ns(), e.nbytes())
-        for e in events
-        if e.name() == "[memory]" and lo <= e.start_ns() <= hi
-    ):
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+    """Peak live bytes inside the backward mark above its start, by address (see
+    :class:`~mixprec.memory.measure.AllocationReplay`; the forward's allocations are known)."""
+    from mixprec.memory.measure import AllocationReplay, allocation_events
+
+    mark = next(e for e in prof.profiler.kineto_results.events() if e.name() == _MARK)
+    events = allocation_events(prof)
+    replay = AllocationReplay(0)
+    replay.apply(events, hi=mark.start_ns())
+    replay.live = 0
+    return replay.apply(events, lo=mark.start_ns(), hi=mark.end_ns())
 
 
 def _leaves(obj):
