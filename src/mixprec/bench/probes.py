@@ -36,32 +36,34 @@ NUMERICS_FORMATS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 def measure_memory(
     model: nn.Module, optimizer: torch.optim.Optimizer, recipe: str, batch, loss_fn, steps: int = 2
-) -> dict[str, Any] | None:
-    """Peak bytes of ``steps`` training steps by :func:`mixprec.memory.measure`, or None.
+) -> dict[str, Any]:
+    """Peak bytes of ``steps`` training steps by :func:`mixprec.memory.measure`.
 
     ``model`` and ``optimizer`` are set up by the measurement (pass copies). Returns
-    ``{"peak": bytes, "source": ..., "breakdown": {part: bytes}}``; None when the
-    memory module is missing or cannot run this model (e.g. inputs that are not a tensor).
+    ``{"peak": bytes, "source": ..., "breakdown": {part: bytes}}``, or ``{"error": why}``
+    when the memory module is missing or cannot run this model: the bench goes on and
+    the report says why.
     """
     try:
         measure = importlib.import_module("mixprec.memory.measure").measure
         m = measure(model, optimizer, recipe, batch, steps=steps, loss_fn=loss_fn)
-    except Exception:  # best effort: the bench goes on without the figure
-        return None
+    except Exception as exc:  # best effort: the bench goes on without the figure
+        return {"error": f"measure failed ({type(exc).__name__}: {exc})"}
     return {"peak": int(m.peak), "source": m.source, "breakdown": dict(m.breakdown)}
 
 
-def estimate_memory(model: nn.Module, recipe: str, batch, loss_fn) -> dict[str, Any] | None:
-    """The :func:`mixprec.memory.estimate` peak for ``model``, ``recipe`` and ``batch``, or None.
+def estimate_memory(model: nn.Module, recipe: str, batch, loss_fn) -> dict[str, Any]:
+    """The :func:`mixprec.memory.estimate` peak for ``model``, ``recipe`` and ``batch``.
 
     The estimate traces one forward and backward pass of a copy of ``model`` on ``batch``
-    for the activations. Returns ``{"peak": bytes, "parts": {part: bytes}}``.
+    for the activations. Returns ``{"peak": bytes, "parts": {part: bytes}}``, or
+    ``{"error": why}`` when the estimate does not cover this model.
     """
     try:
         estimate = importlib.import_module("mixprec.memory").estimate
         e = estimate(copy.deepcopy(model), recipe, batch=batch, loss_fn=loss_fn)
-    except Exception:  # the estimate does not cover this model: leave it out
-        return None
+    except Exception as exc:  # the estimate does not cover this model: say why
+        return {"error": f"estimate failed ({type(exc).__name__}: {exc})"}
     return {"peak": int(e.total), "parts": dict(e.parts)}
 
 

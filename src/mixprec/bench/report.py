@@ -148,6 +148,13 @@ def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[
     return _finite(doc)
 
 
+def _memory_cell(r) -> str:
+    """measured / estimated peak, and why a figure is missing when a probe failed."""
+    cell = f"{_bytes(r.peak_memory_bytes)} / {_bytes(r.estimated_memory_bytes)}"
+    failed = r.memory_source and "failed" in r.memory_source
+    return f"{cell} ({r.memory_source})" if failed else cell
+
+
 def _bytes(n: int | None) -> str:
     if not n:
         return "–"
@@ -194,7 +201,7 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
                 f"{_seconds(stats['median'])} ± {_seconds(stats['iqr'])}" if stats else "–",
                 f"{ips:,.0f}" if ips else "–",
                 f"{speedup:.2f}x" if speedup else "–",
-                f"{_bytes(r.peak_memory_bytes)} / {_bytes(r.estimated_memory_bytes)}",
+                _memory_cell(r),
                 f"{metric:.4f}" if metric is not None else "–",
                 (f"{gap:+.4f}" if gap is not None else "–") + mark,
                 str(r.skipped_steps),

@@ -70,12 +70,13 @@ def _probe_memory(name, base_model, task, batch, config, device, result) -> None
     model = copy.deepcopy(base_model).to(device)
     batch = to_device(batch, device)
     estimated = estimate_memory(model, name, batch, task.loss)  # traces a copy of model
-    if estimated:
-        result.estimated_memory_bytes = estimated["peak"]
+    result.estimated_memory_bytes = estimated.get("peak")
     steps = config.memory_steps
     measured = measure_memory(model, task.build_optimizer(model), name, batch, task.loss, steps)
-    if measured:
-        result.peak_memory_bytes, result.memory_source = measured["peak"], measured["source"]
+    result.peak_memory_bytes = measured.get("peak")
+    # the source, or why a figure is missing (the report prints it in the figure's place)
+    errors = [d["error"] for d in (measured, estimated) if "error" in d]
+    result.memory_source = "; ".join(errors) if errors else measured["source"]
 
 
 def _budget(name: str, config: BenchConfig, reference_seconds: float | None) -> float | None:

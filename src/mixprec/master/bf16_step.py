@@ -80,12 +80,13 @@ def supports_bf16_step(optimizer: torch.optim.Optimizer) -> bool:
 def step_temp_bytes(optimizer, method: str) -> int | None:
     """Bytes of temporaries per element of the chunk being stepped; None: generic path.
 
-    ``8`` (two fp32 tensors alive at once: Adam's ``s`` and ``m``, then ``m`` and ``v``;
-    SGD's ``b`` and ``v``), ``+ 8`` for Adam with L2 weight decay (``g = grad + wd v`` in
-    fp32 beside them), ``+ 15`` with stochastic rounding (its int32 noise, sum and
-    result, a bool mask and the bf16 result). The step's peak adds
-    ``step_temp_bytes x min(largest bf16 tensor, CHUNK)``. Measured with
-    :class:`mixprec.memory.tracker.StorageTracker` on a 100,000-element parameter.
+    ``12`` (three fp32 tensors alive at once as the allocator sees them: Adam's ``s``,
+    ``m`` and ``v``; SGD's ``b``, ``v`` and the update), ``+ 8`` for Adam with L2 weight
+    decay (``g = grad + wd v`` in fp32 beside them), ``+ 15`` with stochastic rounding
+    (its int32 noise, sum and result, a bool mask and the bf16 result). The step's peak
+    adds ``step_temp_bytes x min(largest bf16 tensor, CHUNK)``. Measured with the CPU
+    allocator's events (``torch.profiler``, ``profile_memory=True``): a tensor-level
+    tracker under a dispatch mode saw one fp32 temporary fewer (8).
 
     Args:
         optimizer: a torch optimizer, or a planner name (``"adamw"``, ``"adam"``,
@@ -94,7 +95,7 @@ def step_temp_bytes(optimizer, method: str) -> int | None:
 
     Example:
         >>> step_temp_bytes("adamw", "kahan"), step_temp_bytes("adafactor", "kahan")
-        (8, None)
+        (12, None)
     """
     if isinstance(optimizer, str):
         if optimizer not in _NAMES:
@@ -107,7 +108,7 @@ def step_temp_bytes(optimizer, method: str) -> int | None:
             g["weight_decay"] != 0 and not g.get("decoupled_weight_decay", False)
             for g in optimizer.param_groups
         )
-    return 8 + 8 * l2 + 15 * (method == "stochastic")
+    return 12 + 8 * l2 + 15 * (method == "stochastic")
 
 
 def _state(state: dict, key: str, p: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,18 @@ class _Params:
     # "foreach" (all tensors at once, torch's CUDA default) or "fused" (one kernel)
     impl: str = "foreach"
     buffers: int = 0  # bytes of module buffers
+    trainable: int | None = None  # parameters with requires_grad (None: all)
+    norm_trainable: int | None = None  # of which in norm layers (None: all norm params)
+    layer: int = 0  # parameters of one transformer block (FSDP2 wraps one at a time)
+
+    @property
+    def n_train(self) -> int:
+        """Parameters that get gradients, masters and optimizer states."""
+        return self.total if self.trainable is None else self.trainable
+
+    @property
+    def n_norm_train(self) -> int:
+        return self.norm if self.norm_trainable is None else self.norm_trainable
 
 
 def _default_impl(params: list[torch.Tensor]) -> str:
@@ -77,29 +89,42 @@ def _params_of_module(model: nn.Module) -> _Params:
     from mixprec.master import is_norm_module
 
     params = list(model.parameters())
-    norm = matmul = lin_w = lin_n = 0
+    norm = norm_train = matmul = lin_w = lin_n = 0
     seen: set[int] = set()
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         if is_norm_module(module):
             norm += sum(p.numel() for p in own)
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            norm_train += sum(p.numel() for p in own if p.requires_grad)
+        # Hugging Face's Conv1D (GPT-2) is a matmul too: x @ W + b (duck-typed: no import)
+        conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or conv1d:
             matmul += sum(p.numel() for p in module.parameters(recurse=False))
         if isinstance(module, nn.Linear):
             lin_w += module.weight.numel()
             lin_n += 1
         seen.update(id(p) for p in own)
+    stepped = [p for p in params if p.requires_grad]  # what the optimizer steps
     factored = sum(
         (p.shape[-2] + p.shape[-1]) * math.prod(p.shape[:-2]) if p.dim() >= 2 else p.numel()
-        for p in params
+        for p in stepped
     )
     return _Params(
         total=sum(p.numel() for p in params), norm=norm, matmul=matmul,
         linear_weights=lin_w, linear_layers=lin_n,
-        largest=max((p.numel() for p in params), default=0), tensors=len(params),
+        largest=max((p.numel() for p in stepped), default=0), tensors=len(stepped),
         factored=factored, impl=_default_impl(params),
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
+        trainable=sum(p.numel() for p in params if p.requires_grad), norm_trainable=norm_train,
+        layer=max((sum(p.numel() for p in m.parameters()) for m in _blocks(model)), default=0),
     )  # fmt: skip
+
+
+def _blocks(model: nn.Module):
+    """The repeated blocks of a model: the items of its ModuleLists."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            yield from module
 
 
 def _params_of_spec(spec: ModelSpec) -> _Params:
@@ -108,6 +133,14 @@ def _params_of_spec(spec: ModelSpec) -> _Params:
     # parameter tensors: per layer, and outside the layers (embeddings, final norm, head)
     per_layer = {"gpt2": 12, "bert": 16, "llama": 9}[spec.family]
     outside = {"gpt2": 4, "bert": 7, "llama": 2 if spec.tie_word_embeddings else 3}[spec.family]
+    # one transformer block (what FSDP2 gathers at a time): all but embeddings, head, final norm
+    V, P_, h_ = spec.vocab_size, spec.max_position_embeddings, spec.hidden_size
+    not_layers = {
+        "gpt2": V * h_ + P_ * h_ + 2 * h_,
+        "bert": (V + P_ + spec.type_vocab_size) * h_ + 2 * h_,
+        "llama": V * h_ * (1 if spec.tie_word_embeddings else 2) + h_,
+    }[spec.family]
+    layer = (c.total - not_layers) // spec.num_layers
     return _Params(
         c.total,
         c.norm,
@@ -117,7 +150,45 @@ def _params_of_spec(spec: ModelSpec) -> _Params:
         max(big, h * spec.intermediate_size),
         per_layer * spec.num_layers + outside,
         None,
+        layer=layer,
     )
+
+
+# LoRA target name -> (in features, out features) of the adapted Linear, per family
+def _lora_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    h, ff, kvd = spec.hidden_size, spec.intermediate_size, spec.kv_heads * spec.head_dim
+    if spec.family == "gpt2":
+        return {"c_attn": (h, 3 * h), "c_proj": (h, h), "c_fc": (h, ff), "mlp.c_proj": (ff, h)}
+    if spec.family == "bert":
+        return {"query": (h, h), "key": (h, h), "value": (h, h), "dense": (h, h)}
+    return {
+        "q_proj": (h, h), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (h, h),
+        "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h),
+    }  # fmt: skip
+
+
+def lora_params(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """(LoRA parameters, LoRA tensors): ``L * sum over targets of r * (in + out) * E``
+    (E experts for an MLP target of a mixture of experts), as PEFT's LoRA adds them.
+
+    Raises:
+        ValueError: a rank < 1 or a target the family does not have (listing the names).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora rank={rank!r} must be a positive integer")
+    shapes = _lora_shapes(spec)
+    if not targets:
+        raise ValueError(f"lora targets are empty; choose from {', '.join(shapes)}")
+    n = 0
+    for t in targets:
+        if t not in shapes:
+            raise ValueError(
+                f"lora target {t!r} is not a {spec.family} module; choose from {', '.join(shapes)}"
+            )
+        i, o = shapes[t]
+        mlp = t in ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj")
+        n += rank * (i + o) * (spec.experts if mlp else 1)
+    return spec.num_layers * n, 2 * len(targets) * spec.num_layers
 
 
 def _resolve(model_or_spec) -> tuple[str, _Params, ModelSpec | None, nn.Module | None]:

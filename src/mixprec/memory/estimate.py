@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mixprec.memory.calls import batch_items
 from mixprec.memory.counts import OPTIMIZERS, _optimizer_of, _resolve
 from mixprec.recipes import Recipe, get_recipe
 
@@ -47,9 +48,17 @@ _ZERO_STAGES = {0: 0, 1: 1, 2: 2, 3: 3, "fsdp": 3, "full_shard": 3, "shard_grad_
 PARTS = (
     "weights", "gradients", "master_weights", "master_gradients", "optimizer_states",
     "compensation", "other_state", "weight_copies", "fp8_copies", "activations",
-    "backward_transient", "step_transient",
+    "backward_transient", "step_transient", "sharding_buffers",
 )  # fmt: skip
-_STATE_PARTS = ("weights", "gradients", "master_weights", "optimizer_states", "compensation")
+# moved to host memory by offload="optimizer" (DeepSpeed ZeRO-Offload, FSDP CPUOffload)
+_OFFLOADED = ("master_weights", "master_gradients", "optimizer_states", "step_transient")
+_STATE_PARTS = (
+    "weights", "gradients", "master_weights", "master_gradients", "optimizer_states",
+    "compensation",
+)  # fmt: skip
+ATTENTION = ("eager", "sdpa", "flash")
+IMPLEMENTATIONS = ("hf", "megatron")
+DEVICE_KINDS = ("cuda", "cpu")
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -68,8 +77,9 @@ class MemoryEstimate:
 
     Every part is in bytes on one device after sharding; ``formulas`` gives the formula
     each part was computed with. ``bytes_per_param`` is the unsharded model-state bytes
-    (weights + gradients + master weights + optimizer states + compensation buffers) over
-    the parameter count.
+    (weights + gradients + master weights + master gradients + optimizer states +
+    compensation buffers) over the parameter count: what is really held (bf16-master 18,
+    fp16-master 20 with AdamW).
 
     Example:
         >>> e = estimate(7_000_000_000, "fp32", accounting="zero")
@@ -88,6 +98,8 @@ class MemoryEstimate:
     activation_checkpointing: bool
     accounting: str
     attention: str
+    implementation: str
+    device: str
     weights: int
     gradients: int
     master_weights: int
@@ -100,8 +112,26 @@ class MemoryEstimate:
     activations: int
     backward_transient: int
     step_transient: int
+    sharding_buffers: int
     bytes_per_param: float
     formulas: tuple[tuple[str, str], ...]
+    num_trainable: int = 0
+    offload: str = "none"
+    host_memory: int = 0
+
+    @property
+    def headroom(self) -> int:
+        """What no formula counts, on CUDA: the CUDA context and kernels (0.5 GiB) and the
+        caching allocator's fragmentation (10% of the total); 0 on a CPU::
+
+            headroom = 0.5 GiB + 0.10 * total
+        """
+        return 0 if self.device == "cpu" else 2**29 + self.total // 10
+
+    @property
+    def required(self) -> int:
+        """``total + headroom``: what a device must have for "fits" to mean fits."""
+        return self.total + self.headroom
 
     @property
     def parts(self) -> dict[str, int]:
@@ -110,7 +140,8 @@ class MemoryEstimate:
 
     @property
     def model_states(self) -> int:
-        """weights + gradients + master weights + optimizer states + compensation, per device."""
+        """weights + gradients + master weights + master gradients + optimizer states +
+        compensation, per device."""
         return sum(getattr(self, name) for name in _STATE_PARTS)
 
     @property
@@ -132,7 +163,10 @@ class MemoryEstimate:
 
     @property
     def _forward_side(self) -> int:
-        return self.activations + self.weight_copies + self.fp8_copies + self.backward_transient
+        return (
+            self.activations + self.weight_copies + self.fp8_copies + self.backward_transient
+            + self.sharding_buffers
+        )  # fmt: skip
 
     @property
     def _step_side(self) -> int:
@@ -151,11 +185,29 @@ class MemoryEstimate:
             "seq_len": self.seq_len, "world_size": self.world_size,
             "zero_stage": self.zero_stage,
             "activation_checkpointing": self.activation_checkpointing,
-            "accounting": self.accounting, "attention": self.attention, "parts": self.parts,
+            "accounting": self.accounting, "attention": self.attention,
+            "implementation": self.implementation, "device": self.device, "parts": self.parts,
             "model_states": self.model_states, "total": self.total,
             "peak_phase": self.peak_phase, "bytes_per_param": self.bytes_per_param,
+            "headroom": self.headroom, "required": self.required,
+            "num_trainable": self.num_trainable, "offload": self.offload,
+            "host_memory": self.host_memory,
             "formulas": dict(self.formulas),
         }  # fmt: skip
+
+
+def _spec_of_module(module: nn.Module):
+    """The ModelSpec of a module that carries a Hugging Face style ``config`` (duck-typed:
+    ``config.to_dict()`` with a supported ``model_type``), else None."""
+    from mixprec.memory.specs import spec_from_config
+
+    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
+    if not callable(to_dict):
+        return None
+    try:
+        return spec_from_config(to_dict(), type(module).__name__)
+    except (ValueError, TypeError):
+        return None
 
 
 def _positive(name: str, value) -> None:
@@ -175,10 +227,14 @@ def estimate(
     activation_checkpointing: bool = False,
     zero_stage: int | str = 0,
     world_size: int = 1,
-    batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batch: tuple | None = None,
     loss_fn=None,
     accounting: Accounting = "mixprec",
-    attention: Literal["eager", "flash"] = "eager",
+    attention: Literal["eager", "sdpa", "flash"] = "sdpa",
+    implementation: Literal["hf", "megatron"] = "hf",
+    device: Literal["cuda", "cpu"] = "cuda",
+    lora: tuple[int, tuple[str, ...]] | None = None,
+    offload: Literal["none", "optimizer"] = "none",
 ) -> MemoryEstimate:
     """Predict the training memory per device of a model under a recipe.
 
@@ -198,12 +254,26 @@ def estimate(
         zero_stage: 0-3 (or ``"fsdp"`` = 3, ``"shard_grad_op"`` = 2).
         world_size: devices the states are sharded over.
         batch: ``(inputs, targets)`` micro-batch to trace an nn.Module's activations
-            (scaled linearly to ``batch_size``); without it a module's activations are 0.
-        loss_fn: ``loss_fn(outputs, targets)`` for the trace (default cross-entropy / MSE).
+            (scaled linearly to ``batch_size``); inputs a tensor, tuple or dict, outputs a
+            tensor, tuple, dict or ModelOutput (:mod:`mixprec.memory.calls`). Without it
+            a module's activations are not counted, and the formulas say so.
+        loss_fn: ``loss_fn(outputs, targets)`` for the trace (default: the model's own
+            loss, else cross-entropy / MSE).
         accounting: ``"mixprec"`` (what Precision allocates) or ``"zero"`` (the ZeRO
             paper's 2 + 2 + K model-state accounting).
-        attention: for transformer specs, ``"eager"`` (the score matrix is kept, as in
-            Korthikanti et al.) or ``"flash"`` (a fused kernel keeps only log-sum-exp).
+        attention: for transformer specs, ``"sdpa"`` (default: what Hugging Face and
+            torch users get, a fused kernel on CUDA), ``"flash"`` (a fused kernel keeps
+            only log-sum-exp) or ``"eager"`` (the score matrix is kept).
+        implementation: ``"hf"`` (what the Hugging Face code of the family saves,
+            :mod:`mixprec.memory.hf`) or ``"megatron"`` (Korthikanti et al.'s fused kernels).
+        device: ``"cuda"`` or ``"cpu"``: where training runs (dropout masks are 1 byte on
+            CUDA and full width on a CPU; SDPA with attention dropout falls back to the
+            math kernel on a CPU; the optimizer steps one tensor at a time on a CPU).
+        lora: ``(rank, targets)``, e.g. ``(16, ("q_proj", "v_proj"))``, for a preset or
+            config: the base model is frozen and only the adapters get gradients, masters
+            and optimizer states. An nn.Module is counted by ``requires_grad`` instead.
+        offload: ``"optimizer"`` keeps master weights, master gradients and optimizer
+            states (and the step) in host memory, reported as ``host_memory``.
 
     Returns:
         :class:`MemoryEstimate`.
@@ -223,12 +293,19 @@ def estimate(
     optimizer, impl = _optimizer_of(
         optimizer, list(model_or_spec.parameters()) if isinstance(model_or_spec, nn.Module) else []
     )
+    if offload not in ("none", "optimizer"):
+        raise ValueError(f"offload={offload!r} is not one of none, optimizer")
     if zero_stage not in _ZERO_STAGES:
         raise ValueError(
             f"zero_stage={zero_stage!r} is not one of {', '.join(map(str, _ZERO_STAGES))}"
         )
-    if attention not in ("eager", "flash"):
-        raise ValueError(f"attention={attention!r} is not one of 'eager', 'flash'")
+    for arg, value, choices in (
+        ("attention", attention, ATTENTION),
+        ("implementation", implementation, IMPLEMENTATIONS),
+        ("device", device, DEVICE_KINDS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{arg}={value!r} is not one of {', '.join(choices)}")
     if accounting not in ("mixprec", "zero"):
         raise ValueError(f"accounting={accounting!r} is not one of 'mixprec', 'zero'")
     _positive("batch_size", batch_size)
@@ -236,15 +313,37 @@ def estimate(
     _positive("world_size", world_size)
     stage = _ZERO_STAGES[zero_stage]
     name, P, spec, module = _resolve(model_or_spec)
+    if lora is not None:
+        if spec is None:
+            raise ValueError(
+                "lora= needs a preset or config.json; for an nn.Module, freeze the base "
+                "parameters (requires_grad=False) and estimate the module"
+            )
+        from mixprec.memory.counts import lora_params
+
+        rank, targets = lora
+        n_lora, n_tensors = lora_params(spec, rank, tuple(targets))
+        P = dataclasses.replace(
+            P, total=P.total + n_lora, trainable=n_lora, norm_trainable=0,
+            matmul=P.matmul + n_lora, tensors=n_tensors,
+        )  # fmt: skip
     if impl is not None:
         P = dataclasses.replace(P, impl=impl)
+    elif module is None:  # torch's default: foreach on CUDA, one tensor at a time on a CPU
+        P = dataclasses.replace(P, impl="foreach" if device == "cuda" else "single")
+    if P.total == 0:
+        raise ValueError(
+            f"{name} has no parameters: nothing to train, so no training memory to estimate"
+        )
     if module is not None and batch is not None:
         if any(p.device.type == "meta" for p in module.parameters()):
             raise ValueError("a module on the meta device cannot run a batch: pass batch=None")
+    if module is not None and batch is None and spec is None:
+        spec = _spec_of_module(module)  # a Hugging Face model: its config gives the shapes
     if optimizer == "adafactor" and P.factored is None:
         raise ValueError("optimizer='adafactor' needs parameter shapes: pass an nn.Module")
     if batch_size is None:
-        batch_size = int(batch[0].shape[0]) if batch is not None else 1
+        batch_size = batch_items(batch[0]) if batch is not None else 1
     if spec is not None and seq_len is None:
         seq_len = spec.max_position_embeddings
 
@@ -262,7 +361,9 @@ def estimate(
         seq_len,
         activation_checkpointing,
         states,
-        flash=attention == "flash",
+        attention=attention,
+        implementation=implementation,
+        device=device,
     )
     merged = {**states, **acts}
     if "batch" in merged:  # the micro-batch is alive for the whole step
@@ -270,13 +371,23 @@ def estimate(
         other, other_text = merged["other_state"]
         text = f"{nbytes:,} B ({text})"
         merged["other_state"] = (other + nbytes, f"{other_text} + {text}" if other else text)
+    merged["sharding_buffers"] = _p.sharding_buffers(
+        P, recipe, stage, world_size, fsdp=zero_stage in ("fsdp", "full_shard")
+    )
     per_param = sum(merged[k][0] for k in _STATE_PARTS) / P.total
-    sharded = _p.shard(merged, stage, world_size)
+    sharded = _p.shard(merged, stage, world_size, recipe)
+    host = 0
+    if offload == "optimizer":
+        for k in _OFFLOADED:
+            nbytes, text = sharded[k]
+            host += nbytes
+            sharded[k] = (0, f"0 on the device: {nbytes:,} B in host memory ({text})")
     return MemoryEstimate(
         model=name, recipe=str(recipe), optimizer=optimizer, num_params=P.total,
         batch_size=batch_size, seq_len=seq_len, world_size=world_size, zero_stage=stage,
         activation_checkpointing=activation_checkpointing, accounting=accounting,
-        attention=attention,
+        attention=attention, implementation=implementation, device=device,
         **{k: sharded[k][0] for k in PARTS}, bytes_per_param=per_param,
         formulas=tuple((k, sharded[k][1]) for k in PARTS),
+        num_trainable=P.n_train, offload=offload, host_memory=host,
     )  # fmt: skip

@@ -45,10 +45,15 @@ def model_states(
 
     p16 = recipe.param_dtype
     low = p16 != _F32
-    n_norm = P.norm if (low and recipe.keep_norms_fp32 and accounting == "mixprec") else 0
+    fp32_norms = low and recipe.keep_norms_fp32 and accounting == "mixprec"
+    n_norm = P.norm if fp32_norms else 0
     n_main = P.total - n_norm  # params stored in param_dtype (all of them when fp32)
     w = _terms([(n_main, _b(p16), f"params {_n(p16)}"), (n_norm, 4, "norm params fp32")])
     out: dict[str, Part] = {"weights": w}
+    # Only trainable parameters get gradients, masters, optimizer states, compensation.
+    frozen = P.total - P.n_train
+    n_norm = P.n_norm_train if fp32_norms else 0
+    n_main = P.n_train - n_norm
 
     master = recipe.master_dtype
     n_master = n_main if (master is not None and master != p16) else 0
@@ -73,7 +78,7 @@ def model_states(
     native = compensated and bf16_temp is not None
     if compensated and not native:
         state_dtype = _F32  # the generic path steps fp32 views of p + c: states follow them
-    n_states = P.factored if optimizer == "adafactor" else P.total
+    n_states = P.factored if optimizer == "adafactor" else P.n_train
     label = f"{k} state{'s' if k != 1 else ''} {_n(state_dtype)}"
     if optimizer == "adafactor":
         label = "factored 2nd moment (rows + cols) " + _n(state_dtype)
@@ -93,6 +98,8 @@ def model_states(
             (counters, 4, "optimizer step counters"),
         ]
     )
+    if frozen:
+        out["weights"] = (out["weights"][0], out["weights"][1] + f"; {frozen:,} frozen")
     # Optimizer step temporaries (mixprec accounting only).
     opt_temp, text = 0, "0"
     if mixprec and optimizer in ("adam", "adamw", "adafactor"):
@@ -100,7 +107,7 @@ def model_states(
         if P.impl == "single":
             opt_temp, text = 2 * P.largest * b, f"2 x {P.largest:,} x {b} B (single-tensor Adam)"
         elif P.impl == "foreach":
-            opt_temp, text = P.total * b, f"{P.total:,} x {b} B (foreach Adam sqrt(v))"
+            opt_temp, text = P.n_train * b, f"{P.n_train:,} x {b} B (foreach Adam sqrt(v))"
         else:
             text = "0 (fused Adam keeps no temporaries)"
     if native:
@@ -151,8 +158,31 @@ def fp8_state_per_linear(recipe: Recipe) -> int:
     return sum(b.numel() * b.element_size() for b in layer.buffers())
 
 
+def numerics_of(recipe: Recipe, device: str):
+    """:class:`~mixprec.memory.hf.Numerics` of a recipe: compute bytes, norm bytes, autocast."""
+    from mixprec.memory.hf import Numerics
+
+    compute = recipe.compute_dtype or recipe.param_dtype
+    e = _b(compute)
+    autocast = recipe.uses_autocast and recipe.param_dtype == _F32 and e != 4
+    n = 4 if (e == 4 or autocast or recipe.keep_norms_fp32) else e
+    return Numerics(e=e, n=n, autocast=autocast, device=device)
+
+
 def activation_parts(
-    recipe, P, spec, module, batch, loss_fn, batch_size, seq_len, ckpt, states, flash=False
+    recipe,
+    P,
+    spec,
+    module,
+    batch,
+    loss_fn,
+    batch_size,
+    seq_len,
+    ckpt,
+    states,
+    attention: str = "sdpa",
+    implementation: str = "hf",
+    device: str = "cuda",
 ) -> dict[str, Part]:
     """Weight copies, fp8 copies, activations and the backward transient."""
     compute = recipe.compute_dtype or recipe.param_dtype
@@ -170,15 +200,37 @@ def activation_parts(
         ]
     )
     if spec is None:
-        out["activations"] = (0, "0 (pass a transformer spec or a batch to trace)")
-        out["backward_transient"] = (0, "0")
+        what = "an nn.Module" if module is not None else "a parameter count"
+        out["activations"] = (0, f"not counted: {what} without a batch (pass batch=)")
+        out["backward_transient"] = (0, "not counted (no batch)")
         return out
-    out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt, flash)
     out["batch"] = (16 * batch_size * seq_len, "token ids and labels: 2 x s*b x 8 B")
-    out["backward_transient"] = (
-        states["gradients"][0],
-        "= gradients (all may be alive before activations are freed)",
-    )
+    if implementation == "megatron":
+        flash = attention in ("flash", "sdpa")
+        out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt, flash)
+        out["backward_transient"] = (
+            states["gradients"][0],
+            "= gradients (all may be alive before activations are freed)",
+        )
+        return out
+    from mixprec.memory.hf import hf_activations, resolve_attention
+
+    kernel = resolve_attention(attention, spec, device)
+    num = numerics_of(recipe, device)
+    acts, fwd, bwd, text = hf_activations(spec, num, kernel, batch_size, seq_len, ckpt)
+    out["activations"] = (acts, text)
+    if spec.vocab_head:
+        out["backward_transient"] = (
+            max(fwd, bwd),
+            f"max(loss forward {fwd:,} B (logits, fp32 upcast, CPU scratch), "
+            f"loss backward {bwd:,} B (2 x log-softmax bytes x sbV: its gradient and the "
+            "logits' gradient))",
+        )
+    else:
+        out["backward_transient"] = (
+            states["gradients"][0],
+            "= gradients (all may be alive before activations are freed)",
+        )
     return out
 
 
@@ -236,15 +288,19 @@ def korthikanti(
 
 
 def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
-    from mixprec.memory.measure import default_loss
     from mixprec.memory.trace import trace_step
 
-    t = trace_step(module, recipe, batch, loss_fn or default_loss)
+    t = trace_step(module, recipe, batch, loss_fn)
     own_buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     scale = batch_size / t.batch_items
     copies = t.weight_copies + t.fp8_copies
     acts = round((t.forward_end - copies) * scale)
-    bwd = max(t.forward_peak - t.forward_end, t.backward_extra - t.backward_grads)
+    # the larger of the forward's peak above its end, and backward's peak (gradients kept
+    # whole, the rest scaled with the batch)
+    bwd = max(
+        round((t.forward_peak - t.forward_end) * scale),
+        round((t.backward_extra - t.backward_grads) * scale) + t.backward_grads,
+    )
     return {
         "weight_copies": (t.weight_copies, "traced: saved copies derived from weights only"),
         "fp8_copies": (
@@ -257,7 +313,7 @@ def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
         ),
         "batch": (round(t.batch_bytes * scale), "the micro-batch tensors"),
         "backward_transient": (
-            round(bwd * scale) + t.backward_grads,
+            bwd,
             "traced: backward peak above the end of the forward",
         ),
     }
@@ -269,13 +325,58 @@ _SHARD_STAGE = {
 }  # fmt: skip
 
 
-def shard(parts: dict[str, Part], stage: int, world: int) -> dict[str, Part]:
-    """Divide each part sharded at this ZeRO stage by the world size (ceiling)."""
+def shard(
+    parts: dict[str, Part], stage: int, world: int, recipe: Recipe | None = None
+) -> dict[str, Part]:
+    """Divide each part sharded at this ZeRO stage by the world size (ceiling).
+
+    A bf16 master-weight recipe accumulates gradients into an fp32 buffer the size of the
+    model; DeepSpeed's BF16_Optimizer keeps that buffer whole under ZeRO-1 and partitions
+    it from stage 2, so ``master_gradients`` is sharded from stage 2 there.
+    """
+    stages = dict(_SHARD_STAGE)
+    if recipe is not None and recipe.master_dtype is not None and recipe.grad_dtype == _F32:
+        stages["master_gradients"] = 2
     out = {}
     for name, (nbytes, text) in parts.items():
-        if world > 1 and stage >= _SHARD_STAGE.get(name, 99) and nbytes:
+        if world > 1 and stage >= stages.get(name, 99) and nbytes:
             nbytes, text = -(-nbytes // world), f"({text}) / {world} (ZeRO-{stage})"
         out[name] = (nbytes, text)
     if "= gradients" in out.get("backward_transient", (0, ""))[1]:
         out["backward_transient"] = (out["gradients"][0], parts["backward_transient"][1])
     return out
+
+
+# DeepSpeed's default stage3_prefetch_bucket_size (elements)
+PREFETCH_BUCKET = 50_000_000
+
+
+def sharding_buffers(P, recipe: Recipe, stage: int, world: int, fsdp: bool) -> Part:
+    """Unsharded working set of ZeRO-3 / FSDP2: what is gathered while a layer runs.
+
+    DeepSpeed ZeRO-3 (its ``estimate_zero3_model_states_mem_needs`` reserves 4 B x largest
+    layer)::
+
+        largest * (p + g) + min(prefetch bucket, total) * p
+
+    FSDP2 (``fully_shard`` per block; the next block is prefetched; gradients are
+    reduce-scattered after the block's backward)::
+
+        block * (2 * p + g)
+
+    with p, g the bytes of a parameter and of its gradient (the compute dtype under
+    autocast), largest the largest parameter tensor and block one transformer block.
+    """
+    if stage < 3 or world <= 1:
+        return 0, "0 (not ZeRO-3 / FSDP)"
+    p = _b(recipe.compute_dtype or recipe.param_dtype)
+    g = _b(recipe.param_dtype)
+    if fsdp:
+        block = P.layer or P.largest
+        return block * (2 * p + g), f"{block:,} x (2 x {p} + {g}) B (FSDP2: block + prefetch)"
+    bucket = min(PREFETCH_BUCKET, P.total)
+    return (
+        P.largest * (p + g) + bucket * p,
+        f"{P.largest:,} x ({p} + {g}) B (largest layer gathered, and its gradient) + "
+        f"{bucket:,} x {p} B (prefetch bucket) [DeepSpeed ZeRO-3]",
+    )

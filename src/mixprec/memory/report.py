@@ -32,6 +32,7 @@ _LABELS = {
     "activations": "activations",
     "backward_transient": "backward transient",
     "step_transient": "optimizer-step transient",
+    "sharding_buffers": "ZeRO-3 / FSDP gathered buffers",
 }
 
 
@@ -62,12 +63,23 @@ class Verdict:
 
 
 def gb(n: int | float) -> str:
-    """Bytes as GiB with two decimals."""
-    return f"{n / 2**30:,.2f} GiB"
+    """Bytes in the binary unit that fits (B, KiB, MiB, GiB, TiB), three significant
+    figures or more: a tiny model is not "0.00 GiB".
+
+    Example:
+        >>> gb(512), gb(3 * 2**20), gb(80 * 2**30)
+        ('512 B', '3.00 MiB', '80.00 GiB')
+    """
+    n = float(n)
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdict:
-    """Does ``e`` fit in ``capacity`` bytes; if not, the cheapest change that fits.
+    """Does ``e`` fit in ``capacity`` bytes (its total plus the headroom no formula
+    counts, :attr:`MemoryEstimate.required`); if not, the cheapest change that fits.
 
     ``kwargs`` are the extra arguments ``e`` was made with (e.g. ``batch=``).
 
@@ -78,17 +90,18 @@ def verdict(model_or_spec, e: MemoryEstimate, capacity: int, **kwargs) -> Verdic
     """
     if capacity <= 0:
         raise ValueError(f"capacity={capacity} must be positive")
-    if e.total <= capacity:
+    if e.required <= capacity:
         return Verdict(True, capacity)
     base = dict(
         optimizer=e.optimizer, batch_size=e.batch_size, seq_len=e.seq_len,
         activation_checkpointing=e.activation_checkpointing, zero_stage=e.zero_stage,
-        world_size=e.world_size, accounting=e.accounting, attention=e.attention, **kwargs,
+        world_size=e.world_size, accounting=e.accounting, attention=e.attention,
+        implementation=e.implementation, device=e.device, **kwargs,
     )  # fmt: skip
     for desc, changes in _candidates(e):
         recipe = changes.pop("recipe", e.recipe)
         changed = estimate(model_or_spec, recipe, **{**base, **changes})
-        if changed.total <= capacity:
+        if changed.required <= capacity:
             return Verdict(False, capacity, desc, changed)
     return Verdict(False, capacity)
 
@@ -149,24 +162,32 @@ def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True
     table.add_section()
     extra = ["persistent + max(forward side, step side)"] if formulas else []
     table.add_row("peak per device", gb(e.total), *extra)
+    if e.headroom:
+        note = ["not counted by any formula: CUDA context 0.5 GiB + 10% fragmentation"]
+        table.add_row("headroom", gb(e.headroom), *(note if formulas else []))
+        table.add_row("required", gb(e.required), *(["peak + headroom"] if formulas else []))
     console = Console(record=True, width=160 if formulas else 80, force_terminal=False)
     with console.capture() as cap:
         console.print(table)
         console.print(
-            f"{e.num_params:,} parameters; model states {e.bytes_per_param:.2f} B/param; "
-            f"peak in the {e.peak_phase} phase"
+            f"{e.num_params:,} parameters ({e.num_trainable:,} trainable); model states "
+            f"{e.bytes_per_param:.2f} B/param; peak in the {e.peak_phase} phase"
         )
+        if e.host_memory:
+            console.print(f"host memory (offloaded optimizer): {gb(e.host_memory)}")
+        if e.activations == 0 and "not counted" in dict(e.formulas)["activations"]:
+            console.print("activations not counted: pass a batch (or a transformer config)")
         if v is not None:
             if v.fits:
-                console.print(f"fits: {gb(e.total)} of {gb(v.capacity)}")
+                console.print(f"fits: {gb(e.required)} with headroom, of {gb(v.capacity)}")
             elif v.change:
                 console.print(
-                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; cheapest fix: "
-                    f"{v.change} -> {gb(v.changed.total)}"
+                    f"does not fit: {gb(e.required)} > {gb(v.capacity)}; cheapest fix: "
+                    f"{v.change} -> {gb(v.changed.required)}"
                 )
             else:
                 console.print(
-                    f"does not fit: {gb(e.total)} > {gb(v.capacity)}; no change tried makes "
+                    f"does not fit: {gb(e.required)} > {gb(v.capacity)}; no change tried makes "
                     "it fit (more devices, or a smaller model)"
                 )
     return cap.get()

@@ -9,16 +9,20 @@ layers of the Hugging Face implementation of each family (no model is built):
 
       V*h + P*h + L*(4*h*h + 2*h*ff + 9*h + ff) + 2*h   (ff = 4h: L*(12*h*h + 13*h))
 
-* bert (``BertModel`` with the pooler, no MLM head)::
+* bert: the encoder ``(V + P + T)*h + 2*h + L*(4*h*h + 2*h*ff + 9*h + ff)`` plus its head:
+  ``BertForMaskedLM`` (``head="mlm"``, what the published checkpoints are):
+  ``h*h + h + 2*h + V`` (transform, LayerNorm, decoder bias; decoder tied);
+  ``BertForSequenceClassification`` (``"cls"``): ``h*h + h + h*n + n`` (pooler, classifier);
+  ``BertModel`` (``"base"``): the pooler ``h*h + h``.
 
-      (V + P + T)*h + 2*h + L*(4*h*h + 2*h*ff + 9*h + ff) + h*h + h
+* llama family: llama, mistral, qwen2 (q/k/v biases), gemma (tied), phi3 (fused q/k/v and
+  gate/up: the same counts), mixtral (E experts, router)::
 
-* llama / mistral (``LlamaForCausalLM``; no biases, RMSNorm, SwiGLU, grouped KV heads)::
+      V*h*(1 if tied else 2) + h
+      + L*(2*h*h + 2*h*kv*d + E*3*h*ff + 2*h [+ h + 2*kv*d biases] [+ h*E router])
 
-      V*h*(1 if tied else 2) + h + L*(2*h*h + 2*h*kv*d + 3*h*ff + 2*h)
-
-with V vocabulary, P positions, T token types, h width, ff MLP width, L layers, kv KV heads
-and d = h / heads the head width.
+with V vocabulary, P positions, T token types, h width, ff MLP width, L layers, kv KV heads,
+d = h / heads the head width and E = 1 without experts.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ __all__ = [
     "spec_from_config",
 ]
 
+from mixprec.memory.presets import PRESETS  # noqa: E402  (plain data, no cycle)
+
 Family = Literal["gpt2", "bert", "llama"]
 _FAMILIES = ("gpt2", "bert", "llama")
+_BERT_HEADS = ("mlm", "cls", "base")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +77,8 @@ class ModelSpec:
 
     Args:
         name: label (preset name or config path).
-        family: ``"gpt2"``, ``"bert"`` or ``"llama"`` (mistral is llama-shaped).
+        family: ``"gpt2"``, ``"bert"`` or ``"llama"`` (mistral, qwen2, gemma, phi3 and
+            mixtral are llama-shaped).
         vocab_size: V, token ids.
         hidden_size: h, width of the residual stream.
         num_layers: L, transformer blocks.
@@ -80,7 +88,17 @@ class ModelSpec:
         num_kv_heads: key/value heads (grouped-query attention); defaults to ``num_heads``.
         tie_word_embeddings: the LM head shares the token embedding (llama family).
         type_vocab_size: token-type embeddings (bert).
-        dropout: the model has dropout layers (their 1-byte masks are activations).
+        dropout: the model has dropout layers on the residual stream (their masks are
+            activations).
+        attention_dropout: dropout on the attention probabilities (decides the kernel
+            SDPA can use on a CPU, and the eager path's saved mask).
+        head: bert only: ``"mlm"`` (masked-LM head), ``"cls"`` (sequence classification)
+            or ``"base"`` (encoder and pooler).
+        num_labels: classes of the ``"cls"`` head.
+        qkv_bias: llama family: q/k/v projections have biases (qwen2).
+        num_experts: mixture-of-experts MLPs per layer (0: a dense MLP).
+        experts_per_token: experts each token is routed to (top-k).
+        model_type: the Hugging Face ``model_type`` it was read as.
 
     Example:
         >>> get_spec("gpt2").num_params
@@ -99,10 +117,24 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     type_vocab_size: int = 0
     dropout: bool = False
+    attention_dropout: bool = False
+    head: str = "mlm"
+    num_labels: int = 2
+    qkv_bias: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    model_type: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in _FAMILIES:
             raise ValueError(f"family={self.family!r} is not one of {', '.join(_FAMILIES)}")
+        if self.head not in _BERT_HEADS:
+            raise ValueError(f"head={self.head!r} is not one of {', '.join(_BERT_HEADS)}")
+        if self.num_experts < 0 or not 0 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} must be between 0 and "
+                f"num_experts={self.num_experts} in {self.name!r}"
+            )
         for field in (
             "vocab_size",
             "hidden_size",
@@ -142,6 +174,16 @@ class ModelSpec:
         return self.family in ("gpt2", "llama")
 
     @property
+    def vocab_head(self) -> bool:
+        """The model ends in a vocabulary projection (logits over V): LM and MLM heads."""
+        return self.has_lm_head or (self.family == "bert" and self.head == "mlm")
+
+    @property
+    def experts(self) -> int:
+        """MLPs per layer (1 for a dense model)."""
+        return max(self.num_experts, 1)
+
+    @property
     def num_params(self) -> int:
         """Total parameters, in closed form (see the module docstring)."""
         return self.param_counts().total
@@ -165,18 +207,30 @@ class ModelSpec:
             lin_b = 4 * h + ff + h
             norm = L * 4 * h + 2 * h
             embed = (V + P + self.type_vocab_size) * h
-            pooler = h * h + h
-            total = embed + L * (lin_w + lin_b) + norm + pooler
-            return ParamCounts(
-                total, norm, L * (lin_w + lin_b) + pooler, L * lin_w + h * h, 6 * L + 1
-            )
-        # llama: q, o h->h; k, v h->kv*d; gate, up h->ff; down ff->h; no biases; 2 RMSNorms.
+            n = self.num_labels
+            # head: (Linear weights, Linear biases, norm params, other params, Linear layers)
+            head_w, head_b, head_norm, extra, layers = {
+                "mlm": (h * h + V * h, h + V, 2 * h, -V * h, 2),  # decoder tied: no new params
+                "cls": (h * h + h * n, h + n, 0, 0, 2),
+                "base": (h * h, h, 0, 0, 1),
+            }[self.head]
+            norm += head_norm
+            total = embed + L * (lin_w + lin_b) + norm + head_w + head_b + extra
+            matmul = L * (lin_w + lin_b) + head_w + head_b
+            return ParamCounts(total, norm, matmul, L * lin_w + head_w, 6 * L + layers)
+        # llama: q, o h->h; k, v h->kv*d; gate, up h->ff; down ff->h (per expert); 2 RMSNorms.
         kv_dim = self.kv_heads * self.head_dim
-        lin_w = 2 * h * h + 2 * h * kv_dim + 3 * h * ff
+        E = self.experts
+        router = h * self.num_experts
+        lin_w = 2 * h * h + 2 * h * kv_dim + E * 3 * h * ff + router
+        lin_b = h + 2 * kv_dim if self.qkv_bias else 0
         norm = L * 2 * h + h
         head = V * h
-        total = V * h + L * lin_w + norm + (0 if self.tie_word_embeddings else head)
-        return ParamCounts(total, norm, L * lin_w + head, L * lin_w + head, 7 * L + 1)
+        total = V * h + L * (lin_w + lin_b) + norm + (0 if self.tie_word_embeddings else head)
+        layers = 7 * E + (1 if self.num_experts else 0)
+        return ParamCounts(
+            total, norm, L * (lin_w + lin_b) + head, L * lin_w + head, layers * L + 1
+        )
 
 
 # -- config.json parsing --------------------------------------------------------------------
@@ -191,6 +245,7 @@ _KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "max_position_embeddings": ("n_positions", _REQUIRED),
         "intermediate_size": ("n_inner", None),  # None: 4 * n_embd
         "dropout": ("resid_pdrop", 0.1),
+        "attention_dropout": ("attn_pdrop", 0.1),
     },
     "bert": {
         "vocab_size": ("vocab_size", _REQUIRED),
@@ -201,6 +256,7 @@ _KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "max_position_embeddings": ("max_position_embeddings", _REQUIRED),
         "type_vocab_size": ("type_vocab_size", 2),
         "dropout": ("hidden_dropout_prob", 0.1),
+        "attention_dropout": ("attention_probs_dropout_prob", 0.1),
     },
     "llama": {
         "vocab_size": ("vocab_size", _REQUIRED),
@@ -211,11 +267,20 @@ _KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "max_position_embeddings": ("max_position_embeddings", _REQUIRED),
         "num_kv_heads": ("num_key_value_heads", None),
         "tie_word_embeddings": ("tie_word_embeddings", False),
-        "dropout": ("attention_dropout", 0.0),
+        "attention_dropout": ("attention_dropout", 0.0),
+        "num_experts": ("num_local_experts", 0),
+        "experts_per_token": ("num_experts_per_tok", 0),
     },
 }
 # Hugging Face model_type -> family.
-_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama"}
+_MODEL_TYPES = {
+    "gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+    "gemma": "llama", "phi3": "llama", "mixtral": "llama",
+}  # fmt: skip
+# model_type -> tie_word_embeddings when the config does not say (transformers' defaults)
+_TIED_DEFAULT = {"gemma": True, "qwen2": False}
+_BERT_ARCHS = {"BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
+               "BertForSequenceClassification": "cls", "BertModel": "base"}  # fmt: skip
 
 
 def spec_from_config(config: dict[str, Any], source: str = "config") -> ModelSpec:
@@ -241,8 +306,13 @@ def spec_from_config(config: dict[str, Any], source: str = "config") -> ModelSpe
             f"{source}: model_type={model_type!r} is not supported; "
             f"choose one of {', '.join(_MODEL_TYPES)}"
         )
-    fields: dict[str, Any] = {}
-    for field, (key, default) in _KEYS[family].items():
+    fields: dict[str, Any] = {"model_type": str(model_type)}
+    keys = dict(_KEYS[family])
+    if model_type in _TIED_DEFAULT:
+        keys["tie_word_embeddings"] = ("tie_word_embeddings", _TIED_DEFAULT[model_type])
+    if model_type != "mixtral":
+        keys.pop("num_experts", None), keys.pop("experts_per_token", None)
+    for field, (key, default) in keys.items():
         if key in config and config[key] is not None:
             fields[field] = config[key]
         elif default is _REQUIRED:
@@ -256,7 +326,15 @@ def spec_from_config(config: dict[str, Any], source: str = "config") -> ModelSpe
         fields["hidden_size"] // fields["num_heads"],
     ):
         raise ValueError(f"{source}: head_dim different from hidden_size / heads is not supported")
-    fields["dropout"] = bool(fields["dropout"])
+    fields["dropout"] = bool(fields.get("dropout"))
+    fields["attention_dropout"] = bool(fields["attention_dropout"])
+    if family == "bert":
+        archs = config.get("architectures") or ["BertForMaskedLM"]
+        fields["head"] = _BERT_ARCHS.get(archs[0], "base")
+        labels = config.get("id2label")
+        fields["num_labels"] = int(config.get("num_labels") or (len(labels) if labels else 2))
+    if model_type == "qwen2":
+        fields["qkv_bias"] = True
     return ModelSpec(name=source, family=family, **fields)
 
 
@@ -279,70 +357,6 @@ def load_config(path: str | Path) -> ModelSpec:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return spec_from_config(config, str(path))
-
-
-# -- presets: the fields of the published config.json files ----------------------------------
-def _gpt2(n_embd: int, n_layer: int, n_head: int) -> dict[str, Any]:
-    return {
-        "model_type": "gpt2",
-        "vocab_size": 50257,
-        "n_positions": 1024,
-        "n_embd": n_embd,
-        "n_layer": n_layer,
-        "n_head": n_head,
-    }
-
-
-def _bert(hidden: int, layers: int, heads: int) -> dict[str, Any]:
-    return {
-        "model_type": "bert",
-        "vocab_size": 30522,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": 4 * hidden,
-        "max_position_embeddings": 512,
-        "type_vocab_size": 2,
-    }
-
-
-def _llama(
-    vocab: int,
-    hidden: int,
-    inter: int,
-    layers: int,
-    heads: int,
-    kv: int,
-    positions: int,
-    model_type: str = "llama",
-) -> dict[str, Any]:
-    return {
-        "model_type": model_type,
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "max_position_embeddings": positions,
-        "tie_word_embeddings": False,
-    }
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2": _gpt2(768, 12, 12),
-    "gpt2-medium": _gpt2(1024, 24, 16),
-    "gpt2-large": _gpt2(1280, 36, 20),
-    "gpt2-xl": _gpt2(1600, 48, 25),
-    "bert-base-uncased": _bert(768, 12, 12),
-    "bert-large-uncased": _bert(1024, 24, 16),
-    "llama-2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096),
-    "llama-2-13b": _llama(32000, 5120, 13824, 40, 40, 40, 4096),
-    "llama-2-70b": _llama(32000, 8192, 28672, 80, 64, 8, 4096),
-    "mistral-7b": _llama(32000, 4096, 14336, 32, 32, 8, 32768, "mistral"),
-    "llama-3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192),
-    "llama-3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 8192),
-}
 
 
 def preset_names() -> list[str]:

@@ -18,6 +18,7 @@ buffers and factory-made constants are static), tracked op by op in the dispatch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixprec.memory.calls import batch_items, call_model, loss_of
 from mixprec.memory.tracker import StorageTracker, _plain_tensors, storages_of
 from mixprec.recipes import Recipe
 
@@ -84,6 +86,28 @@ class _StaticTracker(StorageTracker):
         return out
 
 
+_MARK = "mixprec.memory.trace.backward"
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _backward_peak(prof) -> int:
+    """Peak live bytes inside the backward mark above its start, by address (see
+    :class:`~mixprec.memory.measure.AllocationReplay`; the forward's allocations are known)."""
+    from mixprec.memory.measure import AllocationReplay, allocation_events
+
+    mark = next(e for e in prof.profiler.kineto_results.events() if e.name() == _MARK)
+    events = allocation_events(prof)
+    replay = AllocationReplay(0)
+    replay.apply(events, hi=mark.start_ns())
+    replay.live = 0
+    return replay.apply(events, lo=mark.start_ns(), hi=mark.end_ns())
+
+
 def _leaves(obj):
     from torch.utils._pytree import tree_flatten
 
@@ -93,8 +117,8 @@ def _leaves(obj):
 def trace_step(
     model: nn.Module,
     recipe: Recipe,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple,
+    loss_fn: Callable | None,
 ) -> TraceResult:
     """Trace one forward and backward pass of a copy of ``model`` set up for ``recipe``.
 
@@ -121,7 +145,7 @@ def trace_step(
     tracker.track([params, list(work.buffers()), batch, stepped, [p.grad for p in stepped]])
     ensure = getattr(precision.scaler, "_ensure_state", None)
     if ensure is not None:  # create the loss scaler's state now: it is not per-batch memory
-        ensure(inputs.device)
+        ensure(params[0].device if params else torch.device("cpu"))
     saved: dict[int, tuple[int, bool, bool]] = {}  # storage id -> (bytes, static, fp8)
 
     def pack(t: torch.Tensor):
@@ -136,30 +160,48 @@ def trace_step(
             tracker._keep.append(st)
         return t
 
-    with tracker:
-        start = tracker.live
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with precision.autocast():
-                loss = loss_fn(work(inputs), targets)
-        forward_end = tracker.live - start
-        forward_peak = tracker.peak - start
-        tracker.tracing = False
-        tracker._keep.clear()  # the graph holds the saved tensors from here on
-        tracker.reset_peak()
-        at_peak: list[int] = [0]
+    cpu = not params or params[0].device.type != "cuda"
+    prof = _profiler() if cpu else contextlib.nullcontext()
+    with prof:
+        with tracker:
+            start = tracker.live
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with precision.autocast():
+                    loss = loss_of(call_model(work, inputs), targets, loss_fn)
+            forward_end = tracker.live - start
+            forward_peak = tracker.peak - start
+            tracker.tracing = False
+            tracker._keep.clear()  # the graph holds the saved tensors from here on
+            tracker.reset_peak()
+            at_peak: list[int] = [0]
 
-        def on_peak(t):
-            at_peak[0] = sum(s.nbytes() for s in storages_of([p.grad for p in params]))
+            def on_peak(t):
+                at_peak[0] = sum(s.nbytes() for s in storages_of([p.grad for p in params]))
 
-        tracker.peak_callbacks.append(on_peak)
-        mid = tracker.live
-        precision.backward(loss)
-        backward_extra = tracker.peak - mid
+            tracker.peak_callbacks.append(on_peak)
+            mid = tracker.live
+            if cpu:
+                tracker.__exit__(None, None, None)  # backward outside the dispatch mode
+                tracker.__enter__()
+        if cpu:
+            # Under a dispatch mode autograd accumulates gradients out of place, and the
+            # CPU's GEMM workspaces are not tensors: backward is read from the allocator's
+            # events (the forward ran under the same profiler, so its frees are seen).
+            with torch.profiler.record_function(_MARK):
+                precision.backward(loss)
+        else:
+            with tracker:
+                precision.backward(loss)
+    backward_extra = tracker.peak - mid
+    if cpu:
+        backward_extra = _backward_peak(prof)
+        grads = [p.grad for p in params if p.grad is not None]
+        at_peak[0] = min(sum(s.nbytes() for s in storages_of(grads)), backward_extra)
     activations = sum(n for n, static, _ in saved.values() if not static)
     weight_copies = sum(n for n, static, fp8 in saved.values() if static and not fp8)
     fp8_copies = sum(n for n, static, fp8 in saved.values() if static and fp8)
     return TraceResult(
-        batch_items=int(inputs.shape[0]) if inputs.dim() else 1,
+        batch_items=batch_items(inputs),
         batch_bytes=sum(s.nbytes() for s in storages_of(batch)),
         activations=activations,
         weight_copies=weight_copies,
