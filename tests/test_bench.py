@@ -176,7 +176,9 @@ def test_keyboard_interrupt_keeps_finished_recipes(tmp_path):
 
     config = BenchConfig("mlp", "tiny", recipes=("fp32", "bf16-mixed", "bf16-true"), **FAST)
     result = run_bench(config, on_event=interrupt)
-    assert [r.recipe for r in result.recipes] == ["fp32"]
+    # rounds interleave the recipes: those that had finished every step are kept
+    assert "bf16-mixed" not in [r.recipe for r in result.recipes]
+    assert all(r.status == "ok" and r.steps_run == 3 for r in result.recipes)
     assert result.interrupted == "bf16-mixed"
     files = write_report(result, tmp_path)
     assert json.loads(files["results"].read_text())["interrupted"] == "bf16-mixed"
@@ -356,7 +358,7 @@ def test_budget_truncates_slow_recipes_but_never_fp32():
     fp32, bf16 = result.recipes
     assert fp32.status == "ok" and fp32.steps_run == 3 and fp32.budget_s is None
     assert bf16.status == "truncated" and bf16.steps_run == 1
-    assert bf16.budget_s == pytest.approx(1e-9 * fp32.train_seconds)
+    assert 0 < bf16.budget_s < 1e-6  # 1e-9 x fp32's projected time
     assert result.same_quality(bf16) is None and result.items_per_s(bf16) > 0
     assert "stopped after 1 of 3 steps" in recommend(result).reasons[1]
 
