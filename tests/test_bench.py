@@ -19,6 +19,7 @@ from torch import nn
 from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
 from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdlib_corpus
 from mixprec.bench.models import GPT
+from mixprec.bench.numerics_notes import numerics_section
 from mixprec.bench.recommend import recommend, speed_phrase
 from mixprec.bench.report import to_json, write_report
 from mixprec.bench.runner import BenchConfig, BenchResult, RecipeResult, run_bench
@@ -573,3 +574,28 @@ def test_a_cpu_burner_during_part_of_the_run_does_not_move_intervals_or_the_verd
         assert iv.low / 1.15 <= by_construction <= iv.high * 1.15, (name, iv)
         assert iv.overlaps(quiet.speedup_interval(quiet.get(name))), name
     assert recommend(quiet).recipe == recommend(burned).recipe == "bf16-mixed"
+
+
+def _with_numerics(fp8_status="ok", fp8_metric=0.9, gradients="fp8_e5m2"):
+    res = _result(_fake("fp32", 1.0, 0.9), _fake("fp8-mixed", 1.0, fp8_metric, status=fp8_status))
+    verdict = {
+        "path": "0",
+        "fits": {"fp16": True, "bf16": True, "fp8_e4m3fn": True, "fp8_e5m2": False},
+        "needs": {"activations": "fp8_e4m3fn", "gradients": gradients},
+        "scaling": {},
+        "recommendation": None,
+    }
+    res.numerics = {"steps": 2, "formats": ["fp8_e5m2"], "loss_scale": 1.0, "verdicts": [verdict]}
+    return res
+
+
+def test_fp8_verdict_is_checked_against_the_fp8_run():
+    from mixprec.bench.numerics_notes import fp8_check
+
+    assert fp8_check(_with_numerics())["agree"] is True
+    check = fp8_check(_with_numerics(gradients="bf16"))  # verdict: no; run: same quality
+    assert check["agree"] is False and "disagree" in check["text"]
+    check = fp8_check(_with_numerics(fp8_status="diverged", fp8_metric=float("nan")))
+    assert check["agree"] is False and "fp8-mixed diverged" in check["text"]
+    assert fp8_check(_with_numerics(fp8_metric=0.5, gradients="bf16"))["agree"] is True
+    assert "disagree" in "\n".join(numerics_section(_with_numerics(gradients="bf16")))

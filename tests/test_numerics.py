@@ -452,7 +452,7 @@ def test_verdicts_judge_formats_as_they_are_used():
     assert plain["2"].scaling["fp8_e5m2"]["gradients"] == "per-tensor scaling (amax -> 57344)"
 
 
-def test_report_files(tmp_path):
+def test_report_files(tmp_path, capsys):
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
     with Monitor(model, formats=["fp16", "fp8_e4m3fn"]) as monitor:
         _train(model, monitor, 3, torch.randn(6, 4))
@@ -471,6 +471,8 @@ def test_report_files(tmp_path):
         assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "numerics over steps" in files["table"].read_text()
     assert to_dict(monitor)["verdicts"]
+    printed = capsys.readouterr().out  # not a terminal, as in a log: not squeezed to 80
+    assert max(len(line) for line in printed.splitlines()) > 100
 
 
 def test_bad_input():
