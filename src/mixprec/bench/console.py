@@ -92,6 +92,9 @@ def print_summary(result: BenchResult, verdict: Recommendation, console=None) ->
         )
     if result.interrupted:
         console.print(f"[yellow]interrupted while running {result.interrupted}[/yellow]")
+    noise = result.noise()
+    if noise["noisy"]:
+        console.print(f"[yellow]noisy run: {'; '.join(noise['why'])}[/yellow]")
     console.print(f"[bold green]Recommended: {verdict.recipe}[/bold green] — {verdict.summary}")
     for line in verdict.reasons:
         console.print(f"  • {line}")
