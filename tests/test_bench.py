@@ -571,7 +571,7 @@ def test_a_cpu_burner_during_part_of_the_run_does_not_move_intervals_or_the_verd
     machine: other processes may run; that is what the intervals are for.)"""
     quiet, _ = _fake_bench(None)
     burned, burner_cpu_s = _fake_bench(range(4, 9))  # rounds 4..8 of 12 share the core with it
-    assert burner_cpu_s > 0.05  # the burner did take CPU time from this core during the run
+    assert burner_cpu_s > 0.02  # the burner did take CPU time from this core during the run
     for name, by_construction in (("bf16-mixed", 2.0), ("fp16-mixed", 1.0)):
         iv = burned.speedup_interval(burned.get(name))
         assert iv.low / 1.15 <= by_construction <= iv.high * 1.15, (name, iv)
