@@ -235,18 +235,24 @@ class _RecipeRun:
             return
         self.done = True
         r = self.result
-        if r.status != "failed":
-            self._resume()
-            r.tensor_core_share = tensor_core_share(self.kernel_times)
-            if get_recipe(self.name).loss_scaling != "none":
-                r.loss_scale = float(self.precision.scaler.get_scale())
-            if r.status == "ok" and self.config.evaluate:
-                with self.precision.autocast():
-                    r.metrics = self.task.evaluate(self.model)
-                value = r.metrics.get(self.task.metric)
-                if value is None or not math.isfinite(value):
-                    r.status, r.diverged_at = "diverged", r.steps_run
-        self.model = self.precision = self.opt = self.saved = None
+        try:
+            if r.status != "failed":
+                self._resume()
+                r.tensor_core_share = tensor_core_share(self.kernel_times)
+                if get_recipe(self.name).loss_scaling != "none":
+                    r.loss_scale = float(self.precision.scaler.get_scale())
+                if r.status == "ok" and self.config.evaluate:
+                    with self.precision.autocast():
+                        r.metrics = self.task.evaluate(self.model)
+                    value = r.metrics.get(self.task.metric)
+                    if value is None or not math.isfinite(value):
+                        r.status, r.diverged_at = "diverged", r.steps_run
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # evaluation failed: reported, the bench goes on
+            r.status, r.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            self.model = self.precision = self.opt = self.saved = None
         self.emit("recipe_end", {"recipe": self.name, "result": r})
 
 
