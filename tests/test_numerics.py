@@ -504,3 +504,16 @@ def test_diagnose_command_writes_reports(tmp_path, capsys):
     assert (out / "gradient_histogram.png").exists() and (out / "underflow_heatmap.png").exists()
     assert main(["diagnose", "--task", "mlp", "--recipe", "nope", "--out", str(out)]) == 2
     assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_needs_names_the_most_precise_format_that_fits():
+    """fp16 losing 0.4% (under the 1% threshold) still fits: fp16 is named, not bf16."""
+    model = nn.Sequential(Scale(1.0), nn.Tanh())
+    monitor = Monitor(model, formats=["fp16", "bf16"], track=["activations"])
+    x = torch.ones(256)
+    x[0] = 1e-9  # flushes in fp16, kept in bf16: 1 of 256 values
+    model(x)
+    monitor.step()
+    v = {v.path: v for v in monitor.verdicts()}
+    assert v["0"].lost["fp16"]["activations"] == pytest.approx(1 / 256)
+    assert v["0"].needs == {"activations": "fp16"} and v["0"].recommendation is None

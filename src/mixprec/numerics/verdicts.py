@@ -33,10 +33,10 @@ output gradient is the loss gradient.
 
 Rule, per module, for activations (``output``) and gradients (``grad_output`` and
 ``grad_input``) separately: a format *fits* a group when its lost fraction is at most
-``loss_threshold``; ``needs[group]`` is the least lossy format of the narrowest width that
-fits (``fp32`` when none does). A recommendation is written when a format of that width or
-narrower does not fit a group (fp16 gradients where bf16 is needed, fp8 activations where
-16 bits are needed), naming the tensor kind, the format it needs, and what the other
+``loss_threshold``; ``needs[group]`` is, of the narrowest width with a format that fits,
+the most precise format that fits (fp16 before bf16; ``fp32`` when none fits). A
+recommendation is written when a format of that width or narrower does not fit a group
+(fp16 gradients where bf16 is needed, fp8 activations where 16 bits are needed), naming the tensor kind, the format it needs, and what the other
 format loses under its scaling.
 """
 
@@ -238,7 +238,9 @@ def _verdict(monitor, path, groups, threshold, loss_scale, linear) -> LayerVerdi
     for g in groups:
         widths = sorted({f.bits for f in candidates[g]})
         ok = next((w for w in widths if lost[best(g, w).name][g] <= threshold), None)
-        needs[g] = best(g, ok).name if ok is not None else "fp32"
+        fitting = [f for f in candidates[g] if f.bits == ok and lost[f.name][g] <= threshold]
+        # of the formats of that width that fit, the most precise (fp16 before bf16)
+        needs[g] = max(fitting, key=lambda f: f.mantissa_bits).name if fitting else "fp32"
     width = {f.name: f.bits for f in monitor.formats}
     failing = {}  # group -> the format that explains why it needs what it needs
     for g in groups:
