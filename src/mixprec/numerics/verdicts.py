@@ -36,8 +36,8 @@ Rule, per module, for activations (``output``) and gradients (``grad_output`` an
 ``loss_threshold``; ``needs[group]`` is, of the narrowest width with a format that fits,
 the most precise format that fits (fp16 before bf16; ``fp32`` when none fits). A
 recommendation is written when a format of that width or narrower does not fit a group
-(fp16 gradients where bf16 is needed, fp8 activations where 16 bits are needed), naming the tensor kind, the format it needs, and what the other
-format loses under its scaling.
+(fp16 gradients where bf16 is needed, fp8 activations where 16 bits are needed), naming
+the tensor kind, the format it needs, and what the other format loses under its scaling.
 """
 
 from __future__ import annotations
