@@ -290,16 +290,39 @@ def test_inplace_activation_gradients():
     assert monitor.stats("1", "output").zeros == int((pre <= 0).sum())
 
 
-def test_no_grad_evaluation_and_every():
+def test_no_grad_evaluation_is_skipped_and_every():
+    """Evaluation forwards (no gradients) are not merged into the training step."""
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
     with Monitor(model, formats=["fp16"], every=2) as monitor:
         for _ in range(5):
+            model(torch.randn(2, 3)).sum().backward()  # the training forward: 2 x 3 outputs
             with torch.no_grad():
-                model(torch.randn(2, 3))
+                for _ in range(10):
+                    model(torch.randn(2, 3))  # evaluation: 10 forwards, skipped
             monitor.step()
     assert monitor.steps == [0, 2, 4]
-    assert monitor.stats("1", "output", step=2).numel == 6
-    assert ("1", "grad_output") not in monitor.keys()
+    assert monitor.stats("1", "output", step=2).numel == 6  # not 66
+    assert monitor.skipped_forwards == 30  # 10 per measured step
+
+
+def test_monitor_without_with_records():
+    """Monitor(model) alone watches (no silent empty result); detach() stops it."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    monitor = Monitor(model, formats=["fp16"])
+    model(torch.randn(2, 3)).sum().backward()
+    monitor.step()
+    assert monitor.stats("0", "output").numel == 6
+    monitor.detach()
+    assert _hook_count(model) == 0
+
+
+def test_stats_before_anything_measured_says_why():
+    model = nn.Sequential(nn.Linear(3, 3))
+    monitor = Monitor(model, formats=["fp16"])
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+    with pytest.raises(KeyError, match="nothing was measured: the monitor records forward"):
+        monitor.stats("0")
 
 
 def _hook_count(model) -> int:
@@ -356,24 +379,80 @@ def test_updates_are_the_parameter_differences():
         assert s.max_abs == float(d.max()) and s.min_nonzero_abs == float(d[d > 0].min())
 
 
-def test_loss_scale_recorded_and_verdict_recommends():
+def _stats_of(x: torch.Tensor, names):
+    layout = StatsLayout(tuple(get_format(n) for n in names))
+    return layout.summarize(layout.compute(x).numpy(), x.dtype)
+
+
+def _log_uniform(n: int, low: int, high: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * (high - low) + low).float()
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_per_tensor_scaled_loss_matches_torchs_cast(name):
+    """lost after amax -> max scaling, read from the histogram, vs torch's own fp8 cast."""
+    from mixprec.numerics.verdicts import Scaling, lost_counts
+
+    fmt = get_format(name)
+    x = _log_uniform(20000, -45, 0) * 3e-3  # gradients far below fp8's plain range
+    stats = _stats_of(x, [name])
+    over, flush = lost_counts(stats, fmt, Scaling("per-tensor"))
+    scale = fmt.max / float(x.abs().max())
+    dtype = getattr(torch, name.replace("fp8_", "float8_"))
+    oracle = ((x.double() * scale).float().to(dtype).float() == 0).double().mean().item()
+    assert over == 0
+    assert abs(flush / x.numel() - oracle) < 0.01  # binade-interpolated, within 1 point
+    assert stats.flush_fraction(name) > flush / x.numel() + 0.1  # a plain cast loses more
+
+
+def test_loss_scaled_fp16_gradients_match_torchs_cast():
+    from mixprec.numerics.verdicts import Scaling, lost_counts
+
+    fmt = get_format("fp16")
+    g = _log_uniform(20000, -40, -10, seed=3)
+    stats = _stats_of(g, ["fp16"])
+    scale = 2.0**16
+    over, flush = lost_counts(stats, fmt, Scaling("loss", scale))
+    oracle = ((g * scale).half() == 0).double().mean().item()
+    assert over == 0 and abs(flush / g.numel() - oracle) < 0.01
+    assert stats.flush_fraction("fp16") > oracle + 0.2  # unscaled, many more would flush
+
+
+def _tiny_gradient_model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    x = torch.randn(16, 8)
-    with Monitor(model, formats=["fp8_e5m2", "bf16"]) as monitor:
-        loss = model(x).square().mean() * 1e-6  # gradients around 1e-7: e5m2 flushes them
-        loss.backward()
-        monitor.step(scale=torch.tensor(1.0))
-    assert monitor.scales == {0: 1.0}
-    v = {v.path: v for v in verdicts(monitor, 0.01)}
-    assert v["1"].fits == {"fp8_e5m2": False, "bf16": True}
-    lost = monitor.stats("1", "grad_output").flush_fraction("fp8_e5m2")
-    assert lost > 0.01
-    assert v["1"].recommendation.startswith(f"keep 1 in bf16: {100 * lost:.1f}% of its output")
-    assert "underflow in fp8_e5m2" in v["1"].recommendation
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(64, 8)
+    monitor = Monitor(model, formats=["fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"])
+    (model(x).square().mean() * 1e-9).backward()  # gradients ~1e-10: below fp16 and fp8
+    monitor.step()
+    return monitor
 
 
-def test_report_files(tmp_path):
+def test_verdicts_judge_formats_as_they_are_used():
+    monitor = _tiny_gradient_model()
+    plain = {v.path: v for v in verdicts(monitor, 0.01)}
+    scaled = {v.path: v for v in monitor.verdicts(loss_scale=2.0**30)}
+    assert "" not in plain  # the model itself is not a layer to keep in a format
+    # fp8 applies to Linear layers only, each fp8 format to the tensor kind it is used for
+    assert plain["1"].fits["fp8_e5m2"] is None and plain["1"].fits["fp8_e4m3fn"] is None
+    assert set(plain["2"].lost["fp8_e4m3fn"]) == {"activations"}
+    assert set(plain["2"].lost["fp8_e5m2"]) == {"gradients"}
+    # per-tensor scaling: the tiny gradients fit e5m2, though a plain cast flushes them
+    assert plain["2"].fits["fp8_e5m2"] is True
+    assert monitor.stats("2", "grad_output").flush_fraction("fp8_e5m2") > 0.5
+    assert plain["2"].needs == {"activations": "fp8_e4m3fn", "gradients": "fp8_e5m2"}
+    # fp16 gradients: lost without a loss scale, kept under the run's loss scale
+    assert plain["1"].fits["fp16"] is False and plain["1"].needs["gradients"] == "bf16"
+    assert plain["1"].recommendation.startswith("keep the gradients of 1 in bf16: ")
+    assert "in fp16 (plain cast)" in plain["1"].recommendation
+    assert "its activations fit fp16 (plain cast)" in plain["1"].recommendation
+    assert scaled["1"].fits["fp16"] is True and scaled["1"].recommendation is None
+    assert scaled["1"].scaling["fp16"]["gradients"] == "loss scale 1.07374e+09"
+    assert plain["2"].scaling["fp8_e5m2"]["gradients"] == "per-tensor scaling (amax -> 57344)"
+
+
+def test_report_files(tmp_path, capsys):
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
     with Monitor(model, formats=["fp16", "fp8_e4m3fn"]) as monitor:
         _train(model, monitor, 3, torch.randn(6, 4))
@@ -392,6 +471,8 @@ def test_report_files(tmp_path):
         assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "numerics over steps" in files["table"].read_text()
     assert to_dict(monitor)["verdicts"]
+    printed = capsys.readouterr().out  # not a terminal, as in a log: not squeezed to 80
+    assert max(len(line) for line in printed.splitlines()) > 100
 
 
 def test_bad_input():
@@ -423,3 +504,16 @@ def test_diagnose_command_writes_reports(tmp_path, capsys):
     assert (out / "gradient_histogram.png").exists() and (out / "underflow_heatmap.png").exists()
     assert main(["diagnose", "--task", "mlp", "--recipe", "nope", "--out", str(out)]) == 2
     assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_needs_names_the_most_precise_format_that_fits():
+    """fp16 losing 0.4% (under the 1% threshold) still fits: fp16 is named, not bf16."""
+    model = nn.Sequential(Scale(1.0), nn.Tanh())
+    monitor = Monitor(model, formats=["fp16", "bf16"], track=["activations"])
+    x = torch.ones(256)
+    x[0] = 1e-9  # flushes in fp16, kept in bf16: 1 of 256 values
+    model(x)
+    monitor.step()
+    v = {v.path: v for v in monitor.verdicts()}
+    assert v["0"].lost["fp16"]["activations"] == pytest.approx(1 / 256)
+    assert v["0"].needs == {"activations": "fp16"} and v["0"].recommendation is None

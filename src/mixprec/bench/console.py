@@ -95,6 +95,9 @@ def print_summary(result: BenchResult, verdict: Recommendation, console=None) ->
         )
     if result.interrupted:
         console.print(Text(f"interrupted while running {result.interrupted}", style="yellow"))
+    noise = result.noise()
+    if noise["noisy"]:
+        console.print(Text(f"noisy run: {'; '.join(noise['why'])}", style="yellow"))
     ref = result.reference
     if ref is not None and ref.status == "ok":  # else nothing is recommended
         console.print(

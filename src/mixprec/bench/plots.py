@@ -46,22 +46,36 @@ def _loss_curves(result: BenchResult, path: Path) -> Path:
 
 
 def _throughput(result: BenchResult, path: Path) -> Path:
+    """Speed-up over fp32 per recipe (median of per-round ratios) with its interval as error
+    bars; the label gives items/s (median step)."""
     plt, fig, ax = _figure()
     names = [r.recipe for r in result.recipes]
-    values = [result.items_per_s(r) or 0.0 for r in result.recipes]
-    bars = ax.bar(names, values, color="tab:blue")
+    values, low, high = [], [], []
+    for r in result.recipes:
+        s = result.speedup(r) or 0.0
+        iv = result.speedup_interval(r)
+        values.append(s)
+        low.append(s - iv.low if iv else 0.0)
+        high.append(iv.high - s if iv else 0.0)
+    bars = ax.bar(names, values, color="tab:blue", yerr=[low, high], capsize=4)
     for bar, r in zip(bars, result.recipes):
-        s = result.speedup(r)
-        if s:
+        ips = result.items_per_s(r)
+        if ips:
             ax.annotate(
-                f"{s:.2f}x",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                f"{ips:,.0f}",
+                (bar.get_x() + bar.get_width() / 2, 0),
                 ha="center",
                 va="bottom",
-                fontsize=8,
+                fontsize=7,
+                color="white",
             )
-    ax.set_ylabel(f"{result.task.item_unit}/s (median step)")
-    ax.set_title("throughput (label: speed-up over fp32)")
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_ylabel("speed-up over fp32")
+    ax.set_title(
+        f"speed-up over fp32 ({result.config.confidence:.0%} interval over rounds; "
+        f"label: {result.task.item_unit}/s)",
+        fontsize=9,
+    )
     ax.tick_params(axis="x", rotation=30)
     return _save(plt, fig, path)
 

@@ -99,13 +99,34 @@ def profile_kernels(kernel_times: dict[str, float]) -> Iterator[None]:
             kernel_times.clear()
 
 
-def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
+DEFAULT_LOSS_SCALE = 2.0**16  # the dynamic loss scaler's initial scale (torch's default)
+
+
+def watch_numerics(
+    model: nn.Module,
+    task,
+    batches: list,
+    device: torch.device,
+    loss_scales: dict[str, float] | None = None,
+):
     """fp32 training steps of ``model`` on ``batches`` under :class:`mixprec.numerics.Monitor`.
 
-    Returns ``(monitor, summary)`` (summary: formats and, per module, which formats its
-    activations and gradients fit in), or ``(None, None)`` when the numerics monitor is not
-    available or cannot watch this model.
+    The verdicts judge each format as it is used (:mod:`mixprec.numerics.verdicts`): fp8
+    after per-tensor scaling, on Linear layers; fp16 gradients after the loss scale of the
+    bench's fp16 run (``loss_scales["fp16-mixed"]``, else the first fp16 recipe's, else
+    the dynamic scaler's initial ``DEFAULT_LOSS_SCALE``).
+
+    Returns ``(monitor, summary)`` (summary: formats, the loss scale assumed and, per
+    module, which formats its activations and gradients fit in), or ``(None, None)`` when
+    the numerics monitor is not available or cannot watch this model.
     """
+    scales = loss_scales or {}
+    fp16 = [n for n in ("fp16-mixed", *sorted(scales)) if n in scales and "fp16" in n]
+    loss_scale, scale_from = (
+        (scales[fp16[0]], f"final loss scale of the {fp16[0]} run")
+        if fp16
+        else (DEFAULT_LOSS_SCALE, "the dynamic loss scaler's initial scale (no fp16 run)")
+    )
     try:
         from mixprec.numerics import Monitor
     except ImportError:
@@ -126,7 +147,9 @@ def watch_numerics(model: nn.Module, task, batches: list, device: torch.device):
             "source": "mixprec.numerics.Monitor (fp32 steps)",
             "steps": len(batches),
             "formats": list(NUMERICS_FORMATS),
-            "verdicts": [v.to_dict() for v in monitor.verdicts()],
+            "loss_scale": loss_scale,
+            "loss_scale_from": scale_from,
+            "verdicts": [v.to_dict() for v in monitor.verdicts(loss_scale=loss_scale)],
         }
     except Exception:  # best effort: the report goes on without the histogram
         return None, None

@@ -4,11 +4,20 @@ Rule (applied to the measured :class:`~mixprec.bench.runner.BenchResult`):
 
 1. A recipe qualifies when it finished every step without diverging and its final metric
    is within the task's tolerance of fp32's (:meth:`Task.within_tolerance`).
-2. Among those, the fastest by items/s wins if it is at least ``FASTER`` (5%) faster than
-   fp32; otherwise the one with the lowest measured peak memory wins if that is at least
-   ``SMALLER`` (20%) below fp32's without being more than 5% slower; otherwise fp32.
+2. It is *faster beyond the noise* when its speed-up over fp32 is at least ``FASTER``
+   (5%) and its confidence interval (bootstrap over the timing rounds,
+   :mod:`mixprec.bench.rounds`) excludes fp32's 1.0. Among those, the fastest is
+   recommended for speed when its interval excludes every other one's; when intervals
+   overlap, the speed difference between them is within this machine's noise and the
+   choice among them is made, and said to be made, on memory (the lowest measured peak, when
+   at least ``MEMORY_MARGIN`` (5%) below the others') or else on simplicity
+   (``SIMPLICITY``: fewer moving parts first).
+3. Otherwise the one with the lowest measured peak memory wins if that is at least
+   ``SMALLER`` (20%) below fp32's and it is not slower beyond the noise (interval reaching
+   ``1 / FASTER``); otherwise fp32. A recipe that looked faster but whose interval holds
+   1.0 is named in the summary as within the noise.
 
-Each reason states the measured speed-up (items/s over fp32's), the metric beside fp32's
+Each reason states the measured speed-up with its interval, the metric beside fp32's
 and the tolerance, the peak-memory ratio when both were measured, and skipped steps.
 """
 
@@ -21,10 +30,31 @@ import torch
 
 from mixprec.recipes import get_recipe
 
-__all__ = ["FASTER", "SMALLER", "Recommendation", "recommend", "speed_phrase"]
+__all__ = [
+    "FASTER",
+    "MEMORY_MARGIN",
+    "SIMPLICITY",
+    "SMALLER",
+    "Recommendation",
+    "pick_within_noise",
+    "recommend",
+    "speed_phrase",
+]
 
 FASTER = 1.05
 SMALLER = 0.80
+MEMORY_MARGIN = 0.95
+# Fewer moving parts first: no loss scaler, no master copy, no fp8 scaling.
+SIMPLICITY = (
+    "fp32",
+    "tf32",
+    "bf16-mixed",
+    "bf16-true",
+    "fp16-mixed",
+    "bf16-master",
+    "fp16-master",
+    "fp8-mixed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +131,8 @@ def reason(result, r) -> str:
     elif speedup is None:
         text = f"{name}: speed not measured"
     else:
-        text = f"{name}: {speed_phrase(speedup)}{_hardware_note(result, r)}"
+        text = f"{name}: {speed_phrase(speedup)}{_interval_text(result, r)}"
+        text += _hardware_note(result, r)
     if r.status == "truncated":
         text += (
             f"; stopped after {r.steps_run} of {result.steps} steps (time budget "
@@ -113,6 +144,48 @@ def reason(result, r) -> str:
     if r.skipped_steps:
         text += f", {r.skipped_steps} skipped step(s) (non-finite gradients)"
     return text
+
+
+def _interval_text(result, r) -> str:
+    iv = result.speedup_interval(r)
+    if iv is None:
+        return ""
+    if iv.rounds < 2:
+        return " (1 timing round: no interval)"
+    return f" ({iv.level:.0%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} rounds)"
+
+
+def _beyond_noise(result, r) -> bool:
+    """Faster than fp32 by ``FASTER`` with an interval that excludes 1.0."""
+    speedup = result.speedup(r) or 0
+    iv = result.speedup_interval(r)
+    return speedup >= FASTER and (iv is None or iv.low > 1.0)
+
+
+def _rank(name: str) -> int:
+    return SIMPLICITY.index(name) if name in SIMPLICITY else len(SIMPLICITY)
+
+
+def pick_within_noise(candidates: list[tuple[str, int | None]]) -> tuple[str, str]:
+    """Among recipes whose speeds differ only within the noise: ``(name, why)``.
+
+    ``candidates``: ``(recipe, measured peak bytes or None)``. The lowest peak wins when it
+    is at least ``MEMORY_MARGIN`` below every other measured one; else the simplest
+    (``SIMPLICITY`` order).
+
+    Example:
+        >>> pick_within_noise([("fp8-mixed", 900), ("bf16-mixed", 1000)])
+        ('fp8-mixed', 'lowest peak memory (0.90x the next)')
+        >>> pick_within_noise([("fp8-mixed", 990), ("bf16-mixed", 1000)])
+        ('bf16-mixed', 'simplest (fewer moving parts; memory within 5%)')
+    """
+    peaks = sorted((p, n) for n, p in candidates if p)
+    if len(peaks) == len(candidates) and len(peaks) > 1:
+        (low, name), (nxt, _) = peaks[0], peaks[1]
+        if low <= MEMORY_MARGIN * nxt:
+            return name, f"lowest peak memory ({low / nxt:.2f}x the next)"
+    name = min((n for n, _ in candidates), key=_rank)
+    return name, f"simplest (fewer moving parts; memory within {1 - MEMORY_MARGIN:.0%})"
 
 
 def recommend(result) -> Recommendation:
@@ -131,30 +204,69 @@ def recommend(result) -> Recommendation:
     good = [
         r for r in result.recipes if r is not ref and r.status == "ok" and result.same_quality(r)
     ]
-    fast = [r for r in good if (result.speedup(r) or 0) >= FASTER]
+    fast = [r for r in good if _beyond_noise(result, r)]
+    unclear = [r for r in good if r not in fast and (result.speedup(r) or 0) >= FASTER]
     unit = result.task.item_unit
     if fast:
         best = max(fast, key=lambda r: result.speedup(r))
+        iv = result.speedup_interval(best)
+        tied = [
+            r
+            for r in fast
+            if r is not best
+            and iv is not None
+            and (other := result.speedup_interval(r)) is not None
+            and other.overlaps(iv)
+        ]
+        if not tied:
+            summary = (
+                f"{best.recipe}: {result.speedup(best):.2f}x the {unit}/s of fp32"
+                f"{_interval_text(result, best)} with the same {result.task.metric}"
+                f"{_memory(result, best)}"
+            )
+            return Recommendation(best.recipe, summary, reasons)
+        group = [best, *tied]
+        name, why = pick_within_noise([(r.recipe, r.peak_memory_bytes) for r in group])
+        pick = result.get(name)
+        names = ", ".join(f"{r.recipe} {result.speedup(r):.2f}x" for r in group)
         summary = (
-            f"{best.recipe}: {result.speedup(best):.2f}x the {unit}/s of fp32 "
-            f"with the same {result.task.metric}{_memory(result, best)}"
+            f"{name}: faster than fp32 beyond this machine's noise"
+            f"{_interval_text(result, pick)}; {names} differ only within the noise "
+            f"(their intervals overlap), so chosen for being the {why}"
         )
-        return Recommendation(best.recipe, summary, reasons)
+        return Recommendation(name, summary, reasons)
+    noise = ""
+    if unclear:
+        noise = "; " + ", ".join(
+            f"{r.recipe} ({result.speedup(r):.2f}x{_interval_text(result, r)})" for r in unclear
+        )
+        noise += " looked faster, but within the noise of this machine (interval holds 1.0x)"
     lean = [
         r
         for r in good
         if r.peak_memory_bytes
         and ref.peak_memory_bytes
         and r.peak_memory_bytes <= SMALLER * ref.peak_memory_bytes
-        and (result.speedup(r) or 0) >= 1 / FASTER
+        and not _slower_beyond_noise(result, r)
     ]
     if lean:
         best = min(lean, key=lambda r: r.peak_memory_bytes)
         ratio = best.peak_memory_bytes / ref.peak_memory_bytes
-        summary = f"{best.recipe}: {ratio:.2f}x fp32's peak memory at the same speed and quality"
+        summary = (
+            f"{best.recipe}: {ratio:.2f}x fp32's peak memory at the same quality, and not "
+            f"slower beyond the noise (chosen on memory){noise}"
+        )
         return Recommendation(best.recipe, summary, reasons)
     return Recommendation(
         "fp32",
-        f"fp32: no recipe was both faster (>= {FASTER:g}x) and within the tolerance here",
+        f"fp32: no recipe was both faster beyond the noise (>= {FASTER:g}x, interval above "
+        f"1.0x) and within the tolerance here{noise}",
         reasons,
     )
+
+
+def _slower_beyond_noise(result, r) -> bool:
+    iv = result.speedup_interval(r)
+    if iv is not None:
+        return iv.high < 1 / FASTER
+    return (result.speedup(r) or 0) < 1 / FASTER

@@ -11,6 +11,9 @@
                "parameters", "flops_per_step"},
       "config": {"steps", "warmup", "max_grad_norm", "recipe_budget_s", "budget_vs_fp32",
                  "budget_floor_s", "memory_steps", "numerics_steps"},
+      "timing": {"design", "rounds" (steps per round), "orders" (recipes per round, in the
+                 order they ran), "offloaded" (other recipes' states in host memory),
+                 "confidence", "noise": {"load_factors", "drift", "spread", "noisy", "why"}},
       "interrupted": null | name of the recipe running at Ctrl-C (not in "recipes"),
       "seconds": wall-clock seconds of the whole bench,
       "recipes": [{
@@ -18,7 +21,9 @@
           "steps_run", "diverged_at" (1-based step | null), "error" (str | null),
           "train_seconds", "budget_s" (the recipe's training-time cap | null),
           "step_time_s": {"median", "q1", "q3", "iqr", "n"} | null,
-          "items_per_s", "speedup_vs_fp32",
+          "items_per_s", "speedup_vs_fp32" (median of the per-round speed-ups),
+          "speedup_interval": {"point", "low", "high", "rounds", "level"} | null,
+          "round_times_s": {round: mean step time in that round},
           "peak_memory_bytes", "memory_source", "estimated_memory_bytes",
           "metrics": {name: value}, "metric", "metric_gap_vs_fp32", "same_quality",
           "skipped_steps", "loss_scale", "losses": [one per step],
@@ -26,7 +31,10 @@
       "shape_check": {"8": [{"module", "kind", "dim", "value", "padded", "multiple"}],
                       "16": [...] (Linear layers, when an fp8 recipe ran)},
       "recommendation": {"recipe", "summary", "reasons": [str]},
-      "numerics": null | {...} (from mixprec.numerics when it is available)
+      "numerics": null | {"steps", "formats", "loss_scale", "loss_scale_from",
+                          "verdicts": [{"path", "fits", "lost", "needs", "scaling",
+                                        "recommendation"}],
+                          "fp8_check": {"agree": bool | null, "text"}}
     }
 
 Every figure is defined in :mod:`mixprec.bench.runner` and :mod:`mixprec.bench.analysis`.
@@ -40,18 +48,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mixprec.bench.numerics_notes import numerics_json, numerics_section
 from mixprec.bench.recommend import Recommendation, recommend
 from mixprec.bench.results import BenchResult, RecipeResult
 
 __all__ = ["SCHEMA", "table_rows", "to_json", "write_report"]
 
 SCHEMA = "mixprec.bench/1"
+TIMING_DESIGN = (
+    "interleaved rounds: each recipe trains its own steps from the same initial weights on "
+    "the same batches, a few steps per round, in a fresh random order each round; each "
+    "recipe's state is kept between rounds (on a GPU in host memory, so the device holds "
+    "one model at a time)"
+)
 HEADERS = (
     "recipe",
     "status",
     "step time (median ± IQR)",
     "{unit}/s",
-    "speed-up",
+    "speed-up (CI)",
     "peak memory (measured / estimated)",
     "{metric}",
     "gap to fp32",
@@ -84,6 +99,8 @@ def _recipe_json(result: BenchResult, r: RecipeResult) -> dict[str, Any]:
         "step_time_s": r.step_time_stats(),
         "items_per_s": result.items_per_s(r),
         "speedup_vs_fp32": result.speedup(r),
+        "speedup_interval": iv.to_dict() if (iv := result.speedup_interval(r)) else None,
+        "round_times_s": {str(k): v for k, v in sorted(r.round_times.items())},
         "peak_memory_bytes": r.peak_memory_bytes,
         "memory_source": r.memory_source,
         "estimated_memory_bytes": r.estimated_memory_bytes,
@@ -138,12 +155,20 @@ def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[
             "memory_steps": cfg.memory_steps,
             "numerics_steps": cfg.numerics_steps,
         },
+        "timing": {
+            "design": TIMING_DESIGN,
+            "rounds": cfg.round_plan(result.steps),
+            "orders": result.round_orders,
+            "offloaded": result.offloaded,
+            "confidence": cfg.confidence,
+            "noise": result.noise(),
+        },
         "interrupted": result.interrupted,
         "seconds": result.seconds,
         "recipes": [_recipe_json(result, r) for r in result.recipes],
         "shape_check": {str(m): [i.to_dict() for i in v] for m, v in result.shape_issues.items()},
         "recommendation": verdict.to_dict(),
-        "numerics": result.numerics,
+        "numerics": numerics_json(result),
     }
     return _finite(doc)
 
@@ -190,7 +215,7 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in result.recipes:
         stats = r.step_time_stats()
-        ips, speedup = result.items_per_s(r), result.speedup(r)
+        ips = result.items_per_s(r)
         metric, gap = result.metric(r), result.metric_gap(r)
         same = result.same_quality(r)
         mark = "" if same is None or r is result.reference else (" ✓" if same else " ✗")
@@ -200,7 +225,7 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
                 _status(result, r),
                 f"{_seconds(stats['median'])} ± {_seconds(stats['iqr'])}" if stats else "–",
                 f"{ips:,.0f}" if ips else "–",
-                f"{speedup:.2f}x" if speedup else "–",
+                _speedup_cell(result, r),
                 _memory_cell(r),
                 f"{metric:.4f}" if metric is not None else "–",
                 (f"{gap:+.4f}" if gap is not None else "–") + mark,
@@ -208,6 +233,16 @@ def table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return headers, rows
+
+
+def _speedup_cell(result: BenchResult, r: RecipeResult) -> str:
+    speedup = result.speedup(r)
+    if not speedup:
+        return "–"
+    iv = result.speedup_interval(r)
+    if iv is None or r is result.reference or iv.rounds < 2:
+        return f"{speedup:.2f}x"
+    return f"{speedup:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -233,7 +268,23 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
             "the recipes that finished before it.",
             "",
         ]
+    noise = result.noise()
+    if noise["noisy"]:
+        out += [
+            f"> **Noisy run**: {'; '.join(noise['why'])}. Speed-ups are medians of "
+            "per-round ratios, which a load shared by all recipes cancels; read the "
+            "intervals.",
+            "",
+        ]
     out += ["## Results", "", _markdown_table(*table_rows(result)), ""]
+    plan = cfg.round_plan(result.steps)
+    out += [
+        f"Timing: {TIMING_DESIGN}. {len(plan)} rounds of {plan} steps (round 0 untimed "
+        f"when warmup > 0); speed-up = median over rounds of fp32's mean step time / the "
+        f"recipe's in the same round, [{cfg.confidence:.0%} interval] by bootstrap over "
+        f"rounds; load drift across rounds {noise['drift']:.2f}x.",
+        "",
+    ]
     flops = result.flops_per_step
     extra = [
         (r.recipe, result.achieved_flops(r), result.mfu(r), r.tensor_core_share)
@@ -257,24 +308,7 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
         out += ["## Plots", ""]
         out += [f"![{title}]({path})" for title, path in plots.items()]
         out.append("")
-    if result.numerics:
-        num = result.numerics
-        notes = [v for v in num.get("verdicts", []) if v.get("recommendation")]
-        out += [
-            "## Numerics",
-            "",
-            f"{num['steps']} fp32 steps watched by the numerics monitor against "
-            f"{', '.join(num['formats'])} (plain casts, before any loss or per-tensor "
-            "scaling): "
-            + (
-                f"{len(notes)} module(s) lose values in some format."
-                if notes
-                else "every module's activations and gradients fit every format."
-            ),
-            "",
-            *[f"- `{v['path'] or '(model)'}`: {v['recommendation']}" for v in notes[:10]],
-            "",
-        ]
+    out += numerics_section(result)
     out += ["## Shape check (tensor-core friendly dimensions)", ""]
     for multiple, issues in result.shape_issues.items():
         scope = "Linear and convolution" if multiple == 8 else "Linear (fp8 GEMMs)"
@@ -303,7 +337,8 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
         "",
         "Formulas: step time = wall clock per step (median, IQR = q3 - q1); "
         f"{task.item_unit}/s = {task.item_unit} per batch / median step time; speed-up = "
-        f"{task.item_unit}/s / fp32's; gap = {task.metric} - fp32's; achieved FLOP/s = FLOPs "
+        "median over timed rounds of fp32's mean step time / the recipe's in that round "
+        "[bootstrap interval]; gap = {task.metric} - fp32's; achieved FLOP/s = FLOPs "
         "per step (counted by torch's FlopCounterMode) / median step time; MFU = achieved / "
         "peak FLOP/s of the GPU in the compute dtype.",
         "",

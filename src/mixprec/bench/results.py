@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mixprec.bench.analysis import ShapeIssue, peak_flops
+from mixprec.bench.rounds import Interval, noise_report, paired_ratios, speedup_interval
 from mixprec.bench.tasks import SIZES, Task
 from mixprec.formats.names import unknown
 from mixprec.recipes import get_recipe, recipe_names
@@ -48,7 +49,13 @@ class BenchConfig:
         memory_steps: extra steps run by :func:`mixprec.memory.measure` for the peak
             memory (0: not measured).
         numerics_steps: fp32 steps watched by :class:`mixprec.numerics.Monitor` for the
-            report's gradient histogram (0: none).
+            report's gradient histogram and format verdicts (0: none).
+        round_steps: training steps of each recipe per timing round (after the first round,
+            which runs the ``warmup`` steps); see :mod:`mixprec.bench.rounds`.
+        offload: keep only the recipe being run on the device and the others' states
+            (model, optimizer, precision, RNG) in host memory between rounds; None: on
+            any device but the CPU (on a CPU host memory is the device's memory).
+        confidence: level of the speed-up intervals (bootstrap over rounds).
     """
 
     task: str = "gpt"
@@ -65,6 +72,9 @@ class BenchConfig:
     evaluate: bool = True
     memory_steps: int = 2
     numerics_steps: int = 2
+    round_steps: int = 2
+    offload: bool | None = None
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -85,6 +95,24 @@ class BenchConfig:
             raise ValueError(f"recipe_budget_s={self.recipe_budget_s} must be positive")
         if self.budget_vs_fp32 is not None and not self.budget_vs_fp32 > 0:
             raise ValueError(f"budget_vs_fp32={self.budget_vs_fp32} must be positive")
+        if not isinstance(self.round_steps, int) or self.round_steps < 1:
+            raise ValueError(f"round_steps={self.round_steps!r} must be an integer >= 1")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
+
+    def round_plan(self, steps: int) -> list[int]:
+        """Steps per round: the ``warmup`` steps first (untimed), then ``round_steps`` each.
+
+        Example:
+            >>> BenchConfig(warmup=2, round_steps=4).round_plan(12)
+            [2, 4, 4, 2]
+        """
+        plan = [min(self.warmup, steps)] if self.warmup else []
+        left = steps - sum(plan)
+        while left > 0:
+            plan.append(min(self.round_steps, left))
+            left -= plan[-1]
+        return plan
 
     def recipe_list(self) -> list[str]:
         """Recipe names in run order: fp32 first, duplicates dropped."""
@@ -103,6 +131,8 @@ class RecipeResult:
     error: str | None = None
     step_times: list[float] = field(default_factory=list)
     timed_from: int = 0
+    round_times: dict[int, float] = field(default_factory=dict)  # round -> mean step time
+    warmup_times: list[float] = field(default_factory=list)  # untimed round's step times
     losses: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
@@ -116,7 +146,8 @@ class RecipeResult:
 
     @property
     def timed(self) -> list[float]:
-        return self.step_times[self.timed_from :] or self.step_times
+        """Step times of the timed rounds; the warmup's where none was timed (truncated)."""
+        return self.step_times[self.timed_from :] or self.step_times or self.warmup_times
 
     def step_time_stats(self) -> dict[str, float] | None:
         """median, q1, q3 and iqr of the timed steps, in seconds."""
@@ -147,6 +178,8 @@ class BenchResult:
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
     numerics: dict[str, Any] | None = None
+    round_orders: list[list[str]] = field(default_factory=list)
+    offloaded: bool = False
     monitor: Any = None  # the numerics Monitor behind ``numerics`` (plots), not serialised
 
     def get(self, name: str) -> RecipeResult | None:
@@ -161,11 +194,40 @@ class BenchResult:
         stats = r.step_time_stats()
         return self.task.items_per_batch / stats["median"] if stats else None
 
+    def speedup_interval(self, r: RecipeResult) -> Interval | None:
+        """Median over rounds of fp32's step time / ``r``'s in the same round, with its
+        bootstrap interval (:func:`mixprec.bench.rounds.speedup_interval`); None when no
+        round timed both."""
+        ref = self.reference
+        if ref is None:
+            return None
+        ratios = paired_ratios(ref.round_times, r.round_times)
+        return speedup_interval(ratios, level=self.config.confidence, seed=self.config.seed)
+
     def speedup(self, r: RecipeResult) -> float | None:
-        """items/s of ``r`` / items/s of fp32."""
+        """The median per-round speed-up over fp32 (:meth:`speedup_interval`); where no
+        round timed both, items/s of ``r`` / items/s of fp32."""
+        interval = self.speedup_interval(r)
+        if interval is not None:
+            return interval.point
         ref = self.reference
         mine, base = self.items_per_s(r), (self.items_per_s(ref) if ref else None)
         return mine / base if mine and base else None
+
+    def noise(self) -> dict[str, Any]:
+        """Drift across rounds and spread of the speed-ups (:func:`~.rounds.noise_report`)."""
+        ref = self.reference
+        times = {r.recipe: r.round_times for r in self.recipes if r.round_times}
+        ratios = {
+            r.recipe: paired_ratios(ref.round_times, r.round_times)
+            for r in self.recipes
+            if ref is not None and r is not ref
+        }
+        return noise_report(times, ratios)
+
+    def loss_scales(self) -> dict[str, float]:
+        """The final loss scale of every recipe that used loss scaling, by recipe name."""
+        return {r.recipe: r.loss_scale for r in self.recipes if r.loss_scale is not None}
 
     def metric(self, r: RecipeResult) -> float | None:
         value = r.metrics.get(self.task.metric)

@@ -32,8 +32,9 @@ def seeds_recipes(size: str) -> tuple[str, ...]:
 
 
 def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
-    """One row per (model, recipe): step time, samples/s, speed-up, metric, gap, memory."""
-    from mixprec.bench.report import _bytes, _seconds
+    """One row per (model, recipe): step time, samples/s, speed-up [interval], metric, gap,
+    memory."""
+    from mixprec.bench.report import _bytes, _seconds, _speedup_cell
 
     headers = [
         "model",
@@ -41,7 +42,7 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
         "status",
         "step time",
         "samples/s",
-        "speed-up",
+        "speed-up [CI]",
         "metric",
         "gap to fp32",
         "peak memory",
@@ -49,7 +50,7 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for res in results:
         for r in res.recipes:
-            stats, ips, s = r.step_time_stats(), res.items_per_s(r), res.speedup(r)
+            stats, ips = r.step_time_stats(), res.items_per_s(r)
             metric, gap = res.metric(r), res.metric_gap(r)
             same = res.same_quality(r)
             mark = "" if same is None or r is res.reference else (" ✓" if same else " ✗")
@@ -60,7 +61,7 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
                     r.status if r.status != "diverged" else f"diverged at {r.diverged_at}",
                     _seconds(stats["median"]) if stats else "–",
                     f"{ips:,.0f}" if ips else "–",
-                    f"{s:.2f}x" if s else "–",
+                    _speedup_cell(res, r),
                     f"{res.task.metric} {metric:.4f}" if metric is not None else "–",
                     (f"{gap:+.4f}" if gap is not None else "–") + mark,
                     _bytes(r.peak_memory_bytes),

@@ -90,6 +90,11 @@ class Monitor(MonitorResults):
     Call :meth:`step` once per training step, after the optimizer step (it measures weights
     and updates and advances the step count). With a loss scaler pass ``scale=``.
 
+    The monitor watches from construction (``Monitor(model)`` alone records); ``with`` or
+    :meth:`detach` removes its hooks at the end. Forward passes run without gradients
+    (evaluation under ``torch.no_grad()`` or ``torch.inference_mode()``) are not training
+    steps: they are skipped, not merged into the step, and counted in ``skipped_forwards``.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -166,6 +171,8 @@ class Monitor(MonitorResults):
         self._first: dict[int, FirstNonFinite] = {}  # steps in the window
         self._first_ever: FirstNonFinite | None = None
         self._last_readout_step = 0
+        self.skipped_forwards = 0  # forwards run without gradients (evaluation): not recorded
+        self.attach()  # Monitor(model) without `with` must not silently record nothing
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -313,6 +320,9 @@ class Monitor(MonitorResults):
 
         def post_hook(module, args, output):
             if not self.sampling:
+                return None
+            if not torch.is_grad_enabled():  # evaluation: not part of the training step
+                self.skipped_forwards += is_root
                 return None
             key = (path, "output")
             for t in _tensors(output):

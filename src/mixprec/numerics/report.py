@@ -1,18 +1,8 @@
-"""Rendering a :class:`~mixprec.numerics.Monitor`: verdicts, a rich table, JSON (plots: .plots).
+"""Rendering a :class:`~mixprec.numerics.Monitor`: a rich table and JSON (plots: .plots).
 
-Verdict rule (per module, per format ``F``, over every measured step merged):
-
-* ``lost(F) = (overflow_F + flush_F) / numel`` for the module's activations (``output``)
-  and, separately, its gradients (``grad_output`` and ``grad_input`` merged);
-* the module *fits* ``F`` when both are at most ``loss_threshold`` (default 1%).
-
-Formats are grouped by width (bits). A width *works* for a module when, for activations
-and for gradients separately, its least lossy format of that width fits (so fp8 works
-with e4m3 activations and e5m2 gradients). When the narrowest monitored width does not
-work, the module gets a recommendation: keep it in the narrowest width that works (the
-format names that fit), citing the loss of the narrowest width's best format, e.g.
-``"keep head in bf16: 9.0% of its output gradients underflow in fp8_e5m2"``; ``fp32``
-when no width works.
+The per-module format verdicts (judged under the scaling each format really gets: per-tensor
+for fp8, the loss scale for fp16 gradients) are computed in :mod:`.verdicts` and re-exported
+here.
 """
 
 from __future__ import annotations
@@ -20,12 +10,12 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixprec.numerics.stats import HIST_LOW, TensorStats
+from mixprec.numerics.verdicts import LayerVerdict, verdicts
 
 __all__ = [
     "LayerVerdict",
@@ -35,101 +25,6 @@ __all__ = [
     "write_json",
     "write_report",
 ]
-
-_WORDS = {"output": "outputs", "grad_output": "output gradients", "grad_input": "input gradients"}
-
-
-@dataclass(frozen=True, slots=True)
-class LayerVerdict:
-    """Which monitored formats one module's activations and gradients fit in.
-
-    Attributes:
-        path: module path.
-        fits: ``{format: True/False}`` under the threshold.
-        lost: ``{format: {"activations": fraction, "gradients": fraction}}``.
-        recommendation: a sentence, or ``None`` when the module fits every format.
-    """
-
-    path: str
-    fits: dict[str, bool]
-    lost: dict[str, dict[str, float]] = field(repr=False)
-    recommendation: str | None
-
-    def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "fits": self.fits,
-            "lost": self.lost,
-            "recommendation": self.recommendation,
-        }
-
-
-def _merged(monitor, path: str, kinds: tuple[str, ...]) -> TensorStats | None:
-    """``kinds`` of ``path`` merged over every measured step of the run."""
-    out = None
-    for kind in kinds:
-        s = monitor.totals.get((path, kind))
-        if s is not None:
-            out = s if out is None else out.merge(s)
-    return out
-
-
-def _loss_reason(stats: TensorStats, fmt: str, what: str) -> tuple[float, str]:
-    over, flush = stats.overflow_fraction(fmt), stats.flush_fraction(fmt)
-    verb = "overflow" if over >= flush else "underflow"
-    return over + flush, f"{100 * (over + flush):.1f}% of its {what} {verb} in {fmt}"
-
-
-def verdicts(monitor, loss_threshold: float = 0.01) -> list[LayerVerdict]:
-    """Per-module verdicts (see the module docstring for the rule).
-
-    Example:
-        >>> v = monitor.verdicts()  # doctest: +SKIP
-        >>> v[0].recommendation     # doctest: +SKIP
-        "keep head in bf16: 9.0% of its output gradients underflow in fp8_e5m2"
-    """
-    monitor.readout()
-    out = []
-    for path in monitor.module_paths:
-        groups = {
-            "activations": _merged(monitor, path, ("output",)),
-            "gradients": _merged(monitor, path, ("grad_output", "grad_input")),
-        }
-        groups = {g: s for g, s in groups.items() if s is not None}
-        if groups:
-            out.append(_verdict(monitor, path, groups, loss_threshold))
-    return out
-
-
-def _verdict(monitor, path: str, groups: dict, threshold: float) -> LayerVerdict:
-    bits = {f.name: f.bits for f in monitor.formats}
-    widths = sorted(set(bits.values()))
-    lost = {f: {g: s.lost_fraction(f) for g, s in groups.items()} for f in bits}
-    fits = {f: all(v <= threshold for v in lost[f].values()) for f in bits}
-
-    def best(group: str, width: int) -> str:  # least lossy format of a width for a group
-        return min((f for f in bits if bits[f] == width), key=lambda f: lost[f][group])
-
-    def width_ok(width: int) -> bool:
-        return all(lost[best(g, width)][g] <= threshold for g in groups)
-
-    rec = None
-    if not width_ok(widths[0]):
-        # The narrowest width fails even with its best format per group: say why.
-        group = max(groups, key=lambda g: lost[best(g, widths[0])][g])
-        fmt = best(group, widths[0])
-        kinds = ("output",) if group == "activations" else ("grad_output", "grad_input")
-        reasons = [
-            _loss_reason(s, fmt, _WORDS[k])
-            for k in kinds
-            if (s := _merged(monitor, path, (k,))) is not None
-        ]
-        keep_width = next((w for w in widths if width_ok(w)), None)
-        keep = "fp32"
-        if keep_width is not None:
-            keep = " / ".join(sorted({best(g, keep_width) for g in groups}))
-        rec = f"keep {path or 'the model'} in {keep}: {max(reasons)[1]}"
-    return LayerVerdict(path, fits, lost, rec)
 
 
 # -- JSON ----------------------------------------------------------------------------------
@@ -237,11 +132,10 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
     ``inf/nan`` (fraction) and per format ``overflow / subnormal / flush`` fractions (``%`` of
     the tensor's values).
     """
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console()
+    console = console or _log_console()
     table = Table(title=f"numerics over steps {monitor.steps} (every {monitor.every})")
     for col in ("module", "tensor", "max|x|", "min|x|>0", "zeros", "inf/nan"):
         left = col in ("module", "tensor")
@@ -279,13 +173,26 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
     recs = [v.recommendation for v in monitor.verdicts() if v.recommendation]
     console.print(
         f"verdicts (a format fits when at most {100 * monitor.loss_threshold:g}% of a "
-        "module's activations or gradients overflow or flush to zero):"
+        "module's activations or gradients overflow or flush to zero; fp8 judged after "
+        "per-tensor scaling, on Linear layers):"
     )
     for rec in recs or ["every module fits every monitored format"]:
         console.print(Text(f"  - {rec}"))
 
 
 # -- plots ---------------------------------------------------------------------------------
+TABLE_WIDTH = 200  # columns of the table when printed into a log (not a terminal)
+
+
+def _log_console():
+    """A terminal's own width, or ``TABLE_WIDTH`` columns when output goes to a log or pipe
+    (rich would squeeze the table to 80 columns there)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=TABLE_WIDTH)
+
+
 def write_report(monitor, out: str | Path, *, console=None) -> dict[str, Path]:
     """Table (printed and saved as ``table.txt``), ``numerics.json`` and the two PNGs."""
     from rich.console import Console
@@ -297,7 +204,7 @@ def write_report(monitor, out: str | Path, *, console=None) -> dict[str, Path]:
     print_table(monitor, console=recorder)
     (out / "table.txt").write_text(recorder.export_text())
     files["table"] = out / "table.txt"
-    print_table(monitor, console=console or Console())
+    print_table(monitor, console=console or _log_console())
     from mixprec.numerics.plots import plot_gradient_histogram, plot_underflow_heatmap
 
     files["histogram"] = plot_gradient_histogram(monitor, out / "gradient_histogram.png")

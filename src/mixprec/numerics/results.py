@@ -157,7 +157,16 @@ class MonitorResults:
                 )
             found = self.results.get(step, {}).get((path, kind))
         if found is None:
-            raise KeyError(f"no {kind} statistics for {path!r} (measured steps: {self.steps})")
+            hint = ""
+            if not self.results:
+                hint = (
+                    "; nothing was measured: the monitor records forward and backward passes "
+                    "run with gradients enabled while it is attached (from construction until "
+                    "detach() or the end of `with`), one step per monitor.step()"
+                )
+            raise KeyError(
+                f"no {kind} statistics for {path!r} (measured steps: {self.steps}){hint}"
+            )
         return found
 
     def keys(self) -> list[tuple[str, str]]:
@@ -168,11 +177,13 @@ class MonitorResults:
         return sorted(seen, key=lambda k: (order.get(k[0], math.inf), KINDS.index(k[1])))
 
     # -- reports (rendering lives in .report) -------------------------------------------
-    def verdicts(self, loss_threshold: float | None = None):
-        """Per-module format verdicts; see :func:`mixprec.numerics.report.verdicts`."""
-        from mixprec.numerics.report import verdicts
+    def verdicts(self, loss_threshold: float | None = None, *, loss_scale: float | None = None):
+        """Per-module format verdicts under each format's scaling; see
+        :func:`mixprec.numerics.verdicts.verdicts` (``loss_scale``: fp16 gradients' scale)."""
+        from mixprec.numerics.verdicts import verdicts
 
-        return verdicts(self, self.loss_threshold if loss_threshold is None else loss_threshold)
+        threshold = self.loss_threshold if loss_threshold is None else loss_threshold
+        return verdicts(self, threshold, loss_scale=loss_scale)
 
     def to_dict(self) -> dict:
         """Everything measured, JSON-ready; see :func:`mixprec.numerics.report.to_dict`."""
