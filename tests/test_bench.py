@@ -366,7 +366,7 @@ def test_budget_truncates_slow_recipes_but_never_fp32():
 
 
 def test_parse_budget():
-    from mixprec.bench.command import parse_budget
+    from mixprec.cli.bench import parse_budget
 
     assert parse_budget("4x") == (None, 4.0)
     assert parse_budget("90") == (90.0, None)

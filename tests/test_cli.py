@@ -285,7 +285,7 @@ def test_a_run_that_cannot_finish_soon_is_warned_about():
 
     from rich.console import Console
 
-    from mixprec.bench.command import _warn_long_runs
+    from mixprec.cli.bench import _warn_long_runs
 
     console = Console(file=io.StringIO(), width=200)
     seen = []

@@ -103,7 +103,7 @@ def test_monitor_needs_a_module():
 
 
 def test_replace_folder_swaps_whole_or_not_at_all(tmp_path):
-    from mixprec._output import replace_folder
+    from mixprec.bench.output import replace_folder
 
     out = tmp_path / "out"
     out.mkdir()

@@ -105,3 +105,15 @@ def print_summary(result: BenchResult, verdict: Recommendation, console=None) ->
         )
     for line in verdict.reasons:
         console.print(Text(f"  • {line}"))
+
+
+def wide_console():
+    """A rich Console for the commands' tables: the terminal's width, or 160 columns
+    when writing to a file or pipe (so wide tables stay readable there)."""
+    from rich.console import Console
+
+    literal = {"markup": False, "emoji": False, "highlight": False}  # user text as written
+    console = Console(**literal)
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160), **literal)
+    return console

@@ -117,17 +117,25 @@ def _recipe_json(result: BenchResult, r: RecipeResult) -> dict[str, Any]:
     }
 
 
+def _installed_version() -> str:
+    """The installed mixprec distribution's version (what pip installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixprec")
+    except PackageNotFoundError:
+        return "unknown (mixprec is imported from a source tree, not installed)"
+
+
 def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[str, Any]:
     """The results.json document (schema in the module docstring)."""
     import torch
-
-    import mixprec
 
     task, cfg = result.task, result.config
     verdict = verdict or recommend(result)
     doc = {
         "schema": SCHEMA,
-        "mixprec": mixprec.__version__,
+        "mixprec": _installed_version(),
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.started)),
         "device": dict(result.device),

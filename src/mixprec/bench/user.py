@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.bench.tasks import Task
+from mixprec.bench.task import Task
 
 __all__ = ["PROTOCOL", "UserTask", "call_model", "example_factory", "load_user_task", "to_device"]
 

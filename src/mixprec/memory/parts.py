@@ -41,7 +41,7 @@ def model_states(
     fp32-view path (fp32 states, fp32 copies of every bf16 param and grad in the step).
     """
     from mixprec.master.bf16_step import CHUNK
-    from mixprec.memory.estimate import OPTIMIZERS
+    from mixprec.memory.counts import OPTIMIZERS
 
     p16 = recipe.param_dtype
     low = p16 != _F32

@@ -7,7 +7,7 @@ without an fp16 matrix unit). Every model gets its own full bench report in
 ``OUT/<task>/``; ``OUT/report.md`` holds one table across the three and
 ``OUT/results.json`` the three result documents::
 
-    {"schema": "mixprec.bench.suite/1", "suite": "seeds", "size": str,
+    {"schema": "mixprec.cli.suite/1", "suite": "seeds", "size": str,
      "interrupted": bool, "benches": [results.json document of each task]}
 """
 
@@ -17,11 +17,17 @@ import argparse
 import json
 from pathlib import Path
 
-from mixprec._output import replace_folder
-from mixprec.bench.command import config_from_args
+from mixprec.bench.output import replace_folder
 from mixprec.bench.runner import BenchResult, run_bench
 
-__all__ = ["SEEDS_TASKS", "run_suite", "seeds_recipes", "suite_rows"]
+__all__ = [
+    "SEEDS_TASKS",
+    "config_from_args",
+    "reference_finished",
+    "run_suite",
+    "seeds_recipes",
+    "suite_rows",
+]
 
 SEEDS_TASKS = ("mlp", "unet", "bert")
 
@@ -72,9 +78,7 @@ def suite_rows(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
 
 def run_suite(args: argparse.Namespace) -> int:
     """Run the seeds suite with the bench options in ``args``; write ``args.out``."""
-    from mixprec.bench.command import reference_finished
-    from mixprec.bench.console import BenchProgress
-    from mixprec.cli import wide_console
+    from mixprec.bench.console import BenchProgress, wide_console
 
     console = wide_console()
     results: list[BenchResult] = []
@@ -125,10 +129,49 @@ def _write_suite(args, results: list[BenchResult], interrupted: bool, out: Path,
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     doc = {
-        "schema": "mixprec.bench.suite/1",
+        "schema": "mixprec.cli.suite/1",
         "suite": "seeds",
         "size": args.size,
         "interrupted": interrupted,
         "benches": [to_json(res) for res in results],
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def config_from_args(args: argparse.Namespace, task: str, recipes: tuple[str, ...]):
+    """The :class:`~mixprec.bench.runner.BenchConfig` the command-line options describe."""
+    from mixprec.bench.runner import BenchConfig
+
+    return BenchConfig(
+        task=task,
+        size=args.size,
+        recipes=recipes,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        recipe_budget_s=args.budget_s,
+        budget_vs_fp32=args.budget_x,
+        memory_steps=args.memory_steps,
+    )
+
+
+def reference_finished(result, console) -> bool:
+    """False (and one line saying why) when the fp32 reference, and so the comparison,
+    did not finish: nothing is recommended then and the command exits with status 1."""
+    from rich.text import Text
+
+    ref = result.reference
+    if ref is not None and ref.status == "ok":
+        return True
+    failed = [r for r in result.recipes if r.status == "failed"]
+    if ref is None:
+        why = "the fp32 reference did not run"
+    elif ref.status == "failed":
+        why = f"the fp32 reference failed ({ref.error})"
+    else:
+        why = f"the fp32 reference {ref.status}"
+    if failed and len(failed) == len(result.recipes):
+        why = f"every recipe failed; {why}"
+    console.print(Text(f"No recommendation: {why}.", style="bold red"))
+    return False

@@ -19,7 +19,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from mixprec.cli_checks import (
+from mixprec.bench.console import wide_console
+from mixprec.cli.checks import (
     DEBUG_ENV,
     CliError,
     _add_debug,
@@ -28,7 +29,7 @@ from mixprec.cli_checks import (
     check_device,
     check_out_dir,
 )
-from mixprec.cli_checks import positive_int as _positive_int
+from mixprec.cli.checks import positive_int as _positive_int
 
 __all__ = ["DEBUG_ENV", "CliError", "build_parser", "main"]
 
@@ -76,18 +77,6 @@ def _format_list(names: list[str] | None, default: Sequence[str]) -> list:
         return [get_format(n) for n in (names or default)]
     except ValueError as exc:
         raise CliError(str(exc)) from None
-
-
-def wide_console():
-    """A rich Console for the commands' tables: the terminal's width, or 160 columns
-    when writing to a file or pipe (so wide tables stay readable there)."""
-    from rich.console import Console
-
-    literal = {"markup": False, "emoji": False, "highlight": False}  # user text as written
-    console = Console(**literal)
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160), **literal)
-    return console
 
 
 def _formats_table(args: argparse.Namespace) -> int:
@@ -329,7 +318,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from mixprec.numerics.diagnose import diagnose
+    from mixprec.bench.diagnose import diagnose
     from mixprec.numerics.monitor import DEFAULT_FORMATS
 
     check_device(args.device)
@@ -353,7 +342,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from mixprec.bench.command import add_arguments
+    from mixprec.cli.bench import add_arguments
 
     p = sub.add_parser(
         "bench",
@@ -368,7 +357,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mixprec.bench.command import run
+    from mixprec.cli.bench import run
 
     check_device(args.device)
     check_out_dir(args.out)

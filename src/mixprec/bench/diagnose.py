@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mixprec._output import replace_folder
+from mixprec.bench.output import replace_folder
 from mixprec.numerics.monitor import DEFAULT_FORMATS, Monitor
 
 __all__ = ["diagnose"]

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixprec._output import replace_folder
+from mixprec.bench.output import replace_folder
+from mixprec.cli.suite import config_from_args, reference_finished, run_suite
 
-__all__ = ["MAX_STEPS", "add_arguments", "parse_budget", "reference_finished", "run"]
+__all__ = ["MAX_STEPS", "add_arguments", "parse_budget", "run"]
 
 DEFAULT_BUDGET = "4x"
 MAX_STEPS = 1_000_000  # the bench keeps per-step losses and times: bounded memory
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mixprec bench`` options to ``p``."""
     from mixprec.bench.results import DEFAULT_RECIPES
     from mixprec.bench.tasks import SIZES, TASKS
-    from mixprec.cli_checks import non_negative_int, positive_int
+    from mixprec.cli.checks import non_negative_int, positive_int
     from mixprec.recipes import RECIPES
 
     p.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {', '.join(TASKS)}")
@@ -139,35 +140,16 @@ def _recipes(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def config_from_args(args: argparse.Namespace, task: str, recipes: tuple[str, ...]):
-    """The :class:`~mixprec.bench.runner.BenchConfig` the command-line options describe."""
-    from mixprec.bench.runner import BenchConfig
-
-    return BenchConfig(
-        task=task,
-        size=args.size,
-        recipes=recipes,
-        steps=args.steps,
-        warmup=args.warmup,
-        seed=args.seed,
-        device=args.device,
-        recipe_budget_s=args.budget_s,
-        budget_vs_fp32=args.budget_x,
-        memory_steps=args.memory_steps,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the bench described by ``args``; ValueError for bad input (a one-line message)."""
     if args.list:
         print(_listing())
         return 0
-    from mixprec.bench.console import BenchProgress, print_summary
+    from mixprec.bench.console import BenchProgress, print_summary, wide_console
     from mixprec.bench.recommend import recommend
     from mixprec.bench.report import write_report
     from mixprec.bench.runner import run_bench
     from mixprec.bench.tasks import get_task
-    from mixprec.cli import wide_console
 
     args.budget_s, args.budget_x = parse_budget(args.budget)
     if args.steps is not None and args.steps > MAX_STEPS:
@@ -177,8 +159,6 @@ def run(args: argparse.Namespace) -> int:
             "compares recipes over a short run, train long runs with mixprec.Precision"
         )
     if args.suite:
-        from mixprec.bench.suite import run_suite
-
         return run_suite(args)
     task_name = args.model or args.task
     config = config_from_args(args, task_name, _recipes(args.recipes))
@@ -198,27 +178,6 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     return 0 if reference_finished(result, console) else 1
-
-
-def reference_finished(result, console) -> bool:
-    """False (and one line saying why) when the fp32 reference, and so the comparison,
-    did not finish: nothing is recommended then and the command exits with status 1."""
-    from rich.text import Text
-
-    ref = result.reference
-    if ref is not None and ref.status == "ok":
-        return True
-    failed = [r for r in result.recipes if r.status == "failed"]
-    if ref is None:
-        why = "the fp32 reference did not run"
-    elif ref.status == "failed":
-        why = f"the fp32 reference failed ({ref.error})"
-    else:
-        why = f"the fp32 reference {ref.status}"
-    if failed and len(failed) == len(result.recipes):
-        why = f"every recipe failed; {why}"
-    console.print(Text(f"No recommendation: {why}.", style="bold red"))
-    return False
 
 
 def _warn_long_runs(progress, steps: int, recipes: int, console):
