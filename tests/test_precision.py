@@ -14,29 +14,13 @@ from mixprec import RECIPES, Precision, Recipe
 from mixprec.scaling import LossScaler
 from tests.conftest import RECIPE_NAMES, SyncCounter
 
-try:
-    from mixprec.float8 import convert_to_float8  # noqa: F401
-
-    HAVE_FLOAT8 = True
-except ImportError:
-    HAVE_FLOAT8 = False
-
-
 # bf16-true with stochastic rounding instead of Kahan summation
 BF16_TRUE_SR = RECIPES["bf16-true"].replace(name="bf16-true-sr", update="stochastic")
 
 
 def _recipes():
     """Every built-in recipe, plus bf16-true with stochastic rounding."""
-    return [
-        pytest.param(
-            name,
-            marks=pytest.mark.skipif(
-                name == "fp8-mixed" and not HAVE_FLOAT8, reason="mixprec.float8 not in this build"
-            ),
-        )
-        for name in RECIPE_NAMES
-    ] + [pytest.param(BF16_TRUE_SR, id="bf16-true-sr")]
+    return [*RECIPE_NAMES, pytest.param(BF16_TRUE_SR, id="bf16-true-sr")]
 
 
 # -- data and model -----------------------------------------------------------------------
@@ -377,7 +361,6 @@ def test_custom_scaler_overrides_recipe():
 
 
 # -- fp8 and device handling --------------------------------------------------------------
-@pytest.mark.skipif(not HAVE_FLOAT8, reason="mixprec.float8 not in this build")
 def test_fp8_recipe_swaps_linear_layers():
     from mixprec.float8 import Float8Linear
 
@@ -387,16 +370,6 @@ def test_fp8_recipe_swaps_linear_layers():
     model, opt = Precision("fp8-mixed").setup(model, opt)
     assert isinstance(model[0], Float8Linear) and isinstance(model[2], Float8Linear)
     assert list(model.parameters()) == params  # the optimizer's params are still the model's
-
-
-def test_fp8_recipe_without_float8_says_so(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "mixprec.float8", None)  # as if not in the build
-    model = nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(NotImplementedError, match="not available in this build"):
-        Precision("fp8-mixed").setup(model, opt)
 
 
 def test_cuda_context_sets_and_restores_tf32():

@@ -367,10 +367,6 @@ def _bench(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise CliError(f"`mixprec {args.command_name}` is not available in this version")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mixprec",

@@ -69,7 +69,7 @@ def fp8_dtype(name: str) -> torch.dtype:
     if dtype is None:
         raise RuntimeError(
             f"this torch build ({torch.__version__}) has no torch.{FP8_FORMATS[name]} dtype, "
-            "so fp8 training is not available; install torch >= 2.1"
+            "so fp8 training is not available; mixprec needs torch >= 2.4 with its float8 dtypes"
         )
     return dtype
 

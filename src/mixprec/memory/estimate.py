@@ -61,16 +61,6 @@ IMPLEMENTATIONS = ("hf", "megatron")
 DEVICE_KINDS = ("cuda", "cpu")
 
 
-def _nbytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _name(dtype: torch.dtype | None) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype)
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class MemoryEstimate:
     """Predicted bytes per device for one training setup.

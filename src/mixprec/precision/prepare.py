@@ -29,11 +29,6 @@ def check_model_dtype(recipe: Recipe, model: nn.Module) -> None:
 
 def convert_fp8(recipe: Recipe, model: nn.Module) -> None:
     """Swap eligible ``nn.Linear`` layers for ``Float8Linear`` with the recipe's scaling."""
-    try:
-        from mixprec.float8 import Float8Config, convert_to_float8
-    except ImportError:
-        raise NotImplementedError(
-            f"recipe {recipe.name!r} needs fp8 Linear layers (mixprec.float8), which "
-            "are not available in this build; use 'bf16-mixed' instead"
-        ) from None
+    from mixprec.float8 import Float8Config, convert_to_float8
+
     convert_to_float8(model, config=Float8Config(scaling=recipe.fp8))
