@@ -602,3 +602,12 @@ def test_fp8_verdict_is_checked_against_the_fp8_run():
     assert check["agree"] is False and "fp8-mixed diverged" in check["text"]
     assert fp8_check(_with_numerics(fp8_metric=0.5, gradients="bf16"))["agree"] is True
     assert "disagree" in "\n".join(numerics_section(_with_numerics(gradients="bf16")))
+
+
+def test_shape_check_counts_hf_conv1d_as_a_linear():
+    """GPT-2's Conv1D (weight stored (in, out)) is checked like the Linear it is."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(50, 64), nn.Linear(50, 64))  # Conv1D(nf=out, nx=in)
+    issues = {(i.module, i.dim, i.value) for i in shape_check(model)}
+    assert issues == {("0", "out_features", 50), ("1", "in_features", 50)}

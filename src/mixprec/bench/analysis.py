@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.float8.convert import hf_conv1d_type
+
 __all__ = ["PEAK_FLOPS", "ShapeIssue", "count_flops", "peak_flops", "shape_check"]
 
 # Dense peak FLOP/s by GPU name fragment and compute dtype (vendor data sheets, SXM parts).
@@ -116,6 +118,8 @@ def _padded(value: int, multiple: int) -> int:
 def shape_check(model: nn.Module, multiple: int = 8, *, convs: bool = True) -> list[ShapeIssue]:
     """Linear (and, with ``convs``, convolution) dims of ``model`` not multiples of ``multiple``.
 
+    Hugging Face's ``Conv1D`` (GPT-2's Linear layers) counts as a Linear.
+
     The bench checks every Linear and convolution against 8 (16-bit tensor cores), and the
     Linear layers alone against 16 when an fp8 recipe runs (fp8 swaps only Linear layers).
 
@@ -125,10 +129,14 @@ def shape_check(model: nn.Module, multiple: int = 8, *, convs: bool = True) -> l
     """
     if multiple < 1:
         raise ValueError(f"multiple={multiple} must be >= 1")
+    conv1d = hf_conv1d_type()  # Hugging Face GPT-2's Linear: weight stored (in, out)
     issues = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             dims = {"in_features": module.in_features, "out_features": module.out_features}
+        elif conv1d is not None and isinstance(module, conv1d):
+            n_in, n_out = module.weight.shape
+            dims = {"in_features": n_in, "out_features": n_out}
         elif convs and isinstance(module, nn.modules.conv._ConvNd):
             dims = {"in_channels": module.in_channels, "out_channels": module.out_channels}
         else:
