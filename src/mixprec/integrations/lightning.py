@@ -50,6 +50,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
+from mixprec.numerics.monitor import DEFAULT_FORMATS, TRACK
 from mixprec.precision import Precision
 from mixprec.recipes import Recipe, get_recipe
 
@@ -215,9 +216,9 @@ class NumericsMonitor(Callback):
     def __init__(
         self,
         *,
-        formats: Iterable[str] = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"),
+        formats: Iterable[str] = DEFAULT_FORMATS,
         every: int = 1,
-        track: Iterable[str] = ("activations", "gradients", "weights", "updates"),
+        track: Iterable[str] = TRACK,
         out_dir: str | Path | None = None,
         log_metrics: bool = True,
     ) -> None:
