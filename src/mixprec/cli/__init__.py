@@ -273,6 +273,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    from mixprec.numerics.monitor import DEFAULT_FORMATS
+
     p = sub.add_parser(
         "diagnose",
         help="train with the numerics monitor and report",
@@ -299,7 +301,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         "--format",
         dest="formats",
         action="append",
-        help="target format (repeatable; default fp16, bf16, fp8_e4m3fn, fp8_e5m2): "
+        help=f"target format (repeatable; default {', '.join(DEFAULT_FORMATS)}): "
         + _format_choices(),
     )
     p.add_argument(

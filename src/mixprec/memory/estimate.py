@@ -38,6 +38,7 @@ from torch import nn
 
 from mixprec.memory.calls import batch_items
 from mixprec.memory.counts import OPTIMIZERS, _optimizer_of, _resolve
+from mixprec.memory.parts import activation_parts, model_states, shard, sharding_buffers
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["OPTIMIZERS", "MemoryEstimate", "estimate"]
@@ -337,10 +338,8 @@ def estimate(
     if spec is not None and seq_len is None:
         seq_len = spec.max_position_embeddings
 
-    from mixprec.memory import parts as _p
-
-    states = _p.model_states(P, recipe, optimizer, accounting, bf16_temp)
-    acts = _p.activation_parts(
+    states = model_states(P, recipe, optimizer, accounting, bf16_temp)
+    acts = activation_parts(
         recipe,
         P,
         spec,
@@ -361,11 +360,11 @@ def estimate(
         other, other_text = merged["other_state"]
         text = f"{nbytes:,} B ({text})"
         merged["other_state"] = (other + nbytes, f"{other_text} + {text}" if other else text)
-    merged["sharding_buffers"] = _p.sharding_buffers(
+    merged["sharding_buffers"] = sharding_buffers(
         P, recipe, stage, world_size, fsdp=zero_stage in ("fsdp", "full_shard")
     )
     per_param = sum(merged[k][0] for k in _STATE_PARTS) / P.total
-    sharded = _p.shard(merged, stage, world_size, recipe)
+    sharded = shard(merged, stage, world_size, recipe)
     host = 0
     if offload == "optimizer":
         for k in _OFFLOADED:
