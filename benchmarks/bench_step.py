@@ -1,18 +1,29 @@
-"""Per-step time of ``mixprec.Precision`` against a hand-written torch.amp loop (CPU).
+"""Per-step time of ``mixprec.Precision`` against hand-written torch loops (CPU).
 
 For each model (an MLP and a small transformer block), recipe (fp32, bf16-mixed),
 non-finite policy of ``Precision`` (``skip``: the default inf/NaN check and skip;
-``ignore``: no check) and AdamW flavour (``foreach`` or ``fused``), two identical copies of
-the model and optimizer are trained side by side: one with the hand-written loop
-(``torch.autocast`` + ``loss.backward()`` + ``opt.step()`` + ``opt.zero_grad()``, no
-inf/NaN check), one with ``Precision``. Steps are interleaved, alternating which loop
-goes first each repetition, so machine load hits both alike.
+``ignore``: no check) and AdamW flavour (``foreach`` or ``fused``), three identical copies of
+the model and optimizer are trained side by side:
 
-Figures printed (per model and recipe):
+* ``hand``: the plain loop, ``torch.autocast`` + ``loss.backward()`` + ``opt.step()`` +
+  ``opt.zero_grad()``, no inf/NaN check;
+* ``hand+check``: the same loop doing what ``nonfinite="skip"`` does, written as
+  ``torch.amp.GradScaler`` does it at scale 1: ``found_inf`` from one
+  ``torch._amp_foreach_non_finite_check_and_unscale_`` over the gradients, passed into a
+  fused optimizer's kernel (``opt.found_inf``), read on the host otherwise;
+* ``mixprec``: ``Precision(recipe, nonfinite=policy)``.
 
-* ``hand ms`` / ``mixprec ms``: median over ``--reps`` repetitions of one training step
-  (forward, backward, optimizer step, zero_grad), in milliseconds.
-* ``ratio = mixprec ms / hand ms`` (target: at most 1.03).
+Steps are interleaved, the order of the loops rotating each repetition, so machine load
+hits all alike.
+
+Figures printed (per model, recipe, policy and optimizer):
+
+* ``hand ms`` / ``+check ms`` / ``mixprec ms``: median over ``--reps`` repetitions of one
+  training step (forward, backward, optimizer step, zero_grad), in milliseconds;
+* ``ratio = mixprec ms / hand ms``: what Precision costs over the plain loop;
+* ``same work = mixprec ms / +check ms`` for ``skip`` (``mixprec ms / hand ms`` for
+  ``ignore``): Precision's own overhead over a hand-written loop doing the same work;
+* ``check = +check ms / hand ms``: what the check itself costs, written by hand;
 * ``min ratio = min mixprec ms / min hand ms``: the fastest step of each loop, the figure
   least disturbed by other processes on a shared machine (load adds time, never removes
   it).
@@ -94,6 +105,32 @@ def _hand_step(recipe: str):
     return step
 
 
+def _hand_check_step(recipe: str):
+    """The plain loop plus torch.amp's inf/NaN check at scale 1 (what ``skip`` does)."""
+    dtype = torch.bfloat16 if recipe == "bf16-mixed" else None
+    one = torch.ones(())
+
+    def step(model, opt, x, y):
+        if dtype is None:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        found_inf = torch.zeros(())
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+        if opt.defaults.get("fused"):
+            opt.grad_scale, opt.found_inf = None, found_inf
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        elif not found_inf.item():
+            opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def _mixprec_step(precision: mp.Precision):
     def step(model, opt, x, y):
         with precision.autocast():
@@ -104,19 +141,21 @@ def _mixprec_step(precision: mp.Precision):
     return step
 
 
-def _pair(build, recipe: str, policy: str = "skip", fused: bool = False):
-    """Two identical (model, optimizer) pairs and the step function of each loop."""
-    torch.manual_seed(0)
-    model_a, x, y = build()
-    torch.manual_seed(0)
-    model_b, _, _ = build()
-    opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-4, fused=fused)
-    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-4, fused=fused)
-    precision = mp.Precision(recipe, nonfinite=policy)
-    model_b, opt_b = precision.setup(model_b, opt_b)
-    hand = (_hand_step(recipe), model_a, opt_a)
-    ours = (_mixprec_step(precision), model_b, opt_b)
-    return hand, ours, x, y
+def _loops(build, recipe: str, policy: str = "skip", fused: bool = False):
+    """Three identical (model, optimizer) pairs: hand, hand+check, mixprec; and a batch."""
+    entries = []
+    for kind in ("hand", "check", "mixprec"):
+        torch.manual_seed(0)
+        model, x, y = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        if kind == "mixprec":
+            precision = mp.Precision(recipe, nonfinite=policy)
+            model, opt = precision.setup(model, opt)
+            step = _mixprec_step(precision)
+        else:
+            step = (_hand_step if kind == "hand" else _hand_check_step)(recipe)
+        entries.append((step, model, opt))
+    return entries, x, y
 
 
 def _time(entry, x, y) -> float:
@@ -128,25 +167,19 @@ def _time(entry, x, y) -> float:
 
 def measure(
     build, recipe: str, *, reps: int, warmup: int, policy: str = "skip", fused: bool = False
-) -> tuple[float, float, float, float]:
-    """Seconds per step of (hand-written, mixprec), interleaved A/B then B/A: the two
-    medians, then the two minima."""
-    hand, ours, x, y = _pair(build, recipe, policy, fused)
+) -> tuple[list[float], list[float]]:
+    """Seconds per step of (hand, hand+check, mixprec), the order rotating each repetition:
+    the three medians, then the three minima."""
+    entries, x, y = _loops(build, recipe, policy, fused)
     for _ in range(warmup):
-        _time(hand, x, y)
-        _time(ours, x, y)
-    times_hand, times_ours = [], []
+        for entry in entries:
+            _time(entry, x, y)
+    times: list[list[float]] = [[], [], []]
     for i in range(reps):
-        if i % 2 == 0:
-            times_hand.append(_time(hand, x, y))
-            times_ours.append(_time(ours, x, y))
-        else:
-            times_ours.append(_time(ours, x, y))
-            times_hand.append(_time(hand, x, y))
-    return (
-        statistics.median(times_hand), statistics.median(times_ours),
-        min(times_hand), min(times_ours),
-    )  # fmt: skip
+        for k in range(3):
+            j = (i + k) % 3
+            times[j].append(_time(entries[j], x, y))
+    return [statistics.median(t) for t in times], [min(t) for t in times]
 
 
 def _times(fn, reps: int) -> list[float]:
@@ -217,8 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up steps\n")
     header = (
-        f"{'model':<18} {'recipe':<11} {'nonfinite':<9} {'AdamW':<8} {'hand ms':>9} "
-        f"{'mixprec ms':>11} {'ratio':>7} {'min ratio':>9}"
+        f"{'model':<18} {'recipe':<11} {'nonfinite':<9} {'AdamW':<8} {'hand ms':>8} "
+        f"{'+check ms':>9} {'mixprec ms':>10} {'ratio':>6} {'same work':>9} {'check':>6} "
+        f"{'min ratio':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -228,14 +262,16 @@ def main(argv: list[str] | None = None) -> None:
         for recipe in args.recipes:
             for optimizer in args.optimizers:
                 for policy in args.policies:
-                    hand, ours, hand_min, ours_min = measure(
+                    (hand, check, ours), (hand_min, _, ours_min) = measure(
                         build, recipe, reps=args.reps, warmup=args.warmup, policy=policy,
                         fused=optimizer == "fused",
                     )  # fmt: skip
                     hand_times.setdefault((model_name, recipe), []).append(hand)
+                    same = ours / (hand if policy == "ignore" else check)
                     print(
                         f"{model_name:<18} {recipe:<11} {policy:<9} {optimizer:<8} "
-                        f"{hand * 1e3:>9.2f} {ours * 1e3:>11.2f} {ours / hand:>7.3f} "
+                        f"{hand * 1e3:>8.2f} {check * 1e3:>9.2f} {ours * 1e3:>10.2f} "
+                        f"{ours / hand:>6.3f} {same:>9.3f} {check / hand:>6.3f} "
                         f"{ours_min / hand_min:>9.3f}"
                     )
     print("\nbf16-mixed speed-up over fp32 (hand-written loop, fp32 ms / bf16-mixed ms,")

@@ -416,8 +416,9 @@ def test_bf16_true_adamw_step_syncs_only_for_the_skip_decision(
     from mixprec import Precision
 
     # An fp32 LayerNorm is stepped by torch's AdamW itself: its single-tensor CPU path
-    # reads the step counter on the host, its fused path does not. The bf16 step takes no
-    # found_inf, so skipping a non-finite step (the default) reads it once on the host.
+    # reads the step counter on the host, its fused path does not. On the CPU the skip of
+    # a non-finite step (the default) is decided by one host read of found_inf (no device
+    # to wait for); the device-side skip is tested on bf16_step above.
     middle = nn.LayerNorm(16) if norm else nn.ReLU()
     model = nn.Sequential(nn.Linear(8, 16), middle, nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=norm)
@@ -436,3 +437,84 @@ def test_bf16_true_adamw_step_syncs_only_for_the_skip_decision(
     )  # bf16 states for bf16 params (fp32 for the fp32 norm)
     assert {p.dtype for p in opt.state} == ({torch.bfloat16, torch.float32} if norm else
                                             {torch.bfloat16})  # fmt: skip
+
+
+# -- skipping a non-finite step on the device (found_inf) --------------------------------
+def _bf16_setup(name: str, method: str, *, fused_norm: bool | None):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(24, 10).bfloat16())
+    params = [{"params": [w]}]
+    norm = None
+    if fused_norm is not None:  # an fp32 param, stepped by torch's optimizer itself
+        norm = nn.Parameter(torch.randn(10))
+        params.append({"params": [norm]})
+    extra = {"fused": True} if fused_norm else {}
+    make = {
+        "adamw": lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.1, **extra),
+        "adam-l2": lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=0.1, **extra),
+        "sgd-momentum": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.1),
+    }[name]
+    opt = make(params)
+    return w, norm, opt, CompensatedUpdate(opt, method=method, seed=3)
+
+
+def _snapshot(w, norm, opt, upd):
+    tensors = [w.detach(), *(c for c in upd.comps if c is not None)]
+    if norm is not None:
+        tensors.append(norm.detach())
+    tensors += [t for s in opt.state.values() for t in s.values()]
+    return [t.clone() for t in tensors]
+
+
+def _grads(w, norm, bad: bool):
+    w.grad = torch.randn(24, 10).bfloat16()
+    if bad:
+        w.grad[3, 4] = float("nan")
+    if norm is not None:
+        norm.grad = torch.randn(10)
+        if bad:
+            norm.grad[0] = float("inf")
+
+
+@pytest.mark.parametrize("method", ["kahan", "stochastic"])
+@pytest.mark.parametrize(
+    ("name", "fused_norm"), [("adamw", None), ("adamw", True), ("adam-l2", True),
+                             ("sgd-momentum", None)]  # fmt: skip
+)
+def test_bf16_step_skips_on_the_device_when_found_inf_is_set(name, fused_norm, method):
+    w, norm, opt, upd = _bf16_setup(name, method, fused_norm=fused_norm)
+    # the reference takes only the kept steps, without found_inf
+    ref_w, ref_norm, ref_opt, ref_upd = _bf16_setup(name, method, fused_norm=fused_norm)
+    for i, bad in enumerate((False, True, False, True, False)):
+        _grads(w, norm, bad)
+        before = _snapshot(w, norm, opt, upd)
+        if not bad:
+            ref_w.grad = w.grad.clone()
+            if norm is not None:
+                ref_norm.grad = norm.grad.clone()
+            for dev, gen in upd.generators.items():  # stochastic rounding draws alike
+                ref_upd.generators[dev].set_state(gen.get_state())
+        with SyncCounter() as syncs:
+            upd.step(found_inf=torch.tensor(float(bad)))
+        # SGD's first momentum step is decided on the host (see bf16_step)
+        assert syncs.count == (i == 0 and name.startswith("sgd")), syncs.calls
+        after = _snapshot(w, norm, opt, upd)
+        if bad:  # every bit as it was: params, Kahan buffers, states, step counters
+            assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        else:  # a kept step is exactly the step without found_inf
+            ref_upd.step()
+            ref = _snapshot(ref_w, ref_norm, ref_opt, ref_upd)
+            assert all(torch.equal(a, b) for a, b in zip(after, ref, strict=True))
+
+
+@pytest.mark.parametrize("case", ["unfused fp32 param", "sgd first momentum step"])
+def test_bf16_step_reads_found_inf_on_the_host_where_the_device_cannot_skip(case):
+    name, fused = ("adamw", False) if case == "unfused fp32 param" else ("sgd-momentum", None)
+    w, norm, opt, upd = _bf16_setup(name, "kahan", fused_norm=fused)
+    _grads(w, norm, True)
+    before = _snapshot(w, norm, opt, upd)
+    with SyncCounter() as syncs:
+        upd.step(found_inf=torch.ones(()))
+    assert syncs.count == 1, syncs.calls
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(w, norm, opt, upd), before, strict=True))
+    assert not any(opt.state.values())  # nothing created: the next step is torch's first

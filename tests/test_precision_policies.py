@@ -169,6 +169,31 @@ def test_consecutive_skips_raise_naming_the_parameter_and_the_count():
     assert precision.skipped_steps == 99  # the 100th raised before it was counted
 
 
+def test_skip_counters_over_many_steps_match_a_plain_count():
+    """The guard takes found_inf in batches (FOLD_EVERY); the counts stay exact."""
+    import random
+
+    from mixprec.precision.nonfinite import FOLD_EVERY, NonFiniteGuard
+
+    rng = random.Random(7)
+    hits = [rng.random() < 0.4 for _ in range(3 * FOLD_EVERY + 5)]
+    hits[-12:] = [True] * 12  # a run of skips across a fold boundary
+    guard = NonFiniteGuard("skip", check_grads=True, check_interval=0)
+    skipped = streak = 0
+    for i, hit in enumerate(hits):
+        guard.record(torch.tensor(float(hit)))
+        skipped, streak = skipped + hit, (streak + 1) * hit
+        if i % 17 == 0 or i == len(hits) - 1:  # read mid-batch and at the end
+            state = guard.state_dict()
+            assert (state["skipped"], state["streak"]) == (skipped, streak), i
+    assert guard.skipped_steps == skipped and guard.steps == len(hits)
+    resumed = NonFiniteGuard("skip", check_grads=True)
+    resumed.load_state_dict(guard.state_dict())
+    resumed.record(torch.tensor(1.0))
+    assert resumed.state_dict() == {"steps": len(hits) + 1, "skipped": skipped + 1,
+                                    "streak": streak + 1}  # fmt: skip
+
+
 def test_skip_with_a_fused_optimizer_is_sync_free():
     model, opt, precision = _setup("bf16-mixed", fused=True)
     before = _weights(model)

@@ -26,10 +26,10 @@ instead, a chunk of at most :data:`CHUNK` elements of one tensor at a time:
 
 Memory: persistent ``2 + 2 + 2 k + 2`` B/param (params, grads, k bf16 states, Kahan
 buffer; ``k = 2`` for Adam: 10 B), plus fp32 temporaries of one chunk only (see
-:func:`step_temp_bytes`). No host syncs. Parameters that are not bf16 (fp32 norms) are
-stepped by ``optimizer.step()`` itself (torch's single-tensor CPU Adam reads its step
-counter on the host; ``fused=True`` does not). The optimizer's ``fused`` / ``foreach``
-flags do not apply to the bf16 parameters here.
+:func:`step_temp_bytes`). No host syncs, a skip included (``found_inf``). Parameters
+that are not bf16 (fp32 norms) are stepped by ``optimizer.step()`` itself (torch's
+single-tensor CPU Adam reads its step counter on the host; ``fused=True`` does not). The
+optimizer's ``fused`` / ``foreach`` flags do not apply to the bf16 parameters here.
 """
 
 from __future__ import annotations
@@ -86,7 +86,10 @@ def step_temp_bytes(optimizer, method: str) -> int | None:
     (its int32 noise, sum and result, a bool mask and the bf16 result). The step's peak
     adds ``step_temp_bytes x min(largest bf16 tensor, CHUNK)``. Measured with the CPU
     allocator's events (``torch.profiler``, ``profile_memory=True``): a tensor-level
-    tracker under a dispatch mode saw one fp32 temporary fewer (8).
+    tracker under a dispatch mode saw one fp32 temporary fewer (8). Not counted: a skip
+    decided on a GPU (``found_inf``, see :func:`bf16_step`) also holds the new bf16
+    ``p`` and ``c`` (Kahan) or the fp32 select of a state beside them, up to 4 B more
+    per element; the CPU path never does (not measured: no GPU was at hand).
 
     Args:
         optimizer: a torch optimizer, or a planner name (``"adamw"``, ``"adam"``,
@@ -129,8 +132,9 @@ def _chunks(*tensors):
         yield [None if t is None else t[i : i + CHUNK] for t in flat]
 
 
-def _store(dst: torch.Tensor, src: torch.Tensor, gen) -> None:
-    dst.copy_(src if gen is None else stochastic_round_to_bf16(src, gen))
+def _store(dst: torch.Tensor, src: torch.Tensor, gen, keep=None) -> None:
+    value = src if gen is None else stochastic_round_to_bf16(src, gen)
+    dst.copy_(value if keep is None else torch.where(keep, value, dst))
 
 
 def _load(p, c) -> torch.Tensor:
@@ -140,15 +144,20 @@ def _load(p, c) -> torch.Tensor:
     return v
 
 
-def _write_back(p: torch.Tensor, c, v: torch.Tensor, gen) -> None:
+def _write_back(p: torch.Tensor, c, v: torch.Tensor, gen, keep=None) -> None:
     if c is None:  # stochastic rounding
-        p.copy_(stochastic_round_to_bf16(v, gen))
-    else:  # Kahan: p = bf16(v), c = bf16(v - p)
+        _store(p, v, gen, keep)
+    elif keep is None:  # Kahan: p = bf16(v), c = bf16(v - p)
         p.copy_(v)
         c.copy_(v.sub_(p))
+    else:  # the same two values, written only where the step is kept
+        new_p = v.to(_BF16)
+        new_c = v.sub_(new_p).to(_BF16)
+        p.copy_(torch.where(keep, new_p, p))
+        c.copy_(torch.where(keep, new_c, c))
 
 
-def _adam(optimizer, group, items, gen_of, stochastic: bool) -> None:
+def _adam(optimizer, group, items, gen_of, stochastic: bool, keep_of) -> None:
     beta1, beta2 = group["betas"]
     lr, eps, wd, maximize = group["lr"], group["eps"], group["weight_decay"], group["maximize"]
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
@@ -163,7 +172,8 @@ def _adam(optimizer, group, items, gen_of, stochastic: bool) -> None:
         exp_avg, exp_avg_sq = _state(state, "exp_avg", p), _state(state, "exp_avg_sq", p)
         gen = gen_of(p.device)
         sgen = gen if stochastic else None
-        step += 1
+        keep = keep_of(p.device)
+        step += 1 if keep is None else keep  # a skipped step does not count, as in torch
         step_size = lr / (1 - beta1**step)
         bc2_sqrt = (1 - beta2**step).sqrt()
         decay = 1 - lr * wd if (wd != 0 and decoupled) else None
@@ -176,9 +186,9 @@ def _adam(optimizer, group, items, gen_of, stochastic: bool) -> None:
                 g = gc.to(torch.float32, copy=True).mul_(sign).add_(v, alpha=wd)
                 g_sign = 1.0
             s = sc.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            _store(sc, s, sgen)
+            _store(sc, s, sgen, keep)
             m = mc.float().mul_(beta1).add_(g, alpha=g_sign * (1 - beta1))
-            _store(mc, m, sgen)
+            _store(mc, m, sgen, keep)
             del g
             m.div_(s.sqrt_().div_(bc2_sqrt).add_(eps)).mul_(step_size)
             del s
@@ -186,10 +196,10 @@ def _adam(optimizer, group, items, gen_of, stochastic: bool) -> None:
                 v = _load(pc, cc)
             if decay is not None:
                 v.mul_(decay)
-            _write_back(pc, cc, v.sub_(m), gen)
+            _write_back(pc, cc, v.sub_(m), gen, keep)
 
 
-def _sgd(optimizer, group, items, gen_of, stochastic: bool) -> None:
+def _sgd(optimizer, group, items, gen_of, stochastic: bool, keep_of) -> None:
     lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
     wd, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
     for p, comp in items:
@@ -198,6 +208,7 @@ def _sgd(optimizer, group, items, gen_of, stochastic: bool) -> None:
         buf = _state(state, "momentum_buffer", p) if momentum != 0 else None
         gen = gen_of(p.device)
         sgen = gen if stochastic else None
+        keep = keep_of(p.device)
         for pc, cc, gc, bc in _chunks(p.data, comp, p.grad, buf):
             # fp32 temporaries: b, then b and v (8 B/element); g in fp32 only with
             # maximize or weight decay (+4 B)
@@ -216,12 +227,28 @@ def _sgd(optimizer, group, items, gen_of, stochastic: bool) -> None:
                     b = g.to(torch.float32, copy=True)
                 else:
                     b = bc.float().mul_(momentum).add_(g, alpha=1 - dampening)
-                _store(bc, b, sgen)
+                _store(bc, b, sgen, keep)
                 d = b.mul_(momentum).add_(g) if nesterov else b
             del g
             if v is None:
                 v = _load(pc, cc)
-            _write_back(pc, cc, v.sub_(d.mul_(lr)), gen)
+            _write_back(pc, cc, v.sub_(d.mul_(lr)), gen, keep)
+
+
+def _needs_host_read(optimizer, groups) -> bool:
+    """True when a skip cannot be decided on the device (see :func:`bf16_step`)."""
+    others = any(
+        p.dtype != _BF16 and p.grad is not None for g in optimizer.param_groups for p in g["params"]
+    )
+    if others and not all(g.get("fused") for g in optimizer.param_groups):
+        return True
+    if isinstance(optimizer, torch.optim.SGD):
+        return any(
+            g["momentum"] != 0 and optimizer.state[p].get("momentum_buffer") is None
+            for g, ps in groups
+            for p in ps
+        )
+    return False
 
 
 def bf16_step(
@@ -229,6 +256,7 @@ def bf16_step(
     comps: dict[int, torch.Tensor] | None,
     method: str,
     generators: dict[torch.device, torch.Generator],
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """Step the bf16 parameters of ``optimizer`` (AdamW, Adam or SGD) with bf16 states.
 
@@ -237,6 +265,15 @@ def bf16_step(
         comps: ``id(param) -> bf16 Kahan buffer`` (``method="kahan"``), else None.
         method: ``"kahan"`` or ``"stochastic"``.
         generators: device -> generator for stochastic rounding.
+        found_inf: a 0-dim tensor, non-zero when the gradients held an inf or NaN: the
+            step is then skipped on the device, without a host read: every new value is
+            computed and ``torch.where(found_inf == 0, new, old)`` is written, so
+            parameters, Kahan buffers, states and ``step`` keep their bits (the stochastic
+            rounding generator still advances). Two cases read ``found_inf`` on the host
+            once instead (and skip the whole step): parameters that are not bf16 with an
+            optimizer that is not ``fused`` (only a fused one takes ``found_inf``), and
+            SGD's first momentum step (torch starts the buffer from ``g`` on the first
+            step *taken*).
 
     Parameters that are not bf16 are stepped by ``optimizer.step()`` itself (the bf16
     ones hidden by setting their ``.grad`` to None meanwhile); parameters without a grad
@@ -256,20 +293,37 @@ def bf16_step(
         (g, [p for p in g["params"] if p.dtype == _BF16 and p.grad is not None])
         for g in optimizer.param_groups
     ]
+    if found_inf is not None and _needs_host_read(optimizer, groups):
+        if bool(found_inf.item()):  # the one host read of this step
+            return
+        found_inf = None
     others = [p for g in optimizer.param_groups for p in g["params"] if p.dtype != _BF16]
     if any(p.grad is not None for p in others):
         held = [(p, p.grad) for _, ps in groups for p in ps]
         for p, _ in held:
             p.grad = None
         try:
+            if found_inf is not None:  # fused (see _needs_host_read): skips in its kernel
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
             optimizer.step()
         finally:
+            if found_inf is not None:
+                del optimizer.grad_scale, optimizer.found_inf
             for p, grad in held:
                 p.grad = grad
     stochastic = method == "stochastic"
     kernel = _sgd if isinstance(optimizer, torch.optim.SGD) else _adam
+    keeps: dict[torch.device, torch.Tensor] = {}
+
+    def keep_of(device: torch.device) -> torch.Tensor | None:
+        if found_inf is None:
+            return None
+        if device not in keeps:
+            keeps[device] = found_inf.to(device) == 0
+        return keeps[device]
+
     with torch.no_grad():
         for group, params in groups:
             items = [(p, None if comps is None else comps[id(p)]) for p in params]
-            kernel(optimizer, group, items, generators.get, stochastic)
+            kernel(optimizer, group, items, generators.get, stochastic, keep_of)
     optimizer._opt_called = True  # what torch's LR schedulers look for

@@ -94,15 +94,22 @@ class CompensatedUpdate:
                 optimizer.register_load_state_dict_post_hook(self._load_post_hook),
             ]
 
-    def step(self) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
         """One optimizer step of the bf16 parameters, compensated (and of any others).
 
-        No host syncs on the native path; the generic path is ``begin(); step; end()``.
+        No host syncs on the native path, which also takes ``found_inf`` to skip on the
+        device (see :func:`~mixprec.master.bf16_step.bf16_step`); the generic path is
+        ``begin(); step; end()`` and takes no ``found_inf``.
         """
         if self.native:
             comps = self._comp_of if self.method == "kahan" else None
-            bf16_step(self.optimizer, comps, self.method, self.generators)
+            bf16_step(self.optimizer, comps, self.method, self.generators, found_inf)
             return
+        if found_inf is not None:
+            raise ValueError(
+                "found_inf is taken by the native bf16 step only; the generic path "
+                f"({type(self.optimizer).__name__}) decides a skip before step()"
+            )
         self.begin()
         try:
             self.optimizer.step()

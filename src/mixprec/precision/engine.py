@@ -328,7 +328,7 @@ class Precision:
     def _unscale_and_step(self, plan: OptimizerPlan, max_grad_norm: float | None):
         opt = plan.optimizer
         # bf16-true with AdamW / Adam / SGD: the compensated bf16-state step stands in for
-        # opt.step() (it takes no grad_scale / found_inf: a skip is decided on the host)
+        # opt.step(); it takes found_inf on a GPU, on the CPU a host read is cheaper
         native = plan.compensated is not None and plan.compensated.native
         step = plan.compensated.step if native else opt.step
         found_inf = None
@@ -357,6 +357,9 @@ class Precision:
                 opt.step()
             finally:
                 del opt.grad_scale, opt.found_inf
+            result = StepResult(found_inf=found_inf)
+        elif native and found_inf.device.type != "cpu":  # skipped on the device: no sync
+            plan.compensated.step(found_inf)
             result = StepResult(found_inf=found_inf)
         else:
             stepped = not bool(found_inf.item())  # the one host sync of this step
