@@ -95,6 +95,9 @@ def print_summary(result: BenchResult, verdict: Recommendation, console=None) ->
         )
     if result.interrupted:
         console.print(Text(f"interrupted while running {result.interrupted}", style="yellow"))
+    dev = result.device
+    if dev.get("threads_before", dev["threads"]) > dev["threads"]:  # fewer: say why
+        console.print(Text(f"threads: {dev['threads_note']}", style="yellow"))
     noise = result.noise()
     if noise["noisy"]:
         console.print(Text(f"noisy run: {'; '.join(noise['why'])}", style="yellow"))

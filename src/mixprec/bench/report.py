@@ -5,7 +5,9 @@
     {
       "schema": "mixprec.bench/1", "mixprec": str, "torch": str, "created": ISO-8601 UTC,
       "device": {"type", "name", "threads", "torch", "cpu_capability" and
-                 "matrix_units" (CPU only: AMX flags, e.g. "amx_bf16")},
+                 "matrix_units" (CPU only: AMX flags, e.g. "amx_bf16"), "threads_before"
+                 (torch's setting before the bench) and "threads_note" (why the bench
+                 timed with "threads", see mixprec.bench.cores; CPU only)},
       "task": {"name", "size", "seed", "description", "metric", "higher_is_better",
                "tolerance", "tolerance_text", "item_unit", "items_per_batch",
                "parameters", "flops_per_step"},
@@ -340,6 +342,7 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
         f"- quality: final {task.metric} ({'higher' if task.higher_is_better else 'lower'} is "
         f"better); same quality = within {task.tolerance_text} of fp32's",
         f"- device: {dev['name']} ({dev['type']}, {dev['threads']} threads), torch {dev['torch']}",
+        *([f"- threads: {dev['threads_note']}"] if dev.get("threads_note") else []),
         f"- peak memory measured over {cfg.memory_steps} extra steps by mixprec.memory.measure",
         f"- bench wall time {result.seconds:.1f} s",
         "",

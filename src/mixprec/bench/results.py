@@ -56,6 +56,9 @@ class BenchConfig:
             (model, optimizer, precision, RNG) in host memory between rounds; None: on
             any device but the CPU (on a CPU host memory is the device's memory).
         confidence: level of the speed-up intervals (bootstrap over rounds).
+        threads: CPU threads to time with: ``"auto"`` (no more than the cores other
+            processes leave free, see :mod:`mixprec.bench.cores`), a positive int, or None
+            (torch's setting, untouched). The command's default is ``"auto"``.
     """
 
     task: str = "gpt"
@@ -75,6 +78,7 @@ class BenchConfig:
     round_steps: int = 2
     offload: bool | None = None
     confidence: float = 0.95
+    threads: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -97,6 +101,10 @@ class BenchConfig:
             raise ValueError(f"budget_vs_fp32={self.budget_vs_fp32} must be positive")
         if not isinstance(self.round_steps, int) or self.round_steps < 1:
             raise ValueError(f"round_steps={self.round_steps!r} must be an integer >= 1")
+        if self.threads is not None and self.threads != "auto" and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads={self.threads!r}: use 'auto', None or a positive int")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
 

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
+from mixprec.bench.cores import choose_threads
 from mixprec.bench.probes import (
     device_info,
     estimate_memory,
@@ -289,9 +290,25 @@ def run_bench(
         >>> [r.recipe for r in result.recipes], result.recipes[1].status
         (['fp32', 'bf16-mixed'], 'ok')
     """
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cpu":
+        return _run_bench(config, task, on_event, device)
+    choice = choose_threads(config.threads)  # ValueError for a bad count
+    restore = torch.get_num_threads()
+    torch.set_num_threads(choice.threads)
+    try:
+        result = _run_bench(config, task, on_event, device)
+    finally:
+        torch.set_num_threads(restore)
+    result.device.update(threads_note=choice.note, threads_before=choice.before)
+    return result
+
+
+def _run_bench(
+    config: BenchConfig, task: Task | None, on_event: Event | None, device: torch.device
+) -> BenchResult:
     emit = on_event or (lambda kind, info: None)
     task = task or get_task(config.task, config.size, seed=config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     offload = config.offload if config.offload is not None else device.type != "cpu"
     steps = config.steps or task.default_steps
     batches = Batches(task, steps)  # produced as consumed, the same for every recipe

@@ -108,11 +108,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=2,
         help="steps of the memory measurement (default 2; 0: skip)",
     )
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        metavar="N|auto",
+        help="CPU threads to time with; auto (default): no more than the cores that other "
+        "processes leave free, measured before the bench starts",
+    )
     p.add_argument("--out", default="bench-report", help="report folder (default bench-report)")
     p.add_argument(
         "--suite", choices=["seeds"], help="seeds: MLP, UNet and BERT with and without bf16"
     )
     p.add_argument("--list", action="store_true", help="list tasks and recipes, then exit")
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a positive integer")
+    return n
 
 
 def _listing() -> str:

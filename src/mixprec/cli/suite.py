@@ -153,6 +153,7 @@ def config_from_args(args: argparse.Namespace, task: str, recipes: tuple[str, ..
         recipe_budget_s=args.budget_s,
         budget_vs_fp32=args.budget_x,
         memory_steps=args.memory_steps,
+        threads=args.threads,
     )
 
 

@@ -1,0 +1,114 @@
+"""How many threads the bench times with on a CPU that other processes are using.
+
+A CPU step runs on ``torch.get_num_threads()`` threads that meet at a barrier after each
+parallel kernel. When another process keeps one of the cores busy, the operating system
+shares that core between it and one of the step's threads, and every other thread waits
+at each barrier for the one that was paused: a step slows far more than the share of the
+machine the other process takes, and not by the same factor for every recipe (on the
+2-core machine of docs/bench.md, with one core taken, fp32 steps took 2.7x as long and
+bf16 ones 2.2x, which moved the bf16 speed-up from 2.4x to 2.0x). The bench therefore
+measures, before it starts, how many cores are busy with other processes and times with
+no more threads than there are free cores (``--threads auto``, the command's default)::
+
+    busy    = (non-idle CPU time of the whole machine) / (wall time), over SAMPLE_S seconds
+              while the bench itself sleeps (from /proc/stat; Linux only)
+    free    = usable cores (os.sched_getaffinity) - round(busy)
+    threads = min(torch.get_num_threads(), max(1, free))
+
+Where /proc/stat cannot be read the thread count is left as it is and the report says so.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SAMPLE_S", "ThreadChoice", "busy_cores", "choose_threads", "threads_for"]
+
+SAMPLE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadChoice:
+    """The threads the bench times with, and the sentence the report prints about them."""
+
+    threads: int
+    before: int
+    busy: float | None
+    cores: int
+    note: str
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user time
+    return total - idle, total
+
+
+def busy_cores(seconds: float = SAMPLE_S) -> float:
+    """Cores kept busy by other processes over ``seconds`` (this one sleeps meanwhile).
+
+    Raises:
+        OSError: /proc/stat cannot be read (not Linux).
+    """
+    busy0, total0 = _cpu_times()
+    own0 = sum(os.times()[:2])
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    own1 = sum(os.times()[:2])
+    if total1 <= total0:
+        return 0.0
+    cores = os.cpu_count() or 1
+    share = (busy1 - busy0) / (total1 - total0)  # of all the machine's cores
+    return max(0.0, share * cores - (own1 - own0) / seconds)
+
+
+def threads_for(busy: float, cores: int, current: int) -> int:
+    """``min(current, max(1, cores - round(busy)))``: the module docstring's rule."""
+    return min(current, max(1, cores - round(busy)))
+
+
+def choose_threads(requested: int | str | None) -> ThreadChoice:
+    """The threads to time with: ``"auto"`` (measure the load), a number, or None (as is).
+
+    Raises:
+        ValueError: ``requested`` is not ``"auto"``, None or a positive int.
+    """
+    before = torch.get_num_threads()
+    cores = _usable_cores()
+    if requested is None:
+        return ThreadChoice(before, before, None, cores, f"{before} threads (torch's setting)")
+    if requested != "auto":
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads={requested!r}: use 'auto', None or a positive int")
+        return ThreadChoice(requested, before, None, cores, f"{requested} threads (as asked)")
+    try:
+        busy = busy_cores()
+    except OSError as exc:
+        return ThreadChoice(
+            before, before, None, cores,
+            f"{before} threads: the load of other processes could not be read ({exc})",
+        )  # fmt: skip
+    threads = threads_for(busy, cores, before)
+    if threads == before:
+        note = f"{threads} threads ({busy:.1f} of {cores} cores busy with other processes)"
+    else:
+        note = (
+            f"{threads} of {before} threads: {busy:.1f} of {cores} cores were busy with other "
+            "processes when the bench started, and a step's threads would wait at every "
+            f"barrier for the one sharing a core with them (--threads {before} to use them all)"
+        )
+    return ThreadChoice(threads, before, busy, cores, note)
