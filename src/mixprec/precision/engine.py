@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mixprec.distributed import plan as distributed
-from mixprec.master import CompensatedUpdate, MasterWeights, cast_module_
+from mixprec.master import cast_module_
 from mixprec.precision.nonfinite import NonFiniteGuard, NonFinitePolicy, check_policy
 from mixprec.precision.parts import (
     CudaContext,
@@ -16,12 +16,13 @@ from mixprec.precision.parts import (
     OptimizerPlan,
     StepResult,
     Tf32Flags,
+    build_plan,
     check_max_grad_norm,
-    clip_grads_,
     make_scaler,
 )
 from mixprec.precision.prepare import check_model_dtype, convert_fp8
-from mixprec.precision.state import check_state
+from mixprec.precision.state import check_state, load_plans_state, plans_state
+from mixprec.precision.stepping import unscale_and_step
 from mixprec.recipes import Recipe, get_recipe
 
 __all__ = ["Precision"]
@@ -133,7 +134,6 @@ class Precision:
         Raises:
             ValueError: if the model is already 16-bit and the recipe expects fp32
                 parameters (use fp16-master / bf16-master / bf16-true instead).
-            NotImplementedError: for fp8 recipes when :mod:`mixprec.float8` is absent.
 
         Example:
             >>> m = nn.Linear(4, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -190,24 +190,8 @@ class Precision:
             raise RuntimeError("add_optimizer() before setup(): call precision.setup(model, [])")
         if id(optimizer) in self._plans:
             raise RuntimeError("this optimizer was already set up by this Precision")
-        recipe = self._dist.recipe
-        masters = compensated = None
-        if recipe.master_dtype is not None:
-            masters = MasterWeights(
-                optimizer, accumulate_fp32=recipe.grad_dtype == torch.float32
-            )
-            if masters.accumulate_fp32:  # grads of a backward that ran before the hooks
-                low = masters.low_params_by_master()
-                with torch.no_grad():
-                    for master in masters.masters:
-                        p = low[id(master)]
-                        if p.grad is not None:
-                            master.grad.add_(p.grad)
-                            p.grad = None
-        elif recipe.update != "plain":
-            seed = self._seed if self._seed is not None else torch.initial_seed()
-            compensated = CompensatedUpdate(optimizer, method=recipe.update, seed=seed % 2**63)
-        self._plans[id(optimizer)] = OptimizerPlan(optimizer, masters, compensated, self._names)
+        seed = self._seed if self._seed is not None else torch.initial_seed()
+        self._plans[id(optimizer)] = build_plan(optimizer, self._dist.recipe, self._names, seed)
 
     # -- autocast -----------------------------------------------------------------------
     def _build_context(self):
@@ -326,46 +310,12 @@ class Precision:
         return self._end_step(plan, result, found_inf)
 
     def _unscale_and_step(self, plan: OptimizerPlan, max_grad_norm: float | None):
-        opt = plan.optimizer
-        # bf16-true with AdamW / Adam / SGD: the compensated bf16-state step stands in for
-        # opt.step(); it takes found_inf on a GPU, on the CPU a host read is cheaper
-        native = plan.compensated is not None and plan.compensated.native
-        step = plan.compensated.step if native else opt.step
-        found_inf = None
-        guard = self._guard
-        if self._scaling or guard.check_grads or max_grad_norm is not None:
-            grads = plan.grads()
-            if self._scaling:  # distributed: unscale local shards, then MAX over ranks
-                found_inf = self.scaler.unscale_(self._dist.local(grads), plan.names)
-                found_inf = self._dist.reduce_found_inf(found_inf)
-            elif guard.check_grads:  # the same check, at scale 1 (grads unchanged)
-                found_inf = self._dist.reduce_found_inf(guard.check(self._dist.local(grads)))
-            if guard.policy == "raise":
-                guard.raise_if_found(found_inf, grads, plan.names)
-            elif not self._scaling and found_inf is not None:
-                guard.check_streak(found_inf, grads, plan.names)
-            if max_grad_norm is not None:  # distributed: FSDP2 norms span all shards
-                present = plan.grads_in_model_order(grads)
-                self.last_grad_norm = self._dist.clip_(present, max_grad_norm, clip_grads_)
-        if found_inf is None:
-            step()
-            result = StepResult(True)
-        elif plan.fused and not native:
-            opt.grad_scale = None
-            opt.found_inf = found_inf
-            try:
-                opt.step()
-            finally:
-                del opt.grad_scale, opt.found_inf
-            result = StepResult(found_inf=found_inf)
-        elif native and found_inf.device.type != "cpu":  # skipped on the device: no sync
-            plan.compensated.step(found_inf)
-            result = StepResult(found_inf=found_inf)
-        else:
-            stepped = not bool(found_inf.item())  # the one host sync of this step
-            if stepped:
-                step()
-            result = StepResult(stepped, found_inf=found_inf)
+        result, found_inf, norm = unscale_and_step(
+            plan, max_grad_norm, scaler=self.scaler if self._scaling else None,
+            guard=self._guard, dist=self._dist,
+        )  # fmt: skip
+        if norm is not None:
+            self.last_grad_norm = norm
         return result, found_inf
 
     def _end_step(self, plan: OptimizerPlan, result: StepResult, found_inf) -> StepResult:
@@ -417,15 +367,7 @@ class Precision:
             "recipe": str(self.recipe),
             "scaler": self.scaler.state_dict(),
             "nonfinite": self._guard.state_dict(),
-            "optimizers": [
-                {
-                    "masters": None if plan.masters is None else plan.masters.state_dict(),
-                    "compensated": None
-                    if plan.compensated is None
-                    else plan.compensated.state_dict(),
-                }
-                for plan in self._plans.values()
-            ],
+            "optimizers": plans_state(self._plans.values()),
         }
 
     def check_state_dict(self, state: dict) -> None:
@@ -447,8 +389,4 @@ class Precision:
         self.scaler.load_state_dict(state["scaler"])
         if "nonfinite" in state:
             self._guard.load_state_dict(state["nonfinite"])
-        for plan, saved in zip(self._plans.values(), state["optimizers"], strict=True):
-            if plan.masters is not None:
-                plan.masters.load_state_dict(saved["masters"])
-            if plan.compensated is not None:
-                plan.compensated.load_state_dict(saved["compensated"])
+        load_plans_state(self._plans.values(), state["optimizers"])

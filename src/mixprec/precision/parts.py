@@ -22,6 +22,7 @@ __all__ = [
     "OptimizerPlan",
     "StepResult",
     "Tf32Flags",
+    "build_plan",
     "check_max_grad_norm",
     "clip_grads_",
     "make_scaler",
@@ -190,6 +191,29 @@ class OptimizerPlan:
     def grads_in_model_order(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """``grads`` (from :meth:`grads`) reordered as the model's parameters, Nones dropped."""
         return [grads[i] for i in self.model_order if grads[i] is not None]
+
+
+def build_plan(optimizer, recipe: Recipe, names: dict[int, str], seed: int) -> OptimizerPlan:
+    """The :class:`OptimizerPlan` of ``optimizer`` under ``recipe``: fp32 master weights
+    (master-weight recipes) or a compensated bf16 update (Kahan / stochastic rounding).
+
+    Gradients a backward already left in the 16-bit parameters are carried into the fp32
+    master gradients, so a step is the same whether the backward or this came first.
+    """
+    masters = compensated = None
+    if recipe.master_dtype is not None:
+        masters = MasterWeights(optimizer, accumulate_fp32=recipe.grad_dtype == torch.float32)
+        if masters.accumulate_fp32:  # grads of a backward that ran before the hooks
+            low = masters.low_params_by_master()
+            with torch.no_grad():
+                for master in masters.masters:
+                    p = low[id(master)]
+                    if p.grad is not None:
+                        master.grad.add_(p.grad)
+                        p.grad = None
+    elif recipe.update != "plain":
+        compensated = CompensatedUpdate(optimizer, method=recipe.update, seed=seed % 2**63)
+    return OptimizerPlan(optimizer, masters, compensated, names)
 
 
 def make_scaler(recipe: Recipe) -> LossScaler:

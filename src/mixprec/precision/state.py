@@ -18,7 +18,7 @@ import torch
 
 from mixprec.precision.parts import OptimizerPlan
 
-__all__ = ["REQUIRED_KEYS", "check_state"]
+__all__ = ["REQUIRED_KEYS", "check_state", "load_plans_state", "plans_state"]
 
 REQUIRED_KEYS = ("recipe", "scaler", "optimizers")
 
@@ -88,3 +88,23 @@ def _check_compensated(index: int, comps: list, saved: dict) -> None:
                 f"{getattr(theirs, 'shape', theirs)} in the checkpoint, "
                 f"{getattr(mine, 'shape', mine)} here (another model?)"
             )
+
+
+def plans_state(plans) -> list[dict]:
+    """The ``"optimizers"`` entry: each plan's master weights and compensation state."""
+    return [
+        {
+            "masters": None if plan.masters is None else plan.masters.state_dict(),
+            "compensated": None if plan.compensated is None else plan.compensated.state_dict(),
+        }
+        for plan in plans
+    ]
+
+
+def load_plans_state(plans, saved: list[dict]) -> None:
+    """Load what :func:`plans_state` saved (checked first by :func:`check_state`)."""
+    for plan, entry in zip(plans, saved, strict=True):
+        if plan.masters is not None:
+            plan.masters.load_state_dict(entry["masters"])
+        if plan.compensated is not None:
+            plan.compensated.load_state_dict(entry["compensated"])
