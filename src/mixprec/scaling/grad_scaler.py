@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
+from mixprec.scaling.checks import check_scale
 from mixprec.scaling.loss_scaler import LossScaler
-from mixprec.scaling.state import check_scale
 from mixprec.scaling.torch_face import (
     GradScalerRuntimeError,
     GradScalerValueError,
@@ -135,7 +135,7 @@ class GradScaler(TorchGradScalerFace):
         return self._scaler
 
     def _require_scale(self, funcname: str) -> torch.Tensor:
-        scale = self._scaler._scale
+        scale = self._scaler.scale_state.scale
         if scale is None:
             raise GradScalerRuntimeError(
                 f"{funcname}() was called before the scale exists: call "
@@ -144,7 +144,7 @@ class GradScaler(TorchGradScalerFace):
         return scale
 
     def _get_scale_async(self) -> torch.Tensor | None:
-        return self._scaler._scale
+        return self._scaler.scale_state.scale
 
     # -- scale -----------------------------------------------------------------------------
     def scale(self, outputs):
@@ -160,7 +160,7 @@ class GradScaler(TorchGradScalerFace):
 
         def apply_scale(val):
             if isinstance(val, torch.Tensor):
-                scale = self._scaler._ensure_state(val.device)
+                scale = self._scaler.materialize(val.device)
                 if val.device not in copies:
                     copies[val.device] = scale.to(val.device, non_blocking=True, copy=True)
                 return val * copies[val.device]
@@ -227,7 +227,7 @@ class GradScaler(TorchGradScalerFace):
         state["stage"] = OptState.UNSCALED
 
     def _found_inf(self, state) -> torch.Tensor:
-        scale = self._scaler._scale
+        scale = self._scaler.scale
         found = [t.to(scale.device, non_blocking=True) for t in state.values()]
         return found[0] if len(found) == 1 else sum(found)
 
@@ -287,7 +287,7 @@ class GradScaler(TorchGradScalerFace):
         else:
             if state["stage"] is OptState.READY:
                 self._record(optimizer, unscale=False)
-            scale = self._scaler._scale
+            scale = self._scaler.scale
             found_inf = (
                 self._found_inf(state["found_inf_per_device"])
                 if state["found_inf_per_device"]

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from mixprec.scaling.loss_scaler import _OVERRIDABLE
+from mixprec.scaling.checks import OVERRIDABLE, check_loss_scaler_state, check_scale
 from mixprec.scaling.rules import preset_config
-from mixprec.scaling.state import check_loss_scaler_state, check_scale
 
 __all__ = [
     "GradScalerRuntimeError",
@@ -59,17 +58,19 @@ class TorchGradScalerFace(torch.amp.GradScaler):
 
     # torch.amp.GradScaler's private attributes, read from the LossScaler (torch's __init__
     # is not run: every public method is this class's own).
-    _scale = _torch_attribute("_scale", lambda self: self._scaler._scale, "The scale tensor.")
+    _scale = _torch_attribute(
+        "_scale", lambda self: self._scaler.scale_state.scale, "The scale tensor."
+    )
     _growth_tracker = _torch_attribute(
         "_growth_tracker",
-        lambda self: self._scaler._growth_tracker,
+        lambda self: self._scaler.scale_state.growth_tracker,
         "Clean steps counted toward the next growth (int32 tensor).",
     )
     _init_scale = _torch_attribute(
-        "_init_scale", lambda self: self._scaler._init_state[0], "The scale to start from."
+        "_init_scale", lambda self: self._scaler.scale_state.initial[0], "The scale to start from."
     )
     _init_growth_tracker = _torch_attribute(
-        "_init_growth_tracker", lambda self: self._scaler._init_state[1], "Tracker start."
+        "_init_growth_tracker", lambda self: self._scaler.scale_state.initial[1], "Tracker start."
     )
     _growth_factor = _torch_attribute(
         "_growth_factor", lambda self: self._scaler.config.growth_factor, "Growth factor."
@@ -82,7 +83,7 @@ class TorchGradScalerFace(torch.amp.GradScaler):
     )
 
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
-        self._scaler._ensure_state(dev)
+        self._scaler.materialize(dev)
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         self._require_scale("_check_inf_per_device")
@@ -124,9 +125,7 @@ class TorchGradScalerFace(torch.amp.GradScaler):
     def _get_growth_tracker(self) -> int:
         if not self._enabled:
             return 0
-        if self._scaler._scale is None:
-            return self._scaler._init_state[1]
-        return int(self._scaler.growth_tracker.item())
+        return self._scaler.scale_state.values()[1]
 
     def is_enabled(self) -> bool:
         """Whether this scaler is enabled."""
@@ -152,9 +151,7 @@ class TorchGradScalerFace(torch.amp.GradScaler):
             "_growth_tracker": self._get_growth_tracker(),
         }
         if config.preset != "torch" or not config.is_torch_rule or config.framework_exact:
-            hyst = self._scaler._init_state[2]
-            if self._scaler._scale is not None:
-                hyst = int(self._scaler.hysteresis_tracker.item())
+            hyst = self._scaler.scale_state.values()[2]
             state.update(
                 preset=config.preset,
                 hysteresis=config.hysteresis,
@@ -196,7 +193,7 @@ class TorchGradScalerFace(torch.amp.GradScaler):
             config = preset_config(state_dict["preset"])
         changes = {
             key: state_dict[key]
-            for key in _OVERRIDABLE
+            for key in OVERRIDABLE
             if key != "init_scale" and key in state_dict
         }
         exact = changes.get("framework_exact", config.framework_exact)
