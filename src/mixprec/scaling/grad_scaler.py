@@ -59,9 +59,11 @@ class GradScaler(TorchGradScalerFace):
     :meth:`update`); calling out of order raises ``RuntimeError``. ``enabled=False``
     makes :meth:`step` call ``optimizer.step()`` and every other method a no-op.
 
-    Host syncs: :meth:`unscale_` and :meth:`update` none; :meth:`step` one (reading
-    ``found_inf``), none for optimizers with ``_step_supports_amp_scaling`` (torch's
-    fused Adam/AdamW/SGD), which receive ``grad_scale`` / ``found_inf`` tensors instead.
+    Host syncs: :meth:`unscale_` none; :meth:`update` none except on every
+    ``check_interval``-th call (the floor check of :class:`LossScaler` copies its record
+    to the host); :meth:`step` one (reading ``found_inf``), none for optimizers with
+    ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD), which receive
+    ``grad_scale`` / ``found_inf`` tensors instead.
 
     Locating the first non-finite parameter (``locate_nonfinite=True``, default) costs
     nothing extra when :meth:`step` unscales itself and then reads ``found_inf``: the
