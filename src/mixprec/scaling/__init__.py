@@ -7,8 +7,10 @@ pseudocode), ``kernels`` (the grouped foreach check / unscale / locate pass over
 gradients), ``loss_scaler`` (LossScaler, which holds the parts below), ``scale_state``
 (the scale tensors and the host's bound on the scale), ``record`` (steps, the on-device
 log and the floor check), ``telemetry`` (what is read out of the record), ``checks``
-(a scale or a checkpoint given from outside), ``grad_scaler`` (GradScaler) and
-``torch_face`` (what torch code sees of it: private attributes, checkpoints, errors).
+(a scale or a checkpoint given from outside), ``grad_scaler`` (GradScaler, which holds a
+LossScaler and an ``optimizer_checks.OptimizerChecks``: each optimizer's stage and
+``found_inf`` this iteration) and ``torch_face`` (what torch code sees of it: private
+attributes, checkpoint format, errors).
 """
 
 from mixprec.scaling.grad_scaler import GradScaler
