@@ -50,11 +50,11 @@ class LossScaler:
     host without a sync), the check also covers the unscaled values. ``locate_nonfinite``
     records which gradient was the first non-finite one (cost: :mod:`~.kernels`).
 
-    Floor (mixprec's safety): the scale never goes below ``config.floor`` =
-    ``max(min_scale, 2^-126)``, and :meth:`check` raises :class:`ScaleFloorError` when
-    ``floor_patience`` consecutive steps overflowed at that floor, naming the first
-    non-finite gradient. :meth:`update` runs the check every ``check_interval`` steps,
-    :meth:`telemetry` too. ``framework_exact=True`` removes both (the preset's rule alone).
+    Floor (mixprec's safety): the rule never lowers the scale below ``config.floor`` =
+    ``max(min_scale, 2^-126)`` (one set by hand need only be >= 2^-126); :meth:`check`
+    raises :class:`ScaleFloorError` when ``floor_patience`` consecutive steps overflowed
+    at that floor, naming the first non-finite gradient. :meth:`update` runs it every
+    ``check_interval`` steps, :meth:`telemetry` too. ``framework_exact=True`` removes both.
 
     Args:
         enabled: ``False`` makes every method a no-op (``unscale_`` returns zeros).
