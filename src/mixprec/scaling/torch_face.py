@@ -51,7 +51,11 @@ def torch_attribute(name: str, read: Callable[[LossScaler], Any], doc: str) -> p
     return property(fget, fset, doc=doc)
 
 
-_TORCH_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+_FACTORS = ("growth_factor", "backoff_factor", "growth_interval")  # torch's settings
+_TORCH_KEYS = ("scale", *_FACTORS, "_growth_tracker")  # torch's state_dict
+# What a rule other than torch's adds (with "_hysteresis_tracker").
+_EXTRA = ("preset", "hysteresis", "min_scale", "max_scale", "consecutive_hysteresis",
+          "framework_exact")
 
 
 def torch_state_dict(scaler: LossScaler) -> dict[str, Any]:
@@ -66,23 +70,9 @@ def torch_state_dict(scaler: LossScaler) -> dict[str, Any]:
     """
     config = scaler.config
     scale, growth, hyst = scaler.scale_state.values()
-    state = {
-        "scale": scale,
-        "growth_factor": config.growth_factor,
-        "backoff_factor": config.backoff_factor,
-        "growth_interval": config.growth_interval,
-        "_growth_tracker": growth,
-    }
+    state = {"scale": scale, **{k: getattr(config, k) for k in _FACTORS}, "_growth_tracker": growth}
     if config.preset != "torch" or not config.is_torch_rule or config.framework_exact:
-        state.update(
-            preset=config.preset,
-            hysteresis=config.hysteresis,
-            min_scale=config.min_scale,
-            max_scale=config.max_scale,
-            consecutive_hysteresis=config.consecutive_hysteresis,
-            framework_exact=config.framework_exact,
-            _hysteresis_tracker=hyst,
-        )
+        state.update({k: getattr(config, k) for k in _EXTRA}, _hysteresis_tracker=hyst)
     return state
 
 
