@@ -134,16 +134,10 @@ def _scaler_bytes(recipe: Recipe) -> int:
         from mixprec.precision import Precision
 
         scaler = Precision(recipe).scaler
-        scaler._ensure_state(torch.device("meta"))
+        scaler.materialize(torch.device("meta"))
     except Exception:  # scaling not available in this build
         return 0
-    total, seen = 0, set()
-    for obj in (scaler, getattr(scaler, "_log", None)):
-        for value in getattr(obj, "__dict__", {}).values():
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-    return total
+    return scaler.nbytes
 
 
 def fp8_state_per_linear(recipe: Recipe) -> int:

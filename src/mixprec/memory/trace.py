@@ -143,9 +143,8 @@ def trace_step(
     # pass: count it now, or its first use in backward would look like new memory.
     stepped = [p for group in opt.param_groups for p in group["params"]]
     tracker.track([params, list(work.buffers()), batch, stepped, [p.grad for p in stepped]])
-    ensure = getattr(precision.scaler, "_ensure_state", None)
-    if ensure is not None:  # create the loss scaler's state now: it is not per-batch memory
-        ensure(params[0].device if params else torch.device("cpu"))
+    # Create the loss scaler's state now: it is not per-batch memory.
+    precision.scaler.materialize(params[0].device if params else torch.device("cpu"))
     saved: dict[int, tuple[int, bool, bool]] = {}  # storage id -> (bytes, static, fp8)
 
     def pack(t: torch.Tensor):

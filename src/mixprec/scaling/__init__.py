@@ -4,9 +4,13 @@ between periodic floor checks) and :class:`GradScaler` (a drop-in for
 
 Modules: ``rules`` (the scale state machine and presets, with each framework's rule as
 pseudocode), ``kernels`` (the grouped foreach check / unscale / locate pass over the
-gradients), ``loss_scaler`` (LossScaler), ``telemetry`` (what a scaler records),
-``state`` (input checks, state dicts, pickling), ``grad_scaler`` (GradScaler) and
-``torch_face`` (what torch code sees of it: private attributes, checkpoints, errors).
+gradients), ``loss_scaler`` (LossScaler, which holds the parts below), ``scale_state``
+(the scale tensors and the host's bound on the scale), ``record`` (steps, the on-device
+log and the floor check), ``telemetry`` (what is read out of the record), ``checks``
+(a scale or a checkpoint given from outside), ``grad_scaler`` (GradScaler, which holds a
+LossScaler and an ``optimizer_checks.OptimizerChecks``: each optimizer's stage and
+``found_inf`` this iteration) and ``torch_face`` (what torch code sees of it: private
+attributes, checkpoint format, errors).
 """
 
 from mixprec.scaling.grad_scaler import GradScaler

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
-from collections import abc, defaultdict
+from collections import abc
 from typing import Any
 
 import torch
 from torch.amp.grad_scaler import OptState
 
+from mixprec.scaling.checks import check_scale
 from mixprec.scaling.loss_scaler import LossScaler
-from mixprec.scaling.state import check_scale
+from mixprec.scaling.optimizer_checks import OptimizerChecks
 from mixprec.scaling.torch_face import (
     GradScalerRuntimeError,
     GradScalerValueError,
-    TorchGradScalerFace,
-    _refresh_per_optimizer_state,
+    loss_scaler_state_of,
+    torch_attribute,
+    torch_state_dict,
 )
 
 __all__ = ["GradScaler", "GradScalerRuntimeError", "GradScalerValueError", "OptState"]
 
 
-class GradScaler(TorchGradScalerFace):
+class GradScaler(torch.amp.GradScaler):
     """Drop-in for ``torch.amp.GradScaler``: a subclass with the same methods and state
     machine (``isinstance(scaler, torch.amp.GradScaler)`` is True).
 
@@ -42,7 +43,10 @@ class GradScaler(TorchGradScalerFace):
     ``_unscale_grads_`` is torch's own (it checks before unscaling, as torch does);
     ``_check_inf_per_device`` runs this class's check.
 
-    Pickling (as torch): only between iterations, else :class:`GradScalerRuntimeError`;
+    It holds a :class:`LossScaler` (:attr:`loss_scaler`: the scale, rule and telemetry) and
+    an :class:`~mixprec.scaling.optimizer_checks.OptimizerChecks` (each optimizer's stage
+    and ``found_inf`` this iteration), and delegates to them; torch's ``__init__`` is not
+    run. Pickling (as torch): only between iterations, else :class:`GradScalerRuntimeError`;
     the pickle holds plain Python values (no tensors, no telemetry record), so it is small
     and loads on a machine without the device it was made on.
 
@@ -59,9 +63,11 @@ class GradScaler(TorchGradScalerFace):
     :meth:`update`); calling out of order raises ``RuntimeError``. ``enabled=False``
     makes :meth:`step` call ``optimizer.step()`` and every other method a no-op.
 
-    Host syncs: :meth:`unscale_` and :meth:`update` none; :meth:`step` one (reading
-    ``found_inf``), none for optimizers with ``_step_supports_amp_scaling`` (torch's
-    fused Adam/AdamW/SGD), which receive ``grad_scale`` / ``found_inf`` tensors instead.
+    Host syncs: :meth:`unscale_` none; :meth:`update` none except on every
+    ``check_interval``-th call (the floor check of :class:`LossScaler` copies its record
+    to the host); :meth:`step` one (reading ``found_inf``), none for optimizers with
+    ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD), which receive
+    ``grad_scale`` / ``found_inf`` tensors instead.
 
     Locating the first non-finite parameter (``locate_nonfinite=True``, default) costs
     nothing extra when :meth:`step` unscales itself and then reads ``found_inf``: the
@@ -124,18 +130,44 @@ class GradScaler(TorchGradScalerFace):
             )
         except ValueError as error:  # torch raises AssertionError for bad factors
             raise GradScalerValueError(str(error)) from None
-        self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
-            _refresh_per_optimizer_state
-        )
+        self._checks = OptimizerChecks(self._scaler)
 
-    # -- helpers ---------------------------------------------------------------------------
     @property
     def loss_scaler(self) -> LossScaler:
         """The :class:`LossScaler` holding the scale, rule and telemetry."""
         return self._scaler
 
+    # -- torch.amp.GradScaler's private attributes, read from the parts ----------------------
+    _scale = torch_attribute("_scale", lambda s: s.scale_state.scale, "The scale tensor.")
+    _growth_tracker = torch_attribute(
+        "_growth_tracker", lambda s: s.scale_state.growth_tracker, "Clean steps (int32)."
+    )
+    _init_scale = torch_attribute("_init_scale", lambda s: s.scale_state.initial[0], "Start.")
+    _init_growth_tracker = torch_attribute(
+        "_init_growth_tracker", lambda s: s.scale_state.initial[1], "Tracker start."
+    )
+    _growth_factor = torch_attribute("_growth_factor", lambda s: s.config.growth_factor, "x")
+    _backoff_factor = torch_attribute("_backoff_factor", lambda s: s.config.backoff_factor, "x")
+    _growth_interval = torch_attribute(
+        "_growth_interval", lambda s: s.config.growth_interval, "Steps between growths."
+    )
+
+    @property
+    def _per_optimizer_states(self) -> dict[int, dict[str, Any]]:
+        """torch's layout: ``{id(optimizer): {"stage": OptState, "found_inf_per_device":
+        {device: tensor}}}`` for this iteration."""
+        return self._checks.states
+
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        self._scaler.materialize(dev)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        self._require_scale("_check_inf_per_device")
+        self._checks.run(optimizer, unscale=False)
+        return self._checks[optimizer]["found_inf_per_device"]
+
     def _require_scale(self, funcname: str) -> torch.Tensor:
-        scale = self._scaler._scale
+        scale = self._scaler.scale_state.scale
         if scale is None:
             raise GradScalerRuntimeError(
                 f"{funcname}() was called before the scale exists: call "
@@ -144,7 +176,7 @@ class GradScaler(TorchGradScalerFace):
         return scale
 
     def _get_scale_async(self) -> torch.Tensor | None:
-        return self._scaler._scale
+        return self._scaler.scale_state.scale
 
     # -- scale -----------------------------------------------------------------------------
     def scale(self, outputs):
@@ -160,7 +192,7 @@ class GradScaler(TorchGradScalerFace):
 
         def apply_scale(val):
             if isinstance(val, torch.Tensor):
-                scale = self._scaler._ensure_state(val.device)
+                scale = self._scaler.materialize(val.device)
                 if val.device not in copies:
                     copies[val.device] = scale.to(val.device, non_blocking=True, copy=True)
                 return val * copies[val.device]
@@ -172,40 +204,6 @@ class GradScaler(TorchGradScalerFace):
         return apply_scale(outputs)
 
     # -- unscale_ / step / update -----------------------------------------------------------
-    def _grads(self, optimizer, allow_fp16: bool):
-        grads, names = [], []
-        for g, group in enumerate(optimizer.param_groups):
-            group_names = group.get("param_names")
-            for i, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                if not allow_fp16 and param.grad.dtype == torch.float16:
-                    raise ValueError("Attempting to unscale FP16 gradients.")
-                if param.grad.is_sparse:
-                    # Coalesce fp16 sparse grads first: duplicates summed may overflow.
-                    if param.grad.dtype is torch.float16:
-                        param.grad = param.grad.coalesce()
-                    grads.append(param.grad._values())
-                else:
-                    grads.append(param.grad)
-                names.append(group_names[i] if group_names else f"param_groups[{g}]['params'][{i}]")
-        return grads, names
-
-    def _record(self, optimizer, *, unscale: bool, locate: bool | None = None) -> None:
-        state = self._per_optimizer_states[id(optimizer)]
-        with torch.no_grad():
-            grads, names = self._grads(optimizer, allow_fp16=not unscale)
-            if not grads:
-                state["found_inf_per_device"] = {}
-                return
-            if unscale:
-                found_inf = self._scaler.unscale_(grads, names, locate=locate)
-            else:
-                found_inf = self._scaler.check_(grads, names, locate=locate)
-        state["found_inf_per_device"] = {found_inf.device: found_inf}
-        # Kept (references only, until update()) to locate a non-finite gradient later.
-        state["unlocated"] = (grads, names) if locate is False else None
-
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide ``optimizer``'s gradients by the scale in place (no sync).
 
@@ -216,20 +214,15 @@ class GradScaler(TorchGradScalerFace):
         if not self._enabled:
             return
         self._require_scale("unscale_")
-        state = self._per_optimizer_states[id(optimizer)]
+        state = self._checks[optimizer]
         if state["stage"] is OptState.UNSCALED:
             raise RuntimeError(
                 "unscale_() has already been called on this optimizer since the last update()."
             )
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        self._record(optimizer, unscale=True)
+        self._checks.run(optimizer, unscale=True)
         state["stage"] = OptState.UNSCALED
-
-    def _found_inf(self, state) -> torch.Tensor:
-        scale = self._scaler._scale
-        found = [t.to(scale.device, non_blocking=True) for t in state.values()]
-        return found[0] if len(found) == 1 else sum(found)
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
         """Unscale (unless done) and call ``optimizer.step(*args, **kwargs)`` unless the
@@ -244,17 +237,17 @@ class GradScaler(TorchGradScalerFace):
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._require_scale("step")
-        state = self._per_optimizer_states[id(optimizer)]
+        state = self._checks[optimizer]
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
 
         if getattr(optimizer, "_step_supports_amp_scaling", False):
-            return self._fused_step(optimizer, state, args, kwargs)
+            return self._checks.fused_step(optimizer, self, args, kwargs)
 
         if state["stage"] is OptState.READY:
             # Nothing can touch the gradients between this unscale and the read below, so
             # the first non-finite one is located only if the step overflowed.
-            self._record(optimizer, unscale=True, locate=False)
+            self._checks.run(optimizer, unscale=True, locate=False)
             state["stage"] = OptState.UNSCALED
         if not state["found_inf_per_device"]:
             raise GradScalerRuntimeError(
@@ -262,48 +255,12 @@ class GradScaler(TorchGradScalerFace):
                 "has a gradient. Call backward() on the scaled loss before step()."
             )
         retval = None
-        if not self._found_inf(state["found_inf_per_device"]).item():
+        if not self._checks.found_inf(optimizer).item():
             retval = optimizer.step(*args, **kwargs)
-        elif state.get("unlocated") and self._scaler.locate_nonfinite:
-            with torch.no_grad():
-                self._scaler.check_(*state["unlocated"], locate=True)  # inf/NaN stay so
+        else:
+            self._checks.locate(optimizer)
         state["unlocated"] = None
         state["stage"] = OptState.STEPPED
-        return retval
-
-    def _fused_step(self, optimizer, state, args, kwargs):
-        # Optimizers with _step_supports_amp_scaling unscale and skip inside their kernel.
-        has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
-        if has_grad_scaler_kwarg:
-            warnings.warn(
-                "GradScaler is going to stop passing itself as a keyword argument to the passed "
-                "optimizer. In the near future GradScaler registers `grad_scale: Tensor` and "
-                "`found_inf: Tensor` to the passed optimizer and let the optimizer use them "
-                "directly.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            kwargs = {**kwargs, "grad_scaler": self}
-        else:
-            if state["stage"] is OptState.READY:
-                self._record(optimizer, unscale=False)
-            scale = self._scaler._scale
-            found_inf = (
-                self._found_inf(state["found_inf_per_device"])
-                if state["found_inf_per_device"]
-                else torch.zeros((), dtype=torch.float32, device=scale.device)
-            )
-            optimizer.grad_scale = (
-                getattr(optimizer, "grad_scale", None)
-                if state["stage"] is OptState.UNSCALED
-                else scale * getattr(optimizer, "grad_scale", 1)
-            )
-            optimizer.found_inf = found_inf
-        retval = optimizer.step(*args, **kwargs)
-        state["stage"] = OptState.STEPPED
-        if not has_grad_scaler_kwarg:
-            del optimizer.grad_scale
-            del optimizer.found_inf
         return retval
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
@@ -321,12 +278,8 @@ class GradScaler(TorchGradScalerFace):
         """
         if not self._enabled:
             return
-        scale = self._require_scale("update")
-        found_infs = [
-            found.to(scale.device, non_blocking=True)
-            for state in self._per_optimizer_states.values()
-            for found in state["found_inf_per_device"].values()
-        ]
+        self._require_scale("update")
+        found_infs = self._checks.all_found()
         if new_scale is not None:
             if isinstance(new_scale, torch.Tensor):
                 if (
@@ -346,7 +299,7 @@ class GradScaler(TorchGradScalerFace):
                 "for each optimizer before update()."
             )
         # Clear the iteration's records first, so a floor error leaves a usable scaler.
-        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+        self._checks.reset()
         if found_infs:
             combined = found_infs[0]
             for extra in found_infs[1:]:
@@ -358,3 +311,74 @@ class GradScaler(TorchGradScalerFace):
     def telemetry(self):
         """Steps, skipped steps, scale history and first non-finite parameters (syncs)."""
         return self._scaler.telemetry()
+
+    # -- getters / setters (as torch) --------------------------------------------------------
+    def get_scale(self) -> float:
+        """The current scale as a float; 1.0 when disabled.
+
+        .. warning:: Syncs with the device.
+        """
+        return self._scaler.get_scale()
+
+    def get_growth_factor(self) -> float:
+        """The scale growth factor."""
+        return self._scaler.config.growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the scale growth factor."""
+        self._scaler.config = self._scaler.config.replace(growth_factor=new_factor)
+
+    def get_backoff_factor(self) -> float:
+        """The scale backoff factor."""
+        return self._scaler.config.backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the scale backoff factor."""
+        self._scaler.config = self._scaler.config.replace(backoff_factor=new_factor)
+
+    def get_growth_interval(self) -> int:
+        """The growth interval."""
+        return self._scaler.config.growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the growth interval."""
+        self._scaler.config = self._scaler.config.replace(growth_interval=new_interval)
+
+    def _get_growth_tracker(self) -> int:
+        return self._scaler.scale_state.values()[1] if self._enabled else 0
+
+    def is_enabled(self) -> bool:
+        """Whether this scaler is enabled."""
+        return self._enabled
+
+    # -- checkpoints and pickling (as torch) ---------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format (:func:`~mixprec.scaling.torch_face.torch_state_dict`); empty
+        when disabled. Syncs."""
+        return torch_state_dict(self._scaler) if self._enabled else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this class or by ``torch.amp.GradScaler``. Everything is
+        checked before anything changes.
+
+        Raises:
+            RuntimeError: for an empty state (saved from a disabled scaler), as torch.
+            ValueError: for a missing key, a NaN / inf / zero / negative / subnormal scale,
+                a factor or interval out of range or a tracker out of its range.
+        """
+        if self._enabled:
+            self._scaler.load_state_dict(loss_scaler_state_of(state_dict, self._scaler))
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._enabled and self._checks.pending:
+            raise GradScalerRuntimeError(
+                "A GradScaler instance may only be pickled at the beginning "
+                "of an iteration, or at the end after scaler.update()."
+            )
+        state = self.__dict__.copy()
+        del state["_checks"]  # empty between iterations; made again on loading
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._checks = OptimizerChecks(self._scaler)

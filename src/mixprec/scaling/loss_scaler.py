@@ -3,76 +3,58 @@ periodic floor checks."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
-from mixprec.scaling.kernels import NONE_INDEX, GradChecker, LocateMethod
-from mixprec.scaling.rules import ScalerConfig, apply_rule_, preset_config
-from mixprec.scaling.state import (
+from mixprec.scaling.checks import (
+    OVERRIDABLE,
+    check_record_settings,
     check_scale,
-    load_state_dict_into,
-    pickle_state_of,
-    state_dict_of,
+    read_loss_scaler_state,
+    scaler_config,
 )
-from mixprec.scaling.telemetry import ScalerRecord, StepLog
+from mixprec.scaling.kernels import GradChecker, LocateMethod
+from mixprec.scaling.record import ScalerRecord
+from mixprec.scaling.rules import ScalerConfig
+from mixprec.scaling.scale_state import ScaleState
+from mixprec.scaling.telemetry import ScalerTelemetry
 
 __all__ = ["LossScaler"]
 
-_OVERRIDABLE = (
-    "init_scale",
-    "growth_factor",
-    "backoff_factor",
-    "growth_interval",
-    "hysteresis",
-    "min_scale",
-    "max_scale",
-    "consecutive_hysteresis",
-    "framework_exact",
-)
+Grads = Sequence[Tensor | None]  # gradients to check (None entries are skipped)
+Names = Sequence[str] | None  # their names, for the telemetry and the floor error
 
 
-class LossScaler(ScalerRecord):
+class LossScaler:
     """Scales the loss, unscales and checks gradients, and moves the scale.
 
-    Host syncs: none in :meth:`scale_loss`, :meth:`unscale_` and :meth:`check_`; in
-    :meth:`update` one every ``check_interval`` calls (default 100: the floor check copies
-    the record to the host), none in between; :meth:`get_scale`, :meth:`state_dict`,
-    :meth:`telemetry` and a tensor given to :meth:`set_scale` one each.
-
     One interface for no scaling (``enabled=False``: every method is a no-op), a static
-    scale (``dynamic=False``) and dynamic scaling following one of the framework rules in
-    :mod:`mixprec.scaling.rules` (``preset``: ``"torch"``, ``"apex"``, ``"deepspeed"``,
-    ``"deepspeed-legacy"``, ``"deepspeed-fp16-optimizer"``, ``"megatron"``; each setting
-    left as ``None`` takes the preset's value).
+    scale (``dynamic=False``) and dynamic scaling by one of the framework rules in
+    :mod:`mixprec.scaling.rules` (``preset``; each setting left as ``None`` takes the
+    preset's value). It holds three parts, each owning its data: a
+    :class:`~mixprec.scaling.scale_state.ScaleState` (the scale tensors), a
+    :class:`~mixprec.scaling.record.ScalerRecord` (steps, on-device log, floor check) and
+    a :class:`~mixprec.scaling.kernels.GradChecker` (the grouped pass over the gradients).
 
-    Between those checks the hot path reads nothing back to the host: the inf/NaN check
-    and unscaling run as ``torch._amp_foreach_non_finite_check_and_unscale_`` per
-    (device, dtype) group, and the scale state machine runs as tensor ops.
+    Host syncs: none in :meth:`scale_loss`, :meth:`unscale_` and :meth:`check_`; none in
+    :meth:`update` (the rule runs as tensor ops) except on every ``check_interval``-th
+    call, whose floor check copies the record to the host. :meth:`get_scale`,
+    :meth:`state_dict`, :meth:`check`, :meth:`telemetry`, pickling and a tensor given to
+    :meth:`set_scale` read the device (they sync). A pickle holds Python values only (no
+    tensors, no record) and is refused between :meth:`unscale_` and :meth:`update`.
 
-    What the step applies is what is checked: while the scale may be below 1, unscaling
-    can turn a finite gradient into inf, so the check then also covers the unscaled values
-    (one extra max-abs read of the gradients, see :mod:`mixprec.scaling.kernels`). Whether
-    it may be is known on the host without a sync (a lower bound, refreshed from a host
-    copy of the scale that :meth:`update` starts).
+    What the step applies is what is checked: while the scale may be below 1 (known on the
+    host without a sync), the check also covers the unscaled values. ``locate_nonfinite``
+    records which gradient was the first non-finite one (cost: :mod:`~.kernels`).
 
-    Telemetry is recorded on the device and read out by :meth:`telemetry` (one sync).
-    With ``locate_nonfinite=True`` (default) each :meth:`unscale_` also records, on the
-    device, which gradient was the first non-finite one; its name is looked up only when
-    read. Cost (see :mod:`mixprec.scaling.kernels`): on CPU one kernel dispatch per
-    gradient instead of one per (device, dtype) group, and no extra pass over the data;
-    on accelerators one extra fused read of the gradients (a foreach max-abs). Plus ~4
-    tiny kernels either way. ``locate_nonfinite=False`` removes it.
-
-    Floor (mixprec's safety, see :mod:`mixprec.scaling.rules`): the scale never goes below
-    ``config.floor`` = ``max(min_scale, 2^-126)``, and when ``floor_patience`` consecutive
-    steps overflow with the scale already at that floor, :meth:`check` raises
-    :class:`ScaleFloorError` naming the first non-finite gradient and how many steps in a
-    row overflowed. It costs nothing per step: :meth:`check` scans the on-device record on
-    the host, and :meth:`update` calls it every ``check_interval`` steps (one copy of the
-    record to the host each time; ``0`` turns the periodic check off), as does
-    :meth:`telemetry`. ``framework_exact=True`` removes both (the preset's rule alone).
+    Floor (mixprec's safety): the rule never lowers the scale below ``config.floor`` =
+    ``max(min_scale, 2^-126)`` (one set by hand need only be >= 2^-126); :meth:`check`
+    raises :class:`ScaleFloorError` when ``floor_patience`` consecutive steps overflowed
+    at that floor, naming the first non-finite gradient. :meth:`update` runs it every
+    ``check_interval`` steps, :meth:`telemetry` too. ``framework_exact=True`` removes both.
 
     Args:
         enabled: ``False`` makes every method a no-op (``unscale_`` returns zeros).
@@ -124,67 +106,18 @@ class LossScaler(ScalerRecord):
         check_interval: int | None = None,
         history_len: int = 4096,
     ) -> None:
-        given = dict(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
-            consecutive_hysteresis=consecutive_hysteresis,
-            framework_exact=framework_exact,
-        )
-        overrides = {k: v for k, v in given.items() if v is not None}
-        if not dynamic and "min_scale" not in overrides:
-            overrides["min_scale"] = 0.0  # a static scale has no floor
-        if not dynamic and "max_scale" not in overrides:
-            overrides["max_scale"] = math.inf
-        self.config: ScalerConfig = preset_config(preset, dynamic=dynamic, **overrides)
-        for name, value in (("floor_patience", floor_patience), ("history_len", history_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if check_interval is None:
-            check_interval = min(100, history_len) if isinstance(history_len, int) else 100
-        if isinstance(check_interval, bool) or not isinstance(check_interval, int):
-            raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
-        if not 0 <= check_interval <= history_len:
-            raise ValueError(
-                f"check_interval={check_interval!r} must be in [0, history_len={history_len}] "
-                "(the floor check reads the steps kept in the record)"
-            )
+        given = locals()
+        overrides = {k: given[k] for k in OVERRIDABLE if given[k] is not None}
+        self.config: ScalerConfig = scaler_config(preset, dynamic, overrides)
+        check_interval = check_record_settings(floor_patience, history_len, check_interval)
         self.enabled = bool(enabled)
         self.locate_nonfinite = bool(locate_nonfinite)
         self.floor_patience = floor_patience
         self.check_interval = check_interval
-        self.history_len = history_len
         self._device = torch.device(device) if device is not None else None
-        # State is created lazily on the device of the first loss / gradients.
-        self._scale: torch.Tensor | None = None
-        self._growth_tracker: torch.Tensor | None = None
-        self._hysteresis_tracker: torch.Tensor | None = None
-        # Floor check, on the host: steps before _floor_scanned have been scanned, and the
-        # last _floor_streak of them overflowed at the floor.
-        self._floor_scanned = 0
-        self._floor_streak = 0
-        self._overflow_run = 0
-        # A lower bound on the current scale, known on the host without a sync (unscaling
-        # can only overflow below 1): exact after set_scale / load_state_dict, lowered by one
-        # backoff per update(), and exact again once the host copy that update() starts of
-        # the new scale has landed (at once on CPU; on CUDA when its event says so).
-        self._low = self.config.init_scale
-        self._mirror: torch.Tensor | None = None  # host copy of the scale (pinned on CUDA)
-        self._mirror_event = None
-        self._mirror_fresh = False
-        self._log: StepLog | None = None
-        self._init_state = (
-            self.config.init_scale,
-            self.config.growth_tracker_start,
-            self.config.hysteresis,
-        )
-        self._init_skipped = 0
-        self._steps = 0
-        self._pending: list[tuple[torch.Tensor, Sequence[str] | None, int]] = []
+        # The parts, each owning its data; their tensors are made on first use (materialize).
+        self._scale_state = ScaleState.start_of(self.config)
+        self._record = ScalerRecord(history_len)
         self._checker = GradChecker(locate_method)
 
     # -- constructors ---------------------------------------------------------------------
@@ -218,20 +151,52 @@ class LossScaler(ScalerRecord):
         """
         return cls(enabled=False)
 
-    # -- state ------------------------------------------------------------------------------
+    # -- state (held in self._scale_state) -------------------------------------------------
     def _ensure_state(self, device: torch.device | None) -> torch.Tensor:
-        if self._scale is None:
+        if not self._scale_state.created:
             dev = self._device or device or torch.device("cpu")
-            scale, growth, hyst = self._init_state
-            self._scale = torch.full((), scale, dtype=torch.float32, device=dev)
-            self._growth_tracker = torch.full((), growth, dtype=torch.int32, device=dev)
-            self._hysteresis_tracker = torch.full((), hyst, dtype=torch.int32, device=dev)
-            self._log = StepLog(self.history_len, dev)
-            self._log.skipped.fill_(self._init_skipped)
-            self._log.origin = self._steps
-            if dev.type in ("cpu", "cuda"):
-                self._mirror = torch.empty((), dtype=torch.float32, pin_memory=dev.type == "cuda")
-        return self._scale
+            self._scale_state.create(dev)
+            self._record.create(dev)
+        return self._scale_state.scale
+
+    def materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Create the scale tensors and the record now, as the first use would (on the
+        constructor's ``device``, else ``device``, else the CPU); return the scale. No sync.
+        A disabled scaler creates nothing and returns :attr:`scale` (1.0).
+
+        Example:
+            >>> scaler = LossScaler()
+            >>> scaler.scale_state.created, scaler.materialize("cpu").item()
+            (False, 65536.0)
+        """
+        if not self.enabled:
+            return self.scale
+        return self._ensure_state(torch.device(device) if device is not None else None)
+
+    @property
+    def scale_state(self) -> ScaleState:
+        """The scale, its trackers (``None`` until created) and their start (read it only)."""
+        return self._scale_state
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the scaler's tensors take (0 before they exist):
+        ``numel * element_size`` summed over the scale (fp32), the two trackers (int32)
+        and the record (``history_len`` x (4 B scale + 1 B overflow flag + 8 B index) +
+        8 B skipped counter), so ``12 + 13 * history_len + 8`` (53,268 B by default).
+
+        Example:
+            >>> scaler = LossScaler(history_len=10)
+            >>> scaler.nbytes, scaler.materialize("cpu").item(), scaler.nbytes
+            (0, 65536.0, 150)
+        """
+        tensors = (*self._scale_state.tensors(), *self._record.tensors())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def history_len(self) -> int:
+        """Steps kept in the scale/skip record (a ring buffer)."""
+        return self._record.capacity
 
     @property
     def scale(self) -> torch.Tensor:
@@ -244,22 +209,20 @@ class LossScaler(ScalerRecord):
     def growth_tracker(self) -> torch.Tensor:
         """Clean steps counted toward the next growth (int32 0-dim tensor)."""
         self._ensure_state(None)
-        return self._growth_tracker
+        return self._scale_state.growth_tracker
 
     @property
     def hysteresis_tracker(self) -> torch.Tensor:
         """Overflows still tolerated before the scale backs off (int32 0-dim tensor)."""
         self._ensure_state(None)
-        return self._hysteresis_tracker
+        return self._scale_state.hysteresis_tracker
 
     def get_scale(self) -> float:
         """The current scale as a float (1.0 if disabled).
 
         .. warning:: Syncs with the device once the state exists; not for the hot path.
         """
-        if not self.enabled:
-            return 1.0
-        return self._init_state[0] if self._scale is None else float(self._scale.item())
+        return self._scale_state.values()[0] if self.enabled else 1.0
 
     def set_scale(self, value: float | torch.Tensor) -> None:
         """Overwrite the scale (trackers untouched).
@@ -268,20 +231,53 @@ class LossScaler(ScalerRecord):
 
         Raises:
             ValueError: for a NaN, inf, zero, negative or subnormal scale (see
-                :func:`~mixprec.scaling.validate.check_scale`).
+                :func:`~mixprec.scaling.checks.check_scale`).
         """
         number = check_scale(value, exact=self.config.framework_exact)
-        scale = self._ensure_state(value.device if isinstance(value, torch.Tensor) else None)
-        scale.fill_(number)
-        self._low = number
-        self._mirror_fresh = False  # the host copy holds an older scale
+        self._ensure_state(value.device if isinstance(value, torch.Tensor) else None)
+        self._scale_state.set_scale(number)
 
-    def _amplifies(self) -> bool:
-        """Whether the scale may be below 1, so that unscaling can overflow (no sync)."""
-        if self._mirror_fresh and (self._mirror_event is None or self._mirror_event.query()):
-            self._low = float(self._mirror.numpy())  # host memory: no device read
-            self._mirror_fresh = False
-        return self._low < 1.0
+    # -- the record (held in self._record) ------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of :meth:`update` calls (known on the host)."""
+        return self._record.steps
+
+    @property
+    def steps_skipped(self) -> torch.Tensor:
+        """Steps whose gradients overflowed (int64 0-dim tensor, no sync)."""
+        self._ensure_state(None)
+        return self._record.skipped.clone()
+
+    @property
+    def steps_taken(self) -> torch.Tensor:
+        """Steps whose optimizer update ran: ``steps - steps_skipped`` (tensor, no sync)."""
+        return self.steps - self.steps_skipped
+
+    def check(self) -> None:
+        """Raise :class:`ScaleFloorError` if ``floor_patience`` consecutive steps not checked
+        yet overflowed at ``config.floor`` (see ``ScalerRecord.check``; syncs). Off with
+        ``framework_exact`` and for a static scale."""
+        config = self.config
+        if self.enabled and config.dynamic and not config.framework_exact:
+            self._record.check(config.floor, self.floor_patience)
+
+    def telemetry(self) -> ScalerTelemetry:
+        """Run the floor check, then read the record to the host (syncs).
+
+        Example:
+            >>> LossScaler().telemetry().steps
+            0
+        """
+        if not self.enabled:
+            return ScalerTelemetry(0, 0, 1.0, (), 0, ())
+        self._ensure_state(None)
+        self.check()
+        return self._record.read(self.get_scale())
+
+    def first_nonfinite(self, step: int) -> str | None:
+        """Name of the first non-finite gradient of ``step`` (syncs), if recorded."""
+        return self._record.first_nonfinite(step) if self.enabled else None
 
     # -- hot path -------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -292,13 +288,7 @@ class LossScaler(ScalerRecord):
         return loss * scale.to(device=loss.device, non_blocking=True)
 
     @torch.no_grad()
-    def unscale_(
-        self,
-        grads: Sequence[torch.Tensor | None],
-        names: Sequence[str] | None = None,
-        *,
-        locate: bool | None = None,
-    ) -> torch.Tensor:
+    def unscale_(self, grads: Grads, names: Names = None, *, locate: bool | None = None) -> Tensor:
         """Divide ``grads`` by the scale in place and check them for inf/NaN.
 
         Args:
@@ -314,13 +304,7 @@ class LossScaler(ScalerRecord):
         return self._check_and_unscale(grads, names, unscale=True, locate=locate)
 
     @torch.no_grad()
-    def check_(
-        self,
-        grads: Sequence[torch.Tensor | None],
-        names: Sequence[str] | None = None,
-        *,
-        locate: bool | None = None,
-    ) -> torch.Tensor:
+    def check_(self, grads: Grads, names: Names = None, *, locate: bool | None = None) -> Tensor:
         """Check ``grads`` for inf/NaN without unscaling them (for fused optimizers, which
         take ``grad_scale=scaler.scale`` and ``found_inf`` and unscale inside their kernel).
         """
@@ -336,21 +320,18 @@ class LossScaler(ScalerRecord):
             scale,
             unscale=unscale,
             locate=self.locate_nonfinite if locate is None else locate,
-            amplifies=self._amplifies(),
+            amplifies=self._scale_state.may_be_below_one(),
         )
         if first is not None:
-            self._pending.append((first, names, len(grads)))
+            self._record.note(first, names, len(grads))
         return found_inf
 
     @torch.no_grad()
     def update(
-        self,
-        found_inf: torch.Tensor | float | bool,
-        *,
-        new_scale: float | torch.Tensor | None = None,
+        self, found_inf: Tensor | float | bool, *, new_scale: float | Tensor | None = None
     ) -> None:
-        """Record the step and move the scale by the preset's rule. No host sync, except
-        one every ``check_interval`` calls (the floor check copies the record to the host).
+        """Record the step and move the scale by the preset's rule. No host sync, except on
+        every ``check_interval``-th call (the floor check copies the record to the host).
 
         Args:
             found_inf: non-zero if the step's gradients overflowed (the sum of what
@@ -359,86 +340,52 @@ class LossScaler(ScalerRecord):
                 checked as by :meth:`set_scale` (a tensor is read: one sync).
 
         Raises:
-            ValueError: for a ``new_scale`` that is not a usable scale (NaN, inf, <= 0,
-                subnormal), before anything is recorded.
-            ScaleFloorError: on a periodic check (every ``check_interval`` steps) when the
-                scale sat at ``min_scale`` for ``floor_patience`` overflowing steps.
+            ValueError: for a NaN, inf, <= 0 or subnormal ``new_scale``, before anything
+                is recorded.
+            ScaleFloorError: from the periodic floor check (see :meth:`check`).
         """
         if not self.enabled:
-            self._pending.clear()
+            self._record.discard_pending()
             return
         if new_scale is not None:
-            exact = self.config.framework_exact
-            new_scale = check_scale(new_scale, exact=exact, what="new_scale")
+            new_scale = check_scale(new_scale, exact=self.config.framework_exact, what="new_scale")
         if isinstance(found_inf, torch.Tensor):
             scale = self._ensure_state(found_inf.device)
             found = found_inf.detach().reshape(()).to(scale.device, torch.float32, True)
         else:
             scale = self._ensure_state(None)
             found = torch.full((), float(found_inf), dtype=torch.float32, device=scale.device)
-        overflow = found != 0
-        self._log.write(self._steps, scale, overflow, *self._take_pending(scale.device))
-        if new_scale is not None:
-            self.set_scale(new_scale)
-        else:
-            apply_rule_(scale, self._growth_tracker, self._hysteresis_tracker, found, self.config)
-        self._steps += 1
-        if new_scale is not None:
-            self._low = new_scale
-        elif self.config.dynamic:  # the most the rule can lower the scale by in one step
-            self._low = max(self.config.floor, self._low * self.config.backoff_factor)
-            if self._mirror is not None:  # learn the new scale without waiting for it
-                self._mirror.copy_(scale, non_blocking=True)
-                if scale.device.type == "cuda":
-                    self._mirror_event = torch.cuda.Event()
-                    self._mirror_event.record()
-                self._mirror_fresh = True
-        if self.check_interval and self._steps % self.check_interval == 0:
+        self._record.write(scale, found != 0)
+        self._scale_state.step(found, self.config, new_scale)
+        if self.check_interval and self.steps % self.check_interval == 0:
             self.check()
 
-    def _take_pending(self, device: torch.device):
-        pending, self._pending = self._pending, []
-        if not pending:
-            return torch.full((), NONE_INDEX, dtype=torch.int64, device=device), None
-        first, segments, offset = None, [], 0
-        for call, (candidate, names, count) in enumerate(pending):
-            shifted = candidate + offset if offset else candidate
-            first = shifted if first is None else torch.minimum(first, shifted)
-            segments.append((offset, names, call))
-            offset += count
-        return first, tuple(segments)
-
-    # -- checkpoints and pickling (bodies in mixprec.scaling.state) ----------------------------
+    # -- checkpoints (pickles: each part pickles itself as Python values) --------------------
     def state_dict(self) -> dict:
         """Settings, scale state and counters as plain Python values (syncs)."""
-        return state_dict_of(self)
+        if not self.enabled:
+            return {"enabled": False}
+        parts = {**self._scale_state.as_dict(), **self._record.counters()}
+        return {"enabled": True, "config": dataclasses.asdict(self.config), **parts}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (no-op when disabled).
 
         ``config``, ``steps`` and ``steps_skipped`` are optional: absent, they stay as they are.
-        Everything is checked before anything changes.
+        Everything is checked before anything changes. The record restarts at the loaded
+        step (earlier steps are not in the telemetry's history).
 
         Raises:
             RuntimeError: for the state of a disabled scaler.
             ValueError: for a missing key, a bad setting, a NaN / inf / zero / negative /
                 subnormal scale or a tracker out of its range (the value is named).
         """
-        load_state_dict_into(self, state)
-
-    def __getstate__(self) -> dict:
-        """Settings and scale state as plain Python values: no tensors, no telemetry ring
-        buffers (the record restarts after unpickling, as after :meth:`load_state_dict`),
-        so the pickle is small and loads on a machine without the scale's device.
-
-        Raises:
-            RuntimeError: between :meth:`unscale_` / :meth:`check_` and :meth:`update`
-                (the iteration's pending record would be lost).
-        """
-        return pickle_state_of(self)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        if not self.enabled:
+            return
+        config, values, steps, skipped = read_loss_scaler_state(state, self.config)
+        self.config = config
+        self._scale_state.load(values)
+        self._record.restart(self._record.steps if steps is None else steps, skipped)
 
     def __repr__(self) -> str:
         if not self.enabled:

@@ -1,8 +1,8 @@
 """What a loss scaler did: steps, skipped steps, scale history, first non-finite gradient.
 
-The scaler records these on the device as it runs (see :class:`StepLog`) and turns them
-into a :class:`ScalerTelemetry` only when asked, which is the one host read.
-:class:`ScalerRecord` holds the scaler's queries on that record and its floor check.
+A scaler's :class:`~mixprec.scaling.record.ScalerRecord` writes these on the device as it
+runs (into a :class:`StepLog`) and turns them into a :class:`ScalerTelemetry` only when
+asked: that read-out copies the record to the host (it syncs).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from mixprec.scaling.kernels import NONE_INDEX
 
-__all__ = ["ScaleFloorError", "ScalerRecord", "ScalerTelemetry", "SkippedStep", "StepLog"]
+__all__ = ["ScaleFloorError", "ScalerTelemetry", "SkippedStep", "StepLog"]
 
 
 class ScaleFloorError(RuntimeError):
@@ -131,111 +131,6 @@ class StepLog:
             history_start=start,
             skipped=skipped,
         )
-
-
-class ScalerRecord:
-    """The queries on a :class:`~mixprec.scaling.LossScaler`'s record and its floor check.
-
-    The half of ``LossScaler`` that reads what it recorded; ``LossScaler`` (which extends
-    it) sets up the state used here: ``enabled``, ``config``, ``floor_patience``, ``_scale``,
-    ``_log`` (a :class:`StepLog`), ``_steps``, ``_floor_scanned``, ``_floor_streak`` and
-    ``_overflow_run``,
-    and provides ``_ensure_state`` and ``get_scale``.
-    """
-
-    @property
-    def steps(self) -> int:
-        """Number of :meth:`update` calls (known on the host)."""
-        return self._steps
-
-    @property
-    def steps_skipped(self) -> torch.Tensor:
-        """Steps whose gradients overflowed (int64 0-dim tensor, no sync)."""
-        self._ensure_state(None)
-        return self._log.skipped.clone()
-
-    @property
-    def steps_taken(self) -> torch.Tensor:
-        """Steps whose optimizer update ran: ``steps - steps_skipped`` (tensor, no sync)."""
-        return self._steps - self.steps_skipped
-
-    def check(self) -> None:
-        """Raise :class:`ScaleFloorError` if, among the steps not yet checked,
-        ``floor_patience`` consecutive ones overflowed with the scale at its floor
-        (``config.floor`` = ``max(min_scale, 2^-126)``). Off with ``framework_exact``.
-
-        Scans the on-device record of those steps on the host (one copy of the record,
-        so one sync). Steps that left the record (more than ``history_len`` since the
-        last check) are not seen. One error covers all steps recorded so far.
-        """
-        config = self.config
-        if not self.enabled or self._scale is None or config.framework_exact:
-            return
-        if not config.dynamic:
-            return
-        log = self._log
-        start = max(self._floor_scanned, log.origin, self._steps - log.capacity)
-        if start > self._floor_scanned:
-            self._floor_streak = self._overflow_run = 0  # unseen steps: count afresh
-        if start >= self._steps:
-            return
-        scales, overflowed = torch.stack([log.scale, log.overflow.float()]).tolist()
-        for step in range(start, self._steps):
-            slot = step % log.capacity
-            at_floor = overflowed[slot] and scales[slot] <= config.floor
-            self._floor_streak = self._floor_streak + 1 if at_floor else 0
-            self._overflow_run = self._overflow_run + 1 if overflowed[slot] else 0
-            if self._floor_streak >= self.floor_patience:
-                # Report once for everything recorded so far; a caller that catches the
-                # error and trains on is told again after floor_patience more such steps.
-                last = step
-                while last + 1 < self._steps and overflowed[(last + 1) % log.capacity]:
-                    last += 1  # the run goes on past `step`
-                first = last + 1 - (self._overflow_run + last - step)
-                self._floor_scanned, self._floor_streak, self._overflow_run = self._steps, 0, 0
-                self._raise_floor_error(first, last)
-        self._floor_scanned = self._steps
-
-    def _raise_floor_error(self, first: int, last: int) -> None:
-        named = max(first, self._log.origin, self._steps - self._log.capacity)
-        name = self._log.name_at(named, self._steps)
-        where = (
-            f"the first non-finite gradient of step {named} was {name!r}"
-            if name
-            else (
-                "the first non-finite gradient was not recorded (locate_nonfinite=False or "
-                "found_inf came from outside unscale_)"
-            )
-        )
-        raise ScaleFloorError(
-            f"{last - first + 1} steps in a row overflowed (steps {first} to {last}), the last "
-            f"{self.floor_patience} or more with the loss scale at its floor "
-            f"{self.config.floor:g}; {where}. "
-            "Lowering the scale cannot help: the gradients are inf/NaN at the smallest scale. "
-            "Look for an overflow in the forward pass (fp16 activations past 65504, log(0), "
-            "division by zero), lower the learning rate, or train in bf16 "
-            "(framework_exact=True turns this check off)."
-        )
-
-    def telemetry(self) -> ScalerTelemetry:
-        """Read the record to the host (syncs) after running the floor check.
-
-        Example:
-            >>> from mixprec.scaling import LossScaler
-            >>> LossScaler().telemetry().steps
-            0
-        """
-        if not self.enabled:
-            return ScalerTelemetry(0, 0, 1.0, (), 0, ())
-        self._ensure_state(None)
-        self.check()
-        return self._log.read(self._steps, self.get_scale())
-
-    def first_nonfinite(self, step: int) -> str | None:
-        """Name of the first non-finite gradient of ``step`` (syncs), if recorded."""
-        if not self.enabled or self._log is None:
-            return None
-        return self._log.name_at(step, self._steps)
 
 
 def _resolve(segments, index: int) -> str | None:

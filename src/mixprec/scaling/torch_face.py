@@ -1,24 +1,25 @@
-"""The side of :class:`~mixprec.scaling.GradScaler` that torch code sees: torch's private
-attributes, its getters and setters, ``state_dict`` / ``load_state_dict``, pickling, and the
-exception types that are also the ``AssertionError`` torch raises."""
+"""What code written for ``torch.amp.GradScaler`` sees of a :class:`~mixprec.scaling.GradScaler`,
+as pieces the class uses: the exception types that are also the ``AssertionError`` torch
+raises, read-only properties for torch's private attributes, and conversion between torch's
+checkpoint format and a :class:`~mixprec.scaling.LossScaler`'s. Each piece reads the
+LossScaler through its public API."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from torch.amp.grad_scaler import OptState
-
-from mixprec.scaling.loss_scaler import _OVERRIDABLE
+from mixprec.scaling.checks import OVERRIDABLE, check_scale
+from mixprec.scaling.loss_scaler import LossScaler
 from mixprec.scaling.rules import preset_config
-from mixprec.scaling.state import check_loss_scaler_state, check_scale
 
 __all__ = [
     "GradScalerRuntimeError",
     "GradScalerValueError",
-    "TorchGradScalerFace",
+    "loss_scaler_state_of",
+    "torch_attribute",
+    "torch_state_dict",
 ]
 
 
@@ -32,7 +33,14 @@ class GradScalerValueError(ValueError, AssertionError):
     as ``ValueError`` or ``AssertionError``."""
 
 
-def _torch_attribute(name: str, read, doc: str) -> property:
+def torch_attribute(name: str, read: Callable[[LossScaler], Any], doc: str) -> property:
+    """A read-only property named like torch's private attribute ``name``, whose value is
+    ``read(scaler.loss_scaler)``; assigning it raises ``AttributeError`` naming the public
+    way to change the state."""
+
+    def fget(self) -> Any:
+        return read(self.loss_scaler)
+
     def fset(self, value) -> None:
         raise AttributeError(
             f"mixprec.GradScaler.{name} is read-only (the state lives in its LossScaler, "
@@ -40,188 +48,64 @@ def _torch_attribute(name: str, read, doc: str) -> property:
             "set_growth_factor / set_backoff_factor / set_growth_interval setters"
         )
 
-    return property(read, fset, doc=doc)
+    return property(fget, fset, doc=doc)
 
 
-def _refresh_per_optimizer_state() -> dict[str, Any]:
-    return {"stage": OptState.READY, "found_inf_per_device": {}}
+_FACTORS = ("growth_factor", "backoff_factor", "growth_interval")  # torch's settings
+_TORCH_KEYS = ("scale", *_FACTORS, "_growth_tracker")  # torch's state_dict
+# What a rule other than torch's adds (with "_hysteresis_tracker").
+_EXTRA = ("preset", "hysteresis", "min_scale", "max_scale", "consecutive_hysteresis",
+          "framework_exact")
 
 
-class TorchGradScalerFace(torch.amp.GradScaler):
-    """What :class:`~mixprec.scaling.GradScaler` shows to code written for
-    ``torch.amp.GradScaler``: its private attributes (read from the LossScaler; torch's
-    ``__init__`` is not run), getters and setters, checkpoints and pickling.
+def torch_state_dict(scaler: LossScaler) -> dict[str, Any]:
+    """``scaler``'s state in torch's format: torch's five entries (``scale``,
+    ``growth_factor``, ``backoff_factor``, ``growth_interval``, ``_growth_tracker``) plus,
+    when the rule is not torch's, ``preset``, ``hysteresis``, ``min_scale``, ``max_scale``,
+    ``consecutive_hysteresis``, ``framework_exact`` and ``_hysteresis_tracker``. Syncs.
 
-    ``GradScaler`` (which extends it) sets ``_scaler`` (a LossScaler), ``_enabled``,
-    ``_device`` and ``_per_optimizer_states``, and provides ``_require_scale`` and
-    ``_record``.
+    Example:
+        >>> sorted(torch_state_dict(LossScaler()))
+        ['_growth_tracker', 'backoff_factor', 'growth_factor', 'growth_interval', 'scale']
     """
+    config = scaler.config
+    scale, growth, hyst = scaler.scale_state.values()
+    state = {"scale": scale, **{k: getattr(config, k) for k in _FACTORS}, "_growth_tracker": growth}
+    if config.preset != "torch" or not config.is_torch_rule or config.framework_exact:
+        state.update({k: getattr(config, k) for k in _EXTRA}, _hysteresis_tracker=hyst)
+    return state
 
-    # torch.amp.GradScaler's private attributes, read from the LossScaler (torch's __init__
-    # is not run: every public method is this class's own).
-    _scale = _torch_attribute("_scale", lambda self: self._scaler._scale, "The scale tensor.")
-    _growth_tracker = _torch_attribute(
-        "_growth_tracker",
-        lambda self: self._scaler._growth_tracker,
-        "Clean steps counted toward the next growth (int32 tensor).",
-    )
-    _init_scale = _torch_attribute(
-        "_init_scale", lambda self: self._scaler._init_state[0], "The scale to start from."
-    )
-    _init_growth_tracker = _torch_attribute(
-        "_init_growth_tracker", lambda self: self._scaler._init_state[1], "Tracker start."
-    )
-    _growth_factor = _torch_attribute(
-        "_growth_factor", lambda self: self._scaler.config.growth_factor, "Growth factor."
-    )
-    _backoff_factor = _torch_attribute(
-        "_backoff_factor", lambda self: self._scaler.config.backoff_factor, "Backoff factor."
-    )
-    _growth_interval = _torch_attribute(
-        "_growth_interval", lambda self: self._scaler.config.growth_interval, "Interval."
-    )
 
-    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
-        self._scaler._ensure_state(dev)
+def loss_scaler_state_of(state_dict: Mapping[str, Any], scaler: LossScaler) -> dict[str, Any]:
+    """A state saved by :func:`torch_state_dict` or by ``torch.amp.GradScaler``, as a
+    :meth:`LossScaler.state_dict <mixprec.scaling.LossScaler.state_dict>` for ``scaler``
+    (settings absent from it keep ``scaler``'s). Checked further by the load.
 
-    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        self._require_scale("_check_inf_per_device")
-        self._record(optimizer, unscale=False)
-        return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-
-    # -- getters / setters (as torch) --------------------------------------------------------
-    def get_scale(self) -> float:
-        """The current scale as a float; 1.0 when disabled.
-
-        .. warning:: Syncs with the device.
-        """
-        return self._scaler.get_scale()
-
-    def get_growth_factor(self) -> float:
-        """The scale growth factor."""
-        return self._scaler.config.growth_factor
-
-    def set_growth_factor(self, new_factor: float) -> None:
-        """Set the scale growth factor."""
-        self._scaler.config = self._scaler.config.replace(growth_factor=new_factor)
-
-    def get_backoff_factor(self) -> float:
-        """The scale backoff factor."""
-        return self._scaler.config.backoff_factor
-
-    def set_backoff_factor(self, new_factor: float) -> None:
-        """Set the scale backoff factor."""
-        self._scaler.config = self._scaler.config.replace(backoff_factor=new_factor)
-
-    def get_growth_interval(self) -> int:
-        """The growth interval."""
-        return self._scaler.config.growth_interval
-
-    def set_growth_interval(self, new_interval: int) -> None:
-        """Set the growth interval."""
-        self._scaler.config = self._scaler.config.replace(growth_interval=new_interval)
-
-    def _get_growth_tracker(self) -> int:
-        if not self._enabled:
-            return 0
-        if self._scaler._scale is None:
-            return self._scaler._init_state[1]
-        return int(self._scaler.growth_tracker.item())
-
-    def is_enabled(self) -> bool:
-        """Whether this scaler is enabled."""
-        return self._enabled
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
-        ``growth_interval``, ``_growth_tracker``) plus, when the rule is not torch's,
-        ``preset``, ``hysteresis``, ``min_scale``, ``max_scale``,
-        ``consecutive_hysteresis``, ``framework_exact`` and ``_hysteresis_tracker``.
-        Empty when disabled.
-        Syncs.
-        """
-        if not self._enabled:
-            return {}
-        config = self._scaler.config
-        state = {
-            "scale": self.get_scale(),
-            "growth_factor": config.growth_factor,
-            "backoff_factor": config.backoff_factor,
-            "growth_interval": config.growth_interval,
-            "_growth_tracker": self._get_growth_tracker(),
-        }
-        if config.preset != "torch" or not config.is_torch_rule or config.framework_exact:
-            hyst = self._scaler._init_state[2]
-            if self._scaler._scale is not None:
-                hyst = int(self._scaler.hysteresis_tracker.item())
-            state.update(
-                preset=config.preset,
-                hysteresis=config.hysteresis,
-                min_scale=config.min_scale,
-                max_scale=config.max_scale,
-                consecutive_hysteresis=config.consecutive_hysteresis,
-                framework_exact=config.framework_exact,
-                _hysteresis_tracker=hyst,
-            )
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by this class or by ``torch.amp.GradScaler``.
-
-        Everything is checked before anything changes.
-
-        Raises:
-            RuntimeError: for an empty state (saved from a disabled scaler), as torch.
-            ValueError: for a missing key, a NaN / inf / zero / negative / subnormal scale,
-                a factor or interval out of range or a tracker out of its range.
-        """
-        if not self._enabled:
-            return
-        if len(state_dict) == 0:
-            raise RuntimeError(
-                "The source state dict is empty, possibly because it was saved "
-                "from a disabled instance of GradScaler."
-            )
-        required = ("scale", "growth_factor", "backoff_factor", "growth_interval",
-                    "_growth_tracker")
-        missing = [key for key in required if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"the GradScaler state lacks {', '.join(map(repr, missing))}; it has "
-                f"{sorted(map(str, state_dict))}"
-            )
-        config = self._scaler.config
-        if "preset" in state_dict and state_dict["preset"] != config.preset:
-            config = preset_config(state_dict["preset"])
-        changes = {
-            key: state_dict[key]
-            for key in _OVERRIDABLE
-            if key != "init_scale" and key in state_dict
-        }
-        exact = changes.get("framework_exact", config.framework_exact)
-        scale = check_scale(state_dict["scale"], exact=exact is True, what="scale")
-        config = config.replace(init_scale=scale, **changes)
-        state = {
-            "config": dataclasses.asdict(config),
-            "scale": scale,
-            "growth_tracker": state_dict["_growth_tracker"],
-            "hysteresis_tracker": state_dict.get("_hysteresis_tracker", config.hysteresis),
-        }
-        check_loss_scaler_state(state, config)
-        self._scaler.load_state_dict(state)
-
-    # -- pickling (as torch: only between iterations) --------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        if self._enabled and len(self._per_optimizer_states) != 0:
-            raise GradScalerRuntimeError(
-                "A GradScaler instance may only be pickled at the beginning "
-                "of an iteration, or at the end after scaler.update()."
-            )
-        state = self.__dict__.copy()
-        state["_per_optimizer_states"] = None  # a defaultdict of a local function
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+    Raises:
+        RuntimeError: for an empty state (saved from a disabled scaler), as torch.
+        ValueError: for a missing key or a NaN / inf / zero / negative / subnormal scale.
+    """
+    if len(state_dict) == 0:
+        raise RuntimeError(
+            "The source state dict is empty, possibly because it was saved "
+            "from a disabled instance of GradScaler."
+        )
+    missing = [key for key in _TORCH_KEYS if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"the GradScaler state lacks {', '.join(map(repr, missing))}; it has "
+            f"{sorted(map(str, state_dict))}"
+        )
+    config = scaler.config
+    if "preset" in state_dict and state_dict["preset"] != config.preset:
+        config = preset_config(state_dict["preset"])
+    changes = {k: state_dict[k] for k in OVERRIDABLE if k != "init_scale" and k in state_dict}
+    exact = changes.get("framework_exact", config.framework_exact)
+    scale = check_scale(state_dict["scale"], exact=exact is True, what="scale")
+    config = config.replace(init_scale=scale, **changes)
+    return {
+        "config": dataclasses.asdict(config),
+        "scale": scale,
+        "growth_tracker": state_dict["_growth_tracker"],
+        "hysteresis_tracker": state_dict.get("_hysteresis_tracker", config.hysteresis),
+    }

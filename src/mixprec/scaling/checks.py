@@ -1,6 +1,5 @@
-"""A loss scaler's state from and to the outside: checks on a scale set by hand and on a
-checkpoint (each refusal names the bad value and what would be valid), and the bodies of
-:class:`~mixprec.scaling.LossScaler`'s ``state_dict`` / ``load_state_dict`` / pickling.
+"""Checks on what a loss scaler is given from the outside: a scale set by hand and a
+checkpoint. Each refusal names the bad value and what would be valid.
 
 A scale must be a finite number >= ``SAFE_MIN_SCALE`` (2^-126, the smallest normal fp32
 number): at 0 the unscale computes ``0 * (1/0) = NaN``, a negative scale flips every
@@ -14,22 +13,70 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
-from mixprec.scaling.rules import SAFE_MIN_SCALE, ScalerConfig
-
-if TYPE_CHECKING:
-    from mixprec.scaling.loss_scaler import LossScaler
+from mixprec.scaling.rules import SAFE_MIN_SCALE, ScalerConfig, preset_config
 
 __all__ = [
+    "OVERRIDABLE",
     "check_loss_scaler_state",
+    "check_record_settings",
     "check_scale",
-    "load_state_dict_into",
-    "pickle_state_of",
-    "state_dict_of",
+    "read_loss_scaler_state",
+    "scaler_config",
 ]
+
+# The ScalerConfig fields a LossScaler / GradScaler argument overrides (None = the preset's).
+OVERRIDABLE = (
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "hysteresis",
+    "min_scale",
+    "max_scale",
+    "consecutive_hysteresis",
+    "framework_exact",
+)
+
+
+def scaler_config(preset: str, dynamic: bool, overrides: Mapping) -> ScalerConfig:
+    """The :class:`ScalerConfig` of ``preset`` with ``overrides`` (fields of
+    :data:`OVERRIDABLE`); a static scale (``dynamic=False``) has no floor nor ceiling
+    unless given one.
+
+    Raises:
+        ValueError: for an unknown preset or a bad setting (named, with the choices).
+    """
+    overrides = dict(overrides)
+    if not dynamic:
+        overrides.setdefault("min_scale", 0.0)
+        overrides.setdefault("max_scale", math.inf)
+    return preset_config(preset, dynamic=dynamic, **overrides)
+
+
+def check_record_settings(floor_patience: int, history_len: int, check_interval: int | None) -> int:
+    """Check a LossScaler's record settings; return ``check_interval`` (``None``:
+    ``min(100, history_len)``).
+
+    Raises:
+        ValueError: for a ``floor_patience`` or ``history_len`` that is not an integer
+            >= 1, or a ``check_interval`` not in ``[0, history_len]``.
+    """
+    for name, value in (("floor_patience", floor_patience), ("history_len", history_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if check_interval is None:
+        check_interval = min(100, history_len)
+    if isinstance(check_interval, bool) or not isinstance(check_interval, int):
+        raise ValueError(f"check_interval={check_interval!r} must be an integer >= 0")
+    if not 0 <= check_interval <= history_len:
+        raise ValueError(
+            f"check_interval={check_interval!r} must be in [0, history_len={history_len}] "
+            "(the floor check reads the steps kept in the record)"
+        )
+    return check_interval
 
 
 def check_scale(value: float | torch.Tensor, *, exact: bool = False, what: str = "scale") -> float:
@@ -114,38 +161,23 @@ def check_loss_scaler_state(state: Mapping, config: ScalerConfig) -> tuple[float
     return scale, growth, hyst
 
 
-def state_dict_of(scaler: LossScaler) -> dict:
-    """``scaler.state_dict()``: settings, scale state and counters as Python values (syncs)."""
-    if not scaler.enabled:
-        return {"enabled": False}
-    if scaler._scale is None:
-        scale, growth, hyst = scaler._init_state
-        skipped = scaler._init_skipped
-    else:
-        scale = float(scaler._scale.item())
-        growth = int(scaler._growth_tracker.item())
-        hyst = int(scaler._hysteresis_tracker.item())
-        skipped = int(scaler._log.skipped.item())
-    return {
-        "enabled": True,
-        "config": dataclasses.asdict(scaler.config),
-        "scale": scale,
-        "growth_tracker": growth,
-        "hysteresis_tracker": hyst,
-        "steps": scaler._steps,
-        "steps_skipped": skipped,
-    }
+def read_loss_scaler_state(
+    state: Mapping, config: ScalerConfig
+) -> tuple[ScalerConfig, tuple[float, int, int], int | None, int | None]:
+    """Check a :meth:`LossScaler.state_dict` for a scaler running with ``config``.
 
+    Returns ``(config, (scale, growth_tracker, hysteresis_tracker), steps, steps_skipped)``:
+    the saved config if the state has one (else ``config``), and ``None`` for a counter the
+    state lacks. Nothing is changed here, so a refused state leaves the scaler as it was.
 
-def load_state_dict_into(scaler: LossScaler, state: dict) -> None:
-    """``scaler.load_state_dict(state)``: everything is checked before anything changes."""
-    if not scaler.enabled:
-        return
+    Raises:
+        RuntimeError: for the state of a disabled scaler.
+        ValueError: naming the missing key, an unknown config key or the bad value.
+    """
     if not isinstance(state, Mapping):
         raise ValueError(f"a loss-scaler state must be a dict, got {type(state).__name__}")
     if not state.get("enabled", True):
         raise RuntimeError("the state dict was saved from a disabled LossScaler; it holds no scale")
-    config = scaler.config
     if "config" in state:
         saved = state["config"]
         if not isinstance(saved, Mapping):
@@ -159,50 +191,6 @@ def load_state_dict_into(scaler: LossScaler, state: dict) -> None:
             )
         config = ScalerConfig(**saved)
     values = check_loss_scaler_state(state, config)
-    scaler.config = config
-    scaler._init_state = values
-    scaler._low = values[0]
-    scaler._mirror_fresh = False  # the host copy holds an older scale
-    scaler._steps = int(state.get("steps", scaler._steps))
-    if "steps_skipped" in state:
-        scaler._init_skipped = int(state["steps_skipped"])
-    elif scaler._scale is not None:
-        scaler._init_skipped = int(scaler._log.skipped.item())
-    if scaler._scale is not None:
-        scaler._scale.fill_(values[0])
-        scaler._growth_tracker.fill_(values[1])
-        scaler._hysteresis_tracker.fill_(values[2])
-        scaler._log.skipped.fill_(scaler._init_skipped)
-        scaler._log.origin = scaler._steps  # steps before the checkpoint are not in the log
-
-
-def pickle_state_of(scaler: LossScaler) -> dict:
-    """``scaler.__getstate__()``: the instance dict with every tensor replaced by Python
-    values (the state is rebuilt lazily on the device of the next loss) and no record."""
-    if scaler._pending:
-        raise RuntimeError(
-            "a LossScaler may only be pickled between iterations: unscale_() or check_() "
-            "was called since the last update(); call update() first"
-        )
-    state = scaler.__dict__.copy()
-    if scaler._scale is not None:
-        state["_init_state"] = (
-            float(scaler._scale.item()),
-            int(scaler._growth_tracker.item()),
-            int(scaler._hysteresis_tracker.item()),
-        )
-        state["_init_skipped"] = int(scaler._log.skipped.item())
-        state["_low"] = state["_init_state"][0]
-    state.update(
-        _scale=None,
-        _growth_tracker=None,
-        _hysteresis_tracker=None,
-        _log=None,
-        _mirror=None,
-        _mirror_event=None,
-        _mirror_fresh=False,
-        _floor_scanned=scaler._steps,
-        _floor_streak=0,
-        _overflow_run=0,
-    )
-    return state
+    steps = int(state["steps"]) if "steps" in state else None
+    skipped = int(state["steps_skipped"]) if "steps_skipped" in state else None
+    return config, values, steps, skipped
