@@ -39,6 +39,18 @@ def test_results_stand_alone_without_a_monitor():
         results.stats("fx")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_readout_keeps_the_order_of_records_on_several_devices():
+    layout = StatsLayout([get_format("fp16")])
+    results = MonitorResults(layout, ["a", "b", "c"], window=4)
+    for path, device, n in (("a", "cuda", 1), ("b", "cpu", 2), ("c", "cuda", 3)):
+        x = torch.ones(n, device=device)
+        results.add(Record(0, x.dtype, [(path, "output")], layout.compute(x)))
+    results.add_scale(0, torch.tensor(4.0, device="cuda"))
+    assert [results.stats(p).numel for p in "abc"] == [1, 2, 3]
+    assert results.scales == {0: 4.0}
+
+
 def test_monitor_holds_its_parts_and_inherits_none():
     assert Monitor.__mro__ == (Monitor, object)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
