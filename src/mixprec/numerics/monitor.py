@@ -157,7 +157,8 @@ class Monitor:
     # -- lifecycle ----------------------------------------------------------------------
     @property
     def current_step(self) -> int:
-        """The step being measured now (the number of :meth:`step` calls so far)."""
+        """The current step: the number of :meth:`step` calls so far (measured when
+        :attr:`sampling`)."""
         return self._step
 
     @property
