@@ -20,7 +20,7 @@ def _run(monitor: Monitor, model: nn.Module, steps: int, bad_step: int | None = 
         model(xin).square().mean().backward()
         opt.step()
         opt.zero_grad()
-        monitor.step()
+        monitor.step(scale=torch.tensor(2.0**step))  # a loss scale per step, read out later
 
 
 def test_per_step_results_are_a_window_and_totals_cover_every_step():
@@ -29,7 +29,7 @@ def test_per_step_results_are_a_window_and_totals_cover_every_step():
     with Monitor(model, formats=["fp16"], window=5, report_every=3) as monitor:
         _run(monitor, model, 23, bad_step=2)
     assert monitor.steps == list(range(18, 23))  # only the last 5 measured steps are kept
-    assert len(monitor.results) == 5 and set(monitor._host_scales) <= set(monitor.steps)
+    assert len(monitor.results) == 5 and monitor.scales == {s: 2.0**s for s in range(18, 23)}
     assert monitor.stats("0", "output").numel == 23 * 8 * 4  # merged over all 23 steps
     assert monitor.stats("0", "output", step=22).numel == 8 * 4
     first = monitor.first_nonfinite  # step 2 left the window; its first inf is kept
@@ -47,8 +47,8 @@ def test_a_long_run_holds_no_more_than_the_window():
         for _ in range(3):
             _run(monitor, model, 40)
             monitor.readout()
-            sizes.append((len(monitor.results), len(monitor.totals), len(monitor._pending)))
-    assert sizes[0] == sizes[1] == sizes[2] and sizes[0][0] == 4
+            sizes.append((len(monitor.results), len(monitor.totals), len(monitor.scales)))
+    assert sizes[0] == sizes[1] == sizes[2] and sizes[0][0] == sizes[0][2] == 4
 
 
 def test_window_is_checked():

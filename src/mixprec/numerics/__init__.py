@@ -4,10 +4,12 @@
 device: max |x|, smallest non-zero |x|, the zero and non-finite fractions, and for each
 target format the fractions that would overflow, be subnormal or flush to zero if cast to
 it, plus a log2 histogram (:mod:`.stats`, one-pass C kernel on the CPU in
-:mod:`._cpu_kernel`). It finds the first inf/NaN in execution order and explains skipped
-steps (:mod:`.records`); its readout and queries are in :mod:`.results`. :mod:`.report`
-renders verdicts, a rich table and JSON, :mod:`.plots` the PNGs; :mod:`.diagnose` runs
-``mixprec diagnose``.
+:mod:`._cpu_kernel`). It holds a :class:`~.recorder.Recorder` (the hooks) that measures
+into a :class:`~.results.MonitorResults` (the readout and the queries: statistics, the
+first inf/NaN in execution order, why a step went non-finite; :mod:`.records`).
+:mod:`.verdicts` judges which format each module fits; :mod:`.report` renders a rich table
+and JSON, :mod:`.plots` the PNGs. ``mixprec diagnose`` (:mod:`mixprec.bench.diagnose`)
+trains a task under a monitor.
 
 Example:
     >>> import torch

@@ -25,7 +25,7 @@ def plot_gradient_histogram(monitor, path: str | Path, *, kind: str = "grad_outp
     """Histogram of gradient magnitudes in the style of Micikevicius et al. (2017), fig. 3.
 
     x: ``log2 |g|`` (one bar per binade, all modules and steps merged), y: percent of the
-    values (zeros as a separate count in the title). Below it, each monitored format's
+    values (the share of zeros is given in the title). Below it, each monitored format's
     subnormal range (light) and normal range (dark). When a loss scale ``S`` was recorded,
     the histogram of the unscaled values is outlined ``log2 S`` binades to the left and
     the shift is marked with an arrow.

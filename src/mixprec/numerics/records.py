@@ -1,18 +1,18 @@
-"""What one measurement is: the record kept on the device, tensor identity, first non-finite.
+"""What one measurement is: the record kept on the device, and the first non-finite value.
 
-:class:`FirstNonFinite` says where an inf/NaN first appeared (step, phase, module, tensor);
-:func:`describe` puts a ``(path, kind)`` into words for its messages.
+:class:`Record` is one measured tensor (its statistics vector, still on the device, and the
+``(path, kind)`` keys it is filed under); :class:`FirstNonFinite` says where an inf/NaN
+first appeared (step, phase, module, tensor); :func:`describe` puts a ``(path, kind)`` into
+words for its messages.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KINDS", "PHASE", "FirstNonFinite", "NonFiniteError", "describe"]
+__all__ = ["KINDS", "PHASE", "FirstNonFinite", "NonFiniteError", "Record", "describe"]
 
 KINDS = ("output", "grad_output", "grad_input", "param_grad", "weight", "update")
 PHASE = {  # the phase in which each kind of tensor is measured
@@ -86,35 +86,15 @@ class FirstNonFinite:
         }
 
 
-class _Record:
-    """One measured tensor: its vector on the device and the keys it is filed under."""
+@dataclass(slots=True)
+class Record:
+    """One measured tensor: its statistics vector on the device and the keys it is filed under.
 
-    __slots__ = ("seq", "step", "dtype", "keys", "vec")
+    ``keys`` grows when the same tensor is met again under another ``(path, kind)`` (a
+    module's output is also its container's output).
+    """
 
-    def __init__(self, seq: int, step: int, dtype: torch.dtype, keys, vec: torch.Tensor) -> None:
-        self.seq, self.step, self.dtype, self.keys, self.vec = seq, step, dtype, list(keys), vec
-
-
-class _Seen:
-    """A tensor met in this step, forward output or gradient (by identity and version)."""
-
-    __slots__ = ("ref", "record", "grad_keys", "handle")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.ref = weakref.ref(tensor)
-        self.record: _Record | None = None
-        self.grad_keys: list | None = None
-        self.handle = None
-
-
-def _tensors(obj) -> Iterable[torch.Tensor]:
-    """Floating-point tensors in a (nested) tuple / list / dict output."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
+    step: int
+    dtype: torch.dtype
+    keys: list[tuple[str, str]]
+    vec: torch.Tensor  # StatsLayout.compute(tensor): int64, on the tensor's device

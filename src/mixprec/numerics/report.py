@@ -64,10 +64,11 @@ def _stats_dict(stats: TensorStats, names, *, histogram: bool) -> dict:
 def to_dict(monitor) -> dict:
     """Everything measured as plain data (JSON-ready).
 
-    Keys: ``formats``, ``every``, ``loss_threshold``, ``steps`` (per measured step: its loss
-    scale, first non-finite and per-tensor statistics), ``summary`` (per ``(path, kind)``
-    merged over steps, with a log2 histogram: ``counts[i]`` values in binade
-    ``lowest_binade + i``), ``first_nonfinite`` and ``verdicts``. Fractions are of all
+    Keys: ``formats``, ``every``, ``track``, ``loss_threshold``, ``steps`` (per measured
+    step kept, the last ``window``: its loss scale, first non-finite and per-tensor
+    statistics), ``summary`` (per ``(path, kind)`` merged over every measured step, with a
+    log2 histogram: ``counts[i]`` values in binade ``lowest_binade + i``),
+    ``first_nonfinite`` and ``verdicts``. Fractions are of all
     values of the tensor; inf/nan numbers are written as the strings ``"inf"``/``"nan"``.
     """
     names = monitor.format_names
@@ -180,7 +181,7 @@ def print_table(monitor, *, console=None, kinds=("output", "grad_output", "param
         console.print(Text(f"  - {rec}"))
 
 
-# -- plots ---------------------------------------------------------------------------------
+# -- console and report folder -------------------------------------------------------------
 TABLE_WIDTH = 200  # columns of the table when printed into a log (not a terminal)
 
 

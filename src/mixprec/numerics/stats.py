@@ -27,9 +27,10 @@ elementwise passes and one ``bincount``:
   summed into the intervals with ``index_add_`` (exact for every value).
 * other tensors, as fp32: the key ``k = (a >> 12) + ((a - 1) >> 12)`` is ``2j - 1`` when
   ``a == j << 12`` and ``2j`` for ``a`` strictly inside ``(j << 12, (j + 1) << 12)``; every
-  threshold of a format with at most 11 mantissa bits is such a ``j << 12`` or
-  ``(j << 12) + 1``, so ``lut20[k + 1]`` (int16) is exact. Formats with more mantissa bits fall back
-  to comparing with each threshold (exact, slower).
+  threshold of a format with at most 10 mantissa bits is such a ``j << 12`` or
+  ``(j << 12) + 1`` (its overflow threshold ``max + ulp(max) / 2`` has ``mantissa_bits + 1``
+  significant bits), so ``lut20[k + 1]`` (int16) is exact. Formats with more mantissa bits
+  fall back to comparing with each threshold (exact, slower).
 
 On the CPU the same computation runs in one pass of a small C kernel when a C compiler
 is present (:mod:`._cpu_kernel`; bit-identical, tested); ``StatsLayout(kernel="torch")``
@@ -181,6 +182,8 @@ class StatsLayout:
 
     Args:
         formats: ``FloatFormat`` objects (from :func:`mixprec.formats.get_format`).
+        kernel: ``"auto"`` (the C kernel on the CPU when it builds, else torch ops) or
+            ``"torch"`` (torch ops only).
 
     Example:
         >>> from mixprec.formats import get_format

@@ -87,7 +87,8 @@ def _count_below(stats: TensorStats, threshold: float) -> float:
     e = math.log2(threshold)
     whole = math.floor(e)
     i = whole - HIST_LOW  # bin of the binade [2^whole, 2^(whole + 1))
-    if i <= 0:  # threshold at or below 2^-126: only the lowest bin can hold such values
+    if i <= 0:  # threshold below 2^-126: only bin 0 (every value below 2^-126) can hold
+        # such values; counted whole when the threshold lies in (2^-127, 2^-126), else none
         return float(hist[0]) if i == 0 and e > whole else 0.0
     if i >= len(hist):
         return float(hist.sum())
@@ -120,7 +121,8 @@ class LayerVerdict:
         fits: ``{format: True / False}`` (both groups under the threshold); ``None`` where
             the format does not apply to the module (fp8 on a module that is not Linear).
         lost: ``{format: {"activations": fraction, "gradients": fraction}}`` (scaled).
-        recommendation: a sentence, or ``None`` when the narrowest width fits.
+        recommendation: a sentence, or ``None`` when every format as narrow as the one a
+            group needs fits it (no format of that width or narrower loses too much).
         needs: ``{group: format}``, the narrowest format each tensor group fits.
         scaling: ``{format: {group: "per-tensor scaling (amax -> 448)" | ...}}``.
     """
