@@ -17,7 +17,13 @@ from mixprec.float8.config import (
     Float8Config,
     fp8_dtype,
 )
-from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
+from mixprec.float8.convert import (
+    Float8ConversionReport,
+    LayerDecision,
+    convert_to_float8,
+    dims_reason,
+    float8_decisions,
+)
 from mixprec.float8.granular import MX_BLOCK, axiswise_to_float8, mx_dequantize, mx_to_float8
 from mixprec.float8.linear import (
     STATE_NAMES,
@@ -52,6 +58,8 @@ __all__ = [
     "axiswise_to_float8",
     "cast_to_float8",
     "convert_to_float8",
+    "dims_reason",
+    "float8_decisions",
     "fp8_dtype",
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
