@@ -1,5 +1,7 @@
 """FP8 training: ``Float8Linear`` with tensorwise, rowwise or MX scales.
 
+Where MX products run on hardware and where they are emulated: :func:`mx_scaled_mm_support`.
+
 Example:
     >>> import torch, mixprec as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
@@ -32,6 +34,7 @@ from mixprec.float8.linear import (
     scaled_mm,
     without_float8_state,
 )
+from mixprec.float8.mx_gemm import mx_scaled_mm_support
 from mixprec.float8.scaling import (
     amax_to_scale,
     cast_to_float8,
@@ -64,6 +67,7 @@ __all__ = [
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
     "mx_dequantize",
+    "mx_scaled_mm_support",
     "mx_to_float8",
     "scaled_mm",
     "tensor_to_amax",
