@@ -19,6 +19,8 @@ they save no fp8 weight either way. The formulas, per device before sharding::
                            c = 1 B when the layer casts W in backward (not saved), else 0
                            u = 4 B when the GEMM is emulated (float32 upcast of W_fp8), else 0
 
+"Emulated" is read from ``Float8Config.use_scaled_mm(device)``: on CUDA an MX layer counts
+as running on Blackwell's kernel (on an older GPU it is emulated: 4 B more per element).
 The cast transient happens inside one layer's backward, after the loss's backward has
 released its own transient, so the estimate counts ``max(backward transient, cast)``, not
 their sum. The emulation's float32 upcasts of activations (x_fp8, grad_out_fp8) are not in
