@@ -189,16 +189,17 @@ def fp8_weights(P, spec, module: nn.Module | None, config, device: str) -> Fp8We
         ]
     else:
         layers = [(P.linear_weights, 1, config)]
+    bare = spec is None and module is None  # a parameter count: layers unknown
     saved = sum(n * c for n, c, cfg in layers if _saves_weight(cfg))
-    state = sum(c * _state_bytes(cfg) for _, c, cfg in layers)
+    state = 0 if bare else sum(c * _state_bytes(cfg) for _, c, cfg in layers)
     n_layers = sum(c for _, c, _ in layers)
     terms = []
     if saved:
         terms.append(f"{saved:,} x 1 B (fp8 W saved for backward, recompute_weight_cast=False)")
     if state:
-        terms.append(f"{n_layers:,} layers x {state // n_layers:,} B (amax/scale state)")
+        terms.append(f"{state:,} B (amax/scale state of {n_layers:,} fp8 layers)")
     copies = (saved + state, " + ".join(terms) or "0 (no fp8 layer saves its weight)")
-    if spec is None and module is None:
+    if bare:
         cast = (0, "fp8 cast transient not counted (layer shapes unknown for a parameter count)")
     else:
         n, b = max(((n, _cast_bytes(cfg, device)) for n, _, cfg in layers), default=(0, 0),
