@@ -23,6 +23,8 @@ Variants: ``bf16`` (nn.Linear) and ``fp8-<scaling>-<backend>`` for each scaling
 (current, delayed) and backend; with ``--recipes`` (a comma list of
 ``Float8Config.from_recipe_name`` names: tensorwise, rowwise, rowwise_with_gw_hp, mxfp8)
 ``fp8-<recipe>-<backend>`` instead, which compares rowwise and MX scales with tensorwise.
+MX runs the block-scaled ``torch._scaled_mm`` where it exists (CUDA capability 10.0+);
+elsewhere ``auto`` emulates it (the script says so and why) and ``scaled_mm`` is skipped.
 Backend ``auto`` is ``_scaled_mm`` on CUDA and the
 emulation on CPU, whose ``torch._scaled_mm`` is a reference kernel (about 0.1 GFLOP/s
 measured: a 1024³ forward+backward takes about a minute); ask for ``--backend scaled_mm``
@@ -52,6 +54,7 @@ import torch
 from torch import nn
 
 from mixprec.float8 import Float8Config, Float8Linear
+from mixprec.float8.mx_gemm import mx_scaled_mm_support
 
 # (label, M, K, N). LLM-like: 4096 tokens through the projections of a 4096-wide model
 # (grouped-query qkv 4096 -> 6144, MLP 4096 -> 8192 -> 4096).
@@ -219,6 +222,18 @@ def main(argv: list[str] | None = None) -> None:
             for s in args.scaling.split(",")
             for b in backends
         }
+    for name, cfg in list(variants.items()):  # MX: the block-scaled kernel, or why not
+        if cfg.granularity != "mx" or cfg.backend == "emulate":
+            continue
+        pairs = [(cfg.forward_dtype, cfg.forward_dtype), (cfg.backward_dtype, cfg.forward_dtype)]
+        refusals = [
+            why for a, b in pairs for ok, why in [mx_scaled_mm_support(device, a, b)] if not ok
+        ]
+        if refusals and cfg.backend == "scaled_mm":
+            print(f"skipping {name}: {refusals[0]}")
+            del variants[name]
+        elif refusals:
+            print(f"{name}: MX products emulated ({refusals[0]})")
     device_name = (
         torch.cuda.get_device_name(device)
         if cuda

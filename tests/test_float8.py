@@ -433,7 +433,8 @@ def test_resumed_run_matches_uninterrupted_bit_for_bit():
 
 
 @pytest.mark.parametrize(
-    "module", ["config", "scaling", "linear", "convert", "granular", "gemm", "__init__"]
+    "module",
+    ["config", "scaling", "linear", "convert", "granular", "gemm", "mx_gemm", "__init__"],
 )
 def test_docstring_examples_run(module):
     import doctest

@@ -1,5 +1,7 @@
 """FP8 training: ``Float8Linear`` with tensorwise, rowwise or MX scales.
 
+Where MX products run on hardware and where they are emulated: :func:`mx_scaled_mm_support`.
+
 Example:
     >>> import torch, mixprec as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
@@ -17,7 +19,13 @@ from mixprec.float8.config import (
     Float8Config,
     fp8_dtype,
 )
-from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
+from mixprec.float8.convert import (
+    Float8ConversionReport,
+    LayerDecision,
+    convert_to_float8,
+    dims_reason,
+    float8_decisions,
+)
 from mixprec.float8.granular import MX_BLOCK, axiswise_to_float8, mx_dequantize, mx_to_float8
 from mixprec.float8.linear import (
     STATE_NAMES,
@@ -26,6 +34,7 @@ from mixprec.float8.linear import (
     scaled_mm,
     without_float8_state,
 )
+from mixprec.float8.mx_gemm import mx_scaled_mm_support
 from mixprec.float8.scaling import (
     amax_to_scale,
     cast_to_float8,
@@ -52,10 +61,13 @@ __all__ = [
     "axiswise_to_float8",
     "cast_to_float8",
     "convert_to_float8",
+    "dims_reason",
+    "float8_decisions",
     "fp8_dtype",
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
     "mx_dequantize",
+    "mx_scaled_mm_support",
     "mx_to_float8",
     "scaled_mm",
     "tensor_to_amax",

@@ -123,8 +123,11 @@ class Float8Config:
             right one (torchao's axiswise scaling; an outlier row no longer costs the
             other rows their precision); ``torch._scaled_mm`` takes the row/column scales
             (CUDA: e4m3fn operands, sm89+). ``"mx"``: MXFP8, one power-of-two E8M0 scale
-            per 32 elements along the summed dimension (OCP Microscaling); emulated on
-            every device here (real MX GEMMs need Blackwell's block-scaled kernels).
+            per 32 elements along the summed dimension (OCP Microscaling): the
+            block-scaled ``torch._scaled_mm`` where it runs (CUDA capability 10.0+, torch
+            >= 2.7, e4m3fn operands; :func:`~mixprec.float8.mx_scaled_mm_support`), else
+            emulated under ``backend="auto"`` (CPU, Hopper) and a RuntimeError naming the
+            device under ``backend="scaled_mm"``.
             rowwise and mx need ``scaling="current"``. See
             :mod:`mixprec.float8.granular_linear`.
         recompute_weight_cast: in backward, cast the saved high-precision weight to fp8

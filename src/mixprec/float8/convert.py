@@ -12,7 +12,13 @@ from torch import nn
 from mixprec.float8.config import Float8Config
 from mixprec.float8.linear import Float8Conv1D, Float8Linear
 
-__all__ = ["Float8ConversionReport", "LayerDecision", "convert_to_float8"]
+__all__ = [
+    "Float8ConversionReport",
+    "LayerDecision",
+    "convert_to_float8",
+    "dims_reason",
+    "float8_decisions",
+]
 
 _MULTIPLE = 16  # fp8 tensor cores (and cuBLAS's fp8 GEMM) need K and N multiples of 16
 
@@ -97,8 +103,13 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
-def _dims_reason(linear: nn.Module) -> str | None:
-    in_features, out_features = _features(linear)
+def dims_reason(in_features: int, out_features: int) -> str | None:
+    """Why a Linear of this shape is not converted without ``pad_inner_dim``, or None.
+
+    Example:
+        >>> dims_reason(64, 10)
+        'out_features=10 not a multiple of 16'
+    """
     bad = [
         f"{label}={value}"
         for label, value in (
@@ -110,6 +121,65 @@ def _dims_reason(linear: nn.Module) -> str | None:
     if bad:
         return f"{' and '.join(bad)} not a multiple of {_MULTIPLE}"
     return None
+
+
+def float8_decisions(
+    model: nn.Module,
+    *,
+    config: Float8Config | None = None,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    force: Collection[str] = (),
+) -> tuple[LayerDecision, ...]:
+    """What :func:`convert_to_float8` would do with each Linear of ``model``; changes nothing.
+
+    Same arguments and errors as :func:`convert_to_float8` (the memory planner counts the
+    fp8 layers of a model with it before any conversion).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3))
+        >>> [(d.name, d.converted) for d in float8_decisions(m)]
+        [('0', True), ('1', False)]
+    """
+    config = config if config is not None else Float8Config()
+    force = set(force)
+    linears = {name: mod for name, mod in model.named_modules() if _is_linear(mod)}
+    for name in sorted(force):
+        if name not in linears:
+            raise ValueError(
+                f"force names {name!r}, which is not an nn.Linear of the model "
+                f"(Linear layers: {', '.join(repr(n) for n in linears) or 'none'})"
+            )
+        reason = dims_reason(*_features(linears[name]))
+        if reason is not None and not config.pad_inner_dim:
+            k, n = _features(linears[name])
+            raise ValueError(
+                f"cannot force fp8 on {name!r}: shape (out_features={n}, "
+                f"in_features={k}) has {reason}; set Float8Config(pad_inner_dim=True) "
+                "or leave it out of force"
+            )
+    decisions: list[LayerDecision] = []
+    for name, lin in linears.items():
+        k, n = _features(lin)
+        dims = dims_reason(k, n)
+        if isinstance(lin, Float8Linear):
+            reason = "already a Float8Linear"
+        elif name == "":
+            reason = "the model itself is the Linear: wrap it (nn.Sequential(model)) to convert"
+        elif isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            reason = "nn.MultiheadAttention reads its out_proj weight without calling forward"
+        elif name in force:
+            reason = None
+        elif dims is not None and not config.pad_inner_dim:
+            reason = dims
+        elif module_filter_fn is not None and not module_filter_fn(lin, name):
+            reason = "excluded by module_filter_fn"
+        else:
+            reason = None
+        done = "converted"
+        if reason is None and config.pad_inner_dim and dims is not None:
+            done = "converted (operands padded to multiples of 16)"
+        decisions.append(LayerDecision(name, k, n, reason is None, reason or done))
+    return tuple(decisions)
 
 
 def convert_to_float8(
@@ -159,46 +229,10 @@ def convert_to_float8(
     config = config if config is not None else Float8Config()
     # Resolve the dtypes now: a torch build without float8 fails here, not at the first step.
     _ = (config.forward_dtype, config.backward_dtype)
-    force = set(force)
-    linears = {name: mod for name, mod in model.named_modules() if _is_linear(mod)}
-    for name in sorted(force):
-        if name not in linears:
-            raise ValueError(
-                f"force names {name!r}, which is not an nn.Linear of the model "
-                f"(Linear layers: {', '.join(repr(n) for n in linears) or 'none'})"
-            )
-        reason = _dims_reason(linears[name])
-        if reason is not None and not config.pad_inner_dim:
-            k, n = _features(linears[name])
-            raise ValueError(
-                f"cannot force fp8 on {name!r}: shape (out_features={n}, "
-                f"in_features={k}) has {reason}; set Float8Config(pad_inner_dim=True) "
-                "or leave it out of force"
-            )
-    decisions: list[LayerDecision] = []
-    swaps: list[tuple[str, nn.Linear]] = []
-    for name, lin in linears.items():
-        if isinstance(lin, Float8Linear):
-            reason = "already a Float8Linear"
-        elif name == "":
-            reason = "the model itself is the Linear: wrap it (nn.Sequential(model)) to convert"
-        elif isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-            reason = "nn.MultiheadAttention reads its out_proj weight without calling forward"
-        elif name in force:
-            reason = None
-        elif (dims := _dims_reason(lin)) is not None and not config.pad_inner_dim:
-            reason = dims
-        elif module_filter_fn is not None and not module_filter_fn(lin, name):
-            reason = "excluded by module_filter_fn"
-        else:
-            reason = None
-        k, n = _features(lin)
-        done = "converted"
-        if reason is None and config.pad_inner_dim and _dims_reason(lin) is not None:
-            done = "converted (operands padded to multiples of 16)"
-        decisions.append(LayerDecision(name, k, n, reason is None, reason or done))
-        if reason is None:
-            swaps.append((name, lin))
+    decisions = float8_decisions(
+        model, config=config, module_filter_fn=module_filter_fn, force=force
+    )
+    swaps = [(d.name, model.get_submodule(d.name)) for d in decisions if d.converted]
     for name, lin in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

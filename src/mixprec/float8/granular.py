@@ -11,9 +11,9 @@ outlier row pushes every other row towards fp8's subnormals. Finer scales fix th
 * **mx** (OCP Microscaling, MXFP8): one power-of-two scale, stored as an E8M0 exponent
   (the format catalogue's ``e8m0fnu``), per block of 32 consecutive elements *along* the
   summed dimension. The scales do not factor out of the sum; hardware with MX support
-  (NVIDIA Blackwell) applies them inside the GEMM. Here the product is emulated:
-  each operand is decoded to float32 (exact: the scales are powers of two) and
-  multiplied in float32.
+  (NVIDIA Blackwell) applies them inside the GEMM (:mod:`mixprec.float8.mx_gemm`).
+  Elsewhere the product is emulated: each operand is decoded to float32 (exact: the
+  scales are powers of two) and multiplied in float32.
 
 The MX scale of a block, two rules (``rule=``)::
 

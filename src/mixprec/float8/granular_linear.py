@@ -19,11 +19,14 @@ and its tensorwise scale, for the numerics report.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mixprec.float8.config import Float8Config
 from mixprec.float8.gemm import scaled_mm
 from mixprec.float8.granular import axiswise_to_float8, mx_dequantize, mx_to_float8
+from mixprec.float8.mx_gemm import mx_scaled_mm, mx_scaled_mm_support
 from mixprec.float8.scaling import amax_to_scale, tensor_to_finite_amax
 
 __all__ = ["granular_gemm"]
@@ -42,8 +45,10 @@ def granular_gemm(
     """a (M, K) · b (K, N) with fp8 operands scaled per ``cfg.granularity``, float32 sums.
 
     rowwise: ``(a8 · b8) * inv_a (M, 1) * inv_b (1, N)`` through ``torch._scaled_mm``
-    (row and column scales) unless ``emulate``; MX: always emulated, the float32 decoded
-    operands multiplied in float32 (see :mod:`mixprec.float8.granular`).
+    (row and column scales) unless ``emulate``. MX: the block-scaled ``torch._scaled_mm``
+    where :func:`~mixprec.float8.mx_gemm.mx_scaled_mm_support` says it runs (see
+    :func:`_mx_on_tensor_cores`), else emulated: the float32 decoded operands multiplied
+    in float32 (see :mod:`mixprec.float8.granular`). Both compute the same quantity.
     """
     if cfg.granularity == "rowwise":
         kw = {"margin": cfg.margin, "power_of_two": cfg.power_of_two_scale}
@@ -54,8 +59,35 @@ def granular_gemm(
         )
     qa, xa = mx_to_float8(a, -1, a_dtype)
     qb, xb = mx_to_float8(b, 0, b_dtype)
+    if _mx_on_tensor_cores(a.device, a_dtype, b_dtype, cfg.backend):
+        return mx_scaled_mm(qa, xa, qb, xb, out_dtype)
     out = torch.mm(mx_dequantize(qa, xa, -1), mx_dequantize(qb, xb, 0))
     return out.to(out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _mx_support(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype):
+    return mx_scaled_mm_support(device, a_dtype, b_dtype)
+
+
+def _mx_on_tensor_cores(device: torch.device, a_dtype, b_dtype, backend: str) -> bool:
+    """Whether an MX product on ``device`` runs the block-scaled ``torch._scaled_mm``.
+
+    ``backend="emulate"``: never. ``"auto"``: on CUDA where the kernel runs (Blackwell),
+    emulated elsewhere (CPU, Hopper), as documented. ``"scaled_mm"``: an explicit request
+    for the kernel, so a device without it is a RuntimeError naming the device and why,
+    never a silent emulation.
+    """
+    if backend == "emulate" or (backend == "auto" and device.type != "cuda"):
+        return False
+    ok, reason = _mx_support(device, a_dtype, b_dtype)
+    if not ok and backend == "scaled_mm":
+        raise RuntimeError(
+            f"Float8Config(granularity='mx', backend='scaled_mm') asks for the block-scaled "
+            f"torch._scaled_mm, which is not available here: {reason}. Use backend='auto' "
+            "(MX emulated where the kernel is missing) or backend='emulate'"
+        )
+    return ok
 
 
 def _record(hist: torch.Tensor, scale: torch.Tensor, t: torch.Tensor, dtype, cfg) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from mixprec.memory.calls import batch_items
 from mixprec.memory.counts import OPTIMIZERS, _optimizer_of, _resolve
+from mixprec.memory.fp8 import fp8_weights, resolve_fp8_config
 from mixprec.memory.parts import activation_parts, model_states, shard, sharding_buffers
 from mixprec.recipes import Recipe, get_recipe
 
@@ -226,6 +227,7 @@ def estimate(
     device: Literal["cuda", "cpu"] = "cuda",
     lora: tuple[int, tuple[str, ...]] | None = None,
     offload: Literal["none", "optimizer"] = "none",
+    fp8_config=None,
 ) -> MemoryEstimate:
     """Predict the training memory per device of a model under a recipe.
 
@@ -265,12 +267,21 @@ def estimate(
             and optimizer states. An nn.Module is counted by ``requires_grad`` instead.
         offload: ``"optimizer"`` keeps master weights, master gradients and optimizer
             states (and the step) in host memory, reported as ``host_memory``.
+        fp8_config: for fp8 recipes, the :class:`~mixprec.float8.Float8Config` of the
+            Linear layers (default ``Float8Config(scaling=recipe.fp8)``, what
+            ``Precision`` converts with; an nn.Module already converted is counted with
+            its own layers' configs). Its ``recompute_weight_cast`` decides the fp8
+            weights: False saves N·K x 1 B per layer for backward (``fp8_copies``); True
+            (the default) saves none and counts one layer's transient recast
+            (:mod:`mixprec.memory.fp8`).
 
     Returns:
         :class:`MemoryEstimate`.
 
     Raises:
-        ValueError: unknown optimizer, ZeRO stage, preset or accounting; sizes <= 0.
+        ValueError: unknown optimizer, ZeRO stage, preset or accounting; sizes <= 0;
+            ``fp8_config`` with a recipe without fp8 layers.
+        TypeError: ``fp8_config`` is not a Float8Config.
 
     Example:
         >>> e = estimate("llama-2-7b", "bf16-mixed", batch_size=1, seq_len=4096)
@@ -337,6 +348,9 @@ def estimate(
         batch_size = batch_items(batch[0]) if batch is not None else 1
     if spec is not None and seq_len is None:
         seq_len = spec.max_position_embeddings
+    fp8_cfg = resolve_fp8_config(recipe, fp8_config, module)
+    traced = module is not None and batch is not None
+    fp8w = None if fp8_cfg is None or traced else fp8_weights(P, spec, module, fp8_cfg, device)
 
     states = model_states(P, recipe, optimizer, accounting, bf16_temp)
     acts = activation_parts(
@@ -353,7 +367,11 @@ def estimate(
         attention=attention,
         implementation=implementation,
         device=device,
+        fp8_config=fp8_config,
+        fp8_weights=fp8w,
     )
+    if fp8w is not None:
+        acts["backward_transient"] = fp8w.with_cast(acts["backward_transient"])
     merged = {**states, **acts}
     if "batch" in merged:  # the micro-batch is alive for the whole step
         nbytes, text = merged.pop("batch")

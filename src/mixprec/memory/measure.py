@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mixprec.memory.calls import call_model, default_loss, loss_of
+from mixprec.memory.fp8 import prepare_fp8
 from mixprec.memory.tracker import storages_of
 from mixprec.recipes import Recipe, get_recipe
 
@@ -112,6 +113,7 @@ def measure(
     steps: int = 3,
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    fp8_config=None,
 ) -> MeasuredMemory:
     """Run ``steps`` training steps with ``recipe`` and report the peak memory.
 
@@ -130,6 +132,9 @@ def measure(
             the steady state).
         loss_fn: ``loss_fn(outputs, targets)``; default: the model's own loss, else
             :func:`default_loss`.
+        fp8_config: for fp8 recipes, the :class:`~mixprec.float8.Float8Config` the model
+            is converted with before setup (default: the recipe's; a model already
+            converted keeps its layers, and a different ``fp8_config`` is a ValueError).
 
     Returns:
         :class:`MeasuredMemory`.
@@ -145,6 +150,7 @@ def measure(
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1")
     recipe = get_recipe(recipe)
+    prepare_fp8(model, recipe, fp8_config)  # setup keeps this conversion
     inputs, targets = batch
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")

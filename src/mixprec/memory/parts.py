@@ -140,18 +140,6 @@ def _scaler_bytes(recipe: Recipe) -> int:
     return scaler.nbytes
 
 
-def fp8_state_per_linear(recipe: Recipe) -> int:
-    """Bytes of the amax histories and scales one Float8Linear keeps (built on meta)."""
-    from torch import nn
-
-    from mixprec.float8 import Float8Config, Float8Linear
-
-    layer = Float8Linear.from_linear(
-        nn.Linear(16, 16, device="meta"), Float8Config(scaling=recipe.fp8)
-    )
-    return sum(b.numel() * b.element_size() for b in layer.buffers())
-
-
 def numerics_of(recipe: Recipe, device: str):
     """:class:`~mixprec.memory.hf.Numerics` of a recipe: compute bytes, norm bytes, autocast."""
     from mixprec.memory.hf import Numerics
@@ -177,22 +165,23 @@ def activation_parts(
     attention: str = "sdpa",
     implementation: str = "hf",
     device: str = "cuda",
+    fp8_config=None,
+    fp8_weights=None,
 ) -> dict[str, Part]:
-    """Weight copies, fp8 copies, activations and the backward transient."""
+    """Weight copies, fp8 copies, activations and the backward transient.
+
+    ``fp8_config``: the Float8Config a traced module is converted with;
+    ``fp8_weights``: :class:`mixprec.memory.fp8.Fp8Weights` of the formula paths.
+    """
     compute = recipe.compute_dtype or recipe.param_dtype
     if module is not None and batch is not None:
-        return _traced(recipe, module, batch, loss_fn, batch_size)
+        return _traced(recipe, module, batch, loss_fn, batch_size, fp8_config)
     out: dict[str, Part] = {}
     fp8 = recipe.fp8 != "off"
     copies = P.matmul if recipe.uses_autocast and not fp8 else 0
     out["weight_copies"] = _terms([(copies, _b(compute), f"{_n(compute)} autocast copies")])
-    fp8_state = P.linear_layers * fp8_state_per_linear(recipe) if fp8 else 0
-    out["fp8_copies"] = _terms(
-        [
-            (P.linear_weights if fp8 else 0, 1, "fp8 weight copies"),
-            (1 if fp8_state else 0, fp8_state, "amax/scale state"),
-        ]
-    )
+    out["fp8_copies"] = fp8_weights.copies if fp8_weights is not None else (0, "0")
+    x_fp8 = fp8_weights is not None and fp8_weights.input_fp8  # Linear inputs saved in fp8
     if spec is None:
         what = "an nn.Module" if module is not None else "a parameter count"
         out["activations"] = (0, f"not counted: {what} without a batch (pass batch=)")
@@ -201,7 +190,7 @@ def activation_parts(
     out["batch"] = (16 * batch_size * seq_len, "token ids and labels: 2 x s*b x 8 B")
     if implementation == "megatron":
         flash = attention in ("flash", "sdpa")
-        out["activations"] = korthikanti(spec, compute, fp8, batch_size, seq_len, ckpt, flash)
+        out["activations"] = korthikanti(spec, compute, x_fp8, batch_size, seq_len, ckpt, flash)
         out["backward_transient"] = (
             states["gradients"][0],
             "= gradients (all may be alive before activations are freed)",
@@ -281,10 +270,10 @@ def korthikanti(
     return total, text
 
 
-def _traced(recipe, module, batch, loss_fn, batch_size) -> dict[str, Part]:
+def _traced(recipe, module, batch, loss_fn, batch_size, fp8_config=None) -> dict[str, Part]:
     from mixprec.memory.trace import trace_step
 
-    t = trace_step(module, recipe, batch, loss_fn)
+    t = trace_step(module, recipe, batch, loss_fn, fp8_config=fp8_config)
     own_buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     scale = batch_size / t.batch_items
     copies = t.weight_copies + t.fp8_copies

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mixprec.memory.calls import batch_items, call_model, loss_of
+from mixprec.memory.fp8 import prepare_fp8
 from mixprec.memory.tracker import StorageTracker, _plain_tensors, storages_of
 from mixprec.recipes import Recipe
 
@@ -119,8 +120,13 @@ def trace_step(
     recipe: Recipe,
     batch: tuple,
     loss_fn: Callable | None,
+    *,
+    fp8_config=None,
 ) -> TraceResult:
     """Trace one forward and backward pass of a copy of ``model`` set up for ``recipe``.
+
+    ``fp8_config``: the :class:`~mixprec.float8.Float8Config` the copy's Linear layers are
+    converted with (default: the recipe's; a model already converted keeps its layers).
 
     Example:
         >>> from mixprec.recipes import get_recipe
@@ -134,6 +140,7 @@ def trace_step(
 
     inputs, targets = batch
     work = copy.deepcopy(model)
+    prepare_fp8(work, recipe, fp8_config)
     precision = Precision(recipe)
     work, opt = precision.setup(work, torch.optim.SGD(work.parameters(), lr=0.0))
     params = list(work.parameters())

@@ -28,7 +28,15 @@ def check_model_dtype(recipe: Recipe, model: nn.Module) -> None:
 
 
 def convert_fp8(recipe: Recipe, model: nn.Module) -> None:
-    """Swap eligible ``nn.Linear`` layers for ``Float8Linear`` with the recipe's scaling."""
-    from mixprec.float8 import Float8Config, convert_to_float8
+    """Swap eligible ``nn.Linear`` layers for ``Float8Linear`` with the recipe's scaling.
 
+    A model that already holds ``Float8Linear`` layers was converted by the caller, with
+    its own :class:`~mixprec.float8.Float8Config` and filter: it is kept as it is (as
+    FSDP2's setup does), so ``convert_to_float8(model, config=...)`` before ``setup`` is
+    how a recipe runs with a chosen fp8 configuration.
+    """
+    from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
+
+    if any(isinstance(m, Float8Linear) for m in model.modules()):
+        return
     convert_to_float8(model, config=Float8Config(scaling=recipe.fp8))
