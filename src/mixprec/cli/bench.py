@@ -25,9 +25,11 @@ import argparse
 from pathlib import Path
 
 from mixprec.bench.output import replace_folder
+from mixprec.cli.checks import check_run_options, non_negative_int, positive_int
+from mixprec.cli.options import add_command, add_source_options, recipe_names
 from mixprec.cli.suite import config_from_args, reference_finished, run_suite
 
-__all__ = ["MAX_STEPS", "add_arguments", "parse_budget", "run"]
+__all__ = ["MAX_STEPS", "add_arguments", "add_parser", "parse_budget", "run"]
 
 DEFAULT_BUDGET = "4x"
 MAX_STEPS = 1_000_000  # the bench keeps per-step losses and times: bounded memory
@@ -56,27 +58,30 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
     return (None, value) if raw.endswith("x") else (value, None)
 
 
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``bench`` and its options."""
+    add_command(
+        sub, "bench", arguments=add_arguments, run=run,
+        help="run recipes side by side, recommend one, write a report",
+        description="Train a task (or your model) with several recipes from the same weights "
+        "on the same batches; compare speed, memory and quality; recommend one; write "
+        "OUT/report.md, OUT/results.json and PNG plots.",
+    )  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mixprec bench`` options to ``p``."""
     from mixprec.bench.results import DEFAULT_RECIPES
-    from mixprec.bench.tasks import SIZES, TASKS
-    from mixprec.cli.checks import non_negative_int, positive_int
-    from mixprec.recipes import RECIPES
 
-    p.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {', '.join(TASKS)}")
-    p.add_argument(
-        "--model",
-        metavar="PACKAGE.MODULE:FACTORY",
-        help="your model instead of a task: factory() returns "
+    add_source_options(
+        p,
+        model_help="your model instead of a task: factory() returns "
         "(model, optimizer_factory, batches, loss_fn)",
-    )
-    p.add_argument(
-        "--size", default="small", help=f"task size (default small): {' | '.join(SIZES)}"
     )
     p.add_argument(
         "--recipes",
         default=None,
-        help=f"comma-separated recipes (default {','.join(DEFAULT_RECIPES)}): {', '.join(RECIPES)}",
+        help=f"comma-separated recipes (default {','.join(DEFAULT_RECIPES)}): {recipe_names()}",
     )
     p.add_argument(
         "--steps",
@@ -162,6 +167,7 @@ def _recipes(text: str | None) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bench described by ``args``; ValueError for bad input (a one-line message)."""
+    check_run_options(args)
     if args.list:
         print(_listing())
         return 0

@@ -10,35 +10,20 @@ from __future__ import annotations
 import argparse
 import os
 
+from mixprec.cli.options import names
+
 __all__ = [
     "CliError",
     "check_device",
     "check_out_dir",
+    "check_run_options",
     "non_negative_int",
     "positive_int",
 ]
 
-DEBUG_ENV = "MIXPREC_DEBUG"  # set to 1 (or true/yes) to print tracebacks
-
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
-    p.add_argument(
-        "--debug",
-        action="store_true",
-        default=default,
-        help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)",
-    )
 
 
 def positive_int(text: str) -> int:
@@ -59,10 +44,6 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
     return value
-
-
-def _names(names) -> str:
-    return ", ".join(names)
 
 
 def check_device(text: str | None) -> str | None:
@@ -87,7 +68,7 @@ def check_device(text: str | None) -> str | None:
         known = ["cpu", "cuda", "cuda:0", "mps", "xpu", "meta"]
         raise CliError(
             f"--device {text!r} is not a device{did_you_mean(text, known)}; "
-            f"this machine has: {_names(available)}"
+            f"this machine has: {names(available)}"
         ) from None
     if str(device) not in available and device.type not in available:
         why = (
@@ -95,10 +76,17 @@ def check_device(text: str | None) -> str | None:
             if device.type == "cuda" and "cuda" not in available
             else f"{device} is not available"
         )
-        raise CliError(f"--device {text!r}: {why}; this machine has: {_names(available)}")
+        raise CliError(f"--device {text!r}: {why}; this machine has: {names(available)}")
     if device.type == "cuda" and device.index is not None and str(device) not in available:
-        raise CliError(f"--device {text!r}: no such GPU; this machine has: {_names(available)}")
+        raise CliError(f"--device {text!r}: no such GPU; this machine has: {names(available)}")
     return text
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """``--device`` and ``--out`` of a command that trains (diagnose, bench), checked before
+    anything is built or trained."""
+    check_device(args.device)
+    check_out_dir(args.out)
 
 
 def check_out_dir(text: str) -> str:
