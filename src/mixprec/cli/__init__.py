@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (formats, estimate, diagnose, bench):
-        command.add_parser(sub)
+    for command in (formats.COMMAND, estimate.COMMAND, diagnose.COMMAND, bench.COMMAND):
+        command.add_to(sub)
     return parser
 
 

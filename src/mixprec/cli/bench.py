@@ -26,10 +26,10 @@ from pathlib import Path
 
 from mixprec.bench.output import replace_folder
 from mixprec.cli.checks import check_run_options, non_negative_int, positive_int
-from mixprec.cli.options import add_command, add_source_options, recipe_names
+from mixprec.cli.options import Command, add_source_options, recipe_names
 from mixprec.cli.suite import config_from_args, reference_finished, run_suite
 
-__all__ = ["MAX_STEPS", "add_arguments", "add_parser", "parse_budget", "run"]
+__all__ = ["COMMAND", "MAX_STEPS", "add_arguments", "parse_budget", "run"]
 
 DEFAULT_BUDGET = "4x"
 MAX_STEPS = 1_000_000  # the bench keeps per-step losses and times: bounded memory
@@ -56,17 +56,6 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
     if value == 0:
         return None, None
     return (None, value) if raw.endswith("x") else (value, None)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``bench`` and its options."""
-    add_command(
-        sub, "bench", arguments=add_arguments, run=run,
-        help="run recipes side by side, recommend one, write a report",
-        description="Train a task (or your model) with several recipes from the same weights "
-        "on the same batches; compare speed, memory and quality; recommend one; write "
-        "OUT/report.md, OUT/results.json and PNG plots.",
-    )  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,3 +235,11 @@ def _duration(seconds: float) -> str:
         if seconds >= 2 * size:
             return f"{seconds / size:,.0f} {unit}"
     return f"{seconds:.0f} s"
+
+
+COMMAND = Command(
+    "bench", add_arguments, run, help="run recipes side by side, recommend one, write a report",
+    description="Train a task (or your model) with several recipes from the same weights on "
+    "the same batches; compare speed, memory and quality; recommend one; write OUT/report.md, "
+    "OUT/results.json and PNG plots.",
+)  # fmt: skip

@@ -12,19 +12,9 @@ from __future__ import annotations
 import argparse
 
 from mixprec.cli.checks import check_run_options, positive_int
-from mixprec.cli.options import add_command, add_source_options, format_choices, recipe_names
+from mixprec.cli.options import Command, add_source_options, format_choices, recipe_names
 
-__all__ = ["add_parser"]
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``diagnose`` and its options."""
-    add_command(
-        sub, "diagnose", arguments=_arguments, run=_run,
-        help="train with the numerics monitor and report",
-        description="Train a task (or a user model) with a recipe under the numerics monitor; "
-        "print the per-layer table and write numerics.json, table.txt and PNG plots.",
-    )  # fmt: skip
+__all__ = ["COMMAND"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -40,21 +30,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--every", type=positive_int, default=1, help="measure one step in N (default 1)"
     )
-    p.add_argument(
-        "--format",
-        dest="formats",
-        action="append",
-        help=f"target format (repeatable; default {', '.join(DEFAULT_FORMATS)}): "
-        + format_choices(),
-    )
+    default = ", ".join(DEFAULT_FORMATS)
+    p.add_argument("--format", dest="formats", action="append",
+                   help=f"target format (repeatable; default {default}): "
+                   + format_choices())  # fmt: skip
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the weights and data order (default 0)"
     )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device to train on (default cpu): cpu, cuda, cuda:N, mps",
-    )
+    p.add_argument("--device", default="cpu", help="torch device to train on (default cpu): "
+                   "cpu, cuda, cuda:N, mps")  # fmt: skip
     p.add_argument(
         "--out", default="diagnose-report", help="output folder (default diagnose-report)"
     )
@@ -79,3 +63,10 @@ def _run(args: argparse.Namespace) -> int:
         console=wide_console(),
     )
     return 0
+
+
+COMMAND = Command(
+    "diagnose", _arguments, _run, help="train with the numerics monitor and report",
+    description="Train a task (or a user model) with a recipe under the numerics monitor; "
+    "print the per-layer table and write numerics.json, table.txt and PNG plots.",
+)  # fmt: skip

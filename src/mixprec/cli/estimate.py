@@ -12,19 +12,9 @@ from __future__ import annotations
 import argparse
 
 from mixprec.cli.checks import CliError, positive_int
-from mixprec.cli.options import add_command, names, recipe_names
+from mixprec.cli.options import Command, names, recipe_names
 
-__all__ = ["add_parser"]
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``estimate`` and its options."""
-    add_command(
-        sub, "estimate", arguments=_arguments, run=_run,
-        help="predict training memory for a model and recipe",
-        description="Memory per device: weights, gradients, masters, optimizer states, "
-        "copies, activations; and whether it fits a device.",
-    )  # fmt: skip
+__all__ = ["COMMAND"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -132,3 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(render(e, v), end="")
     return 0
+
+
+COMMAND = Command(
+    "estimate", _arguments, _run, help="predict training memory for a model and recipe",
+    description="Memory per device: weights, gradients, masters, optimizer states, copies, "
+    "activations; and whether it fits a device.",
+)  # fmt: skip

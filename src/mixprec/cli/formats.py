@@ -17,32 +17,18 @@ from collections.abc import Sequence
 
 from mixprec.bench.console import wide_console
 from mixprec.cli.checks import CliError, check_out_dir
-from mixprec.cli.options import add_command, add_debug, format_choices
+from mixprec.cli.options import Command, format_choices
 
-__all__ = ["EXPLAIN_DEFAULT", "add_parser"]
+__all__ = ["COMMAND", "EXPLAIN_DEFAULT"]
 
 EXPLAIN_DEFAULT = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``formats`` and its actions ``explain`` and ``plot``."""
-    p = sub.add_parser(
-        "formats",
-        help="number formats: table, explain a value, plots",
-        description="Without an action: a table of every format's layout and limits.",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     _format_option(p, "only these formats (repeatable)")
-    add_debug(p)
-    p.set_defaults(func=_table)
     actions = p.add_subparsers(dest="formats_action", metavar="ACTION")
-    add_command(
-        actions, "explain", arguments=_explain_arguments, run=_explain,
-        help="what one value becomes in each format",
-    )  # fmt: skip
-    add_command(
-        actions, "plot", arguments=_plot_arguments, run=_plot,
-        help="PNG bit layouts and a rounding-error chart",
-    )  # fmt: skip
+    for action in (EXPLAIN, PLOT):
+        action.add_to(actions)
 
 
 def _format_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -123,3 +109,13 @@ def _plot(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+EXPLAIN = Command(
+    "explain", _explain_arguments, _explain, help="what one value becomes in each format"
+)
+PLOT = Command("plot", _plot_arguments, _plot, help="PNG bit layouts and a rounding-error chart")
+COMMAND = Command(
+    "formats", _arguments, _table, help="number formats: table, explain a value, plots",
+    description="Without an action: a table of every format's layout and limits.",
+)  # fmt: skip

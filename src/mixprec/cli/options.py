@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 __all__ = [
     "DEBUG_ENV",
-    "add_command",
+    "Command",
     "add_debug",
     "add_source_options",
     "format_choices",
@@ -42,22 +43,31 @@ def add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     )
 
 
-def add_command(
-    sub: argparse._SubParsersAction,
-    name: str,
-    *,
-    arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
-    **parser_kwargs,
-) -> argparse.ArgumentParser:
-    """The subcommand ``name``: its options (``arguments(p)``), then ``--debug``; ``main``
-    calls ``run(args)`` and exits with what it returns. ``parser_kwargs`` (help,
-    description) go to ``add_parser``."""
-    p = sub.add_parser(name, **parser_kwargs)
-    arguments(p)
-    add_debug(p)
-    p.set_defaults(func=run)
-    return p
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: its name, what adds its options, what runs it, and its help texts.
+
+    Args:
+        name: the word after ``mixprec`` (or after ``mixprec formats``).
+        arguments: adds the command's options to its parser.
+        run: runs the command; ``main`` exits with what it returns.
+        help: one line in the parent's list of commands.
+        description: the paragraph of the command's own ``--help``.
+    """
+
+    name: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str | None = None
+
+    def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        """Add the parser: the command's options, then ``--debug``."""
+        p = sub.add_parser(self.name, help=self.help, description=self.description)
+        self.arguments(p)
+        add_debug(p)
+        p.set_defaults(func=self.run)
+        return p
 
 
 def add_source_options(
