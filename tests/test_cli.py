@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +303,17 @@ def test_a_run_that_cannot_finish_soon_is_warned_about():
     for step in range(1, 8):
         on_event("step", {"recipe": "fp32", "step": step, "loss": 1.0})
     assert quiet.file.getvalue() == ""
+
+
+def test_estimate_prints_names_literally(tmp_path, monkeypatch, capsys):
+    # a config path with [brackets] and :name: was read as rich markup: "[bold]" vanished
+    monkeypatch.chdir(tmp_path)  # a short relative path: the title line does not wrap
+    folder = Path("odd[bold]x:smile:")
+    folder.mkdir()
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2,
+              "vocab_size": 100, "n_positions": 64}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["estimate", str(folder / "config.json"), "--device-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "odd[bold]x:smile:" in out
+    assert "fits:" in out

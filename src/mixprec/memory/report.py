@@ -140,7 +140,8 @@ def _candidates(e: MemoryEstimate):
 
 
 def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True) -> str:
-    """The breakdown as a rich table (text), and the verdict below it."""
+    """The breakdown as a rich table (text), and the verdict below it; every cell as written
+    (not read as rich markup)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -166,7 +167,12 @@ def render(e: MemoryEstimate, v: Verdict | None = None, *, formulas: bool = True
         note = ["not counted by any formula: CUDA context 0.5 GiB + 10% fragmentation"]
         table.add_row("headroom", gb(e.headroom), *(note if formulas else []))
         table.add_row("required", gb(e.required), *(["peak + headroom"] if formulas else []))
-    console = Console(record=True, width=160 if formulas else 80, force_terminal=False)
+    # markup and emoji off: a cell or line is printed as written (a model path with
+    # [brackets] or :name: in it is not read as rich markup)
+    console = Console(
+        record=True, width=160 if formulas else 80, force_terminal=False, markup=False,
+        emoji=False,
+    )  # fmt: skip
     with console.capture() as cap:
         console.print(table)
         console.print(
