@@ -203,6 +203,9 @@ def test_lightning_trainer_matches_the_plain_loop(tmp_path, recipe):
     steps = [s for s, m in recorder.logged if "precision/loss_scale" in m]
     assert steps == [2, 4]
     assert any(k.startswith("numerics/net.fc1/output/") for k in recorder.logged[-1][1])
+    # the loss scale of each step reached the monitor when (and only when) a scaler ran
+    scaler = trainer.precision_plugin.mixprec.scaler
+    assert len(monitor.monitor.scales) == (4 if scaler.enabled else 0)
 
 
 @needs_lightning
@@ -322,6 +325,7 @@ def test_hf_trainer_trains_gpt2_and_writes_the_monitor_report(tmp_path, recipe):
     report = json.loads(monitor.report_path.read_text())
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
     assert (tmp_path / "checkpoint-2" / PRECISION_FILE).is_file()
+    assert len(monitor.monitor.scales) == (4 if trainer.precision.scaler.enabled else 0)
 
 
 @needs_hf

@@ -50,6 +50,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
+from mixprec.integrations.monitor_session import MonitorSession
 from mixprec.numerics.monitor import DEFAULT_FORMATS, TRACK
 from mixprec.precision import Precision
 from mixprec.recipes import Recipe, get_recipe
@@ -211,6 +212,10 @@ class NumericsMonitor(Callback):
         formats, every, track: passed to :class:`mixprec.numerics.Monitor`.
         out_dir: where the report goes; ``None``: ``<trainer.default_root_dir>/numerics``.
         log_metrics: send the metrics to the loggers.
+
+    Attributes:
+        session: the :class:`~mixprec.integrations.monitor_session.MonitorSession` doing
+            the work; ``monitor`` and ``report_path`` are its monitor and ``numerics.json``.
     """
 
     def __init__(
@@ -222,49 +227,34 @@ class NumericsMonitor(Callback):
         out_dir: str | Path | None = None,
         log_metrics: bool = True,
     ) -> None:
-        self.formats, self.every, self.track = tuple(formats), every, tuple(track)
-        self.out_dir = out_dir
+        self.session = MonitorSession(formats, every, track, out_dir)
         self.log_metrics = log_metrics
-        self.monitor = None
-        self.report_path: Path | None = None
         self._last_global_step = 0
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        from mixprec.numerics import Monitor
+    monitor = property(lambda self: self.session.monitor, doc="the session's monitor")
+    report_path = property(lambda self: self.session.report_path, doc="its numerics.json")
 
-        self.monitor = Monitor(
-            pl_module, formats=self.formats, every=self.every, track=self.track
-        ).attach()
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.session.start(pl_module)
         self._last_global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None or trainer.global_step == self._last_global_step:
             return  # accumulating gradients: no optimizer step yet
         self._last_global_step = trainer.global_step
-        plugin = trainer.precision_plugin
-        scaled = isinstance(plugin, MixprecPrecision) and plugin.mixprec.scaler.enabled
-        self.monitor.step(scale=plugin.mixprec.scaler.scale if scaled else None)
+        precision = _precision_of(trainer)
+        self.session.step(precision)
         if self.log_metrics and trainer.global_step % trainer.log_every_n_steps == 0:
-            self._log(trainer)
-
-    def _log(self, trainer) -> None:
-        from mixprec.precision.metrics import monitor_metrics
-
-        plugin = trainer.precision_plugin
-        if isinstance(plugin, MixprecPrecision):
-            metrics = plugin.mixprec.metrics(self.monitor)
-        else:
-            metrics = monitor_metrics(self.monitor)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            metrics = self.session.metrics(precision)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.monitor is None:
-            return
-        from mixprec.numerics.report import write_json
+        default = Path(trainer.default_root_dir) / "numerics"
+        self.session.finish(default, main_process=trainer.is_global_zero)
 
-        out = Path(self.out_dir or Path(trainer.default_root_dir) / "numerics")
-        if trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            self.report_path = write_json(self.monitor, out / "numerics.json")
-        self.monitor.detach()
+
+def _precision_of(trainer) -> Precision | None:
+    """The :class:`mixprec.Precision` the Trainer trains with (None: not a mixprec plugin)."""
+    plugin = trainer.precision_plugin
+    return plugin.mixprec if isinstance(plugin, MixprecPrecision) else None

@@ -47,6 +47,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import torch
 
+from mixprec.integrations.monitor_session import MonitorSession
 from mixprec.numerics.monitor import DEFAULT_FORMATS, TRACK
 from mixprec.precision import Precision
 from mixprec.recipes import Recipe, get_recipe
@@ -198,6 +199,10 @@ class NumericsMonitorCallback(TrainerCallback):
         log_layers: put every measured tensor's summary into the Trainer's logs (four or
             more numbers per tensor, printed with the loss); by default only
             ``numerics/step`` and ``numerics/nonfinite_tensors``.
+
+    Attributes:
+        session: the :class:`~mixprec.integrations.monitor_session.MonitorSession` doing
+            the work; ``monitor`` and ``report_path`` are its monitor and ``numerics.json``.
     """
 
     def __init__(
@@ -209,35 +214,20 @@ class NumericsMonitorCallback(TrainerCallback):
         out_dir: str | Path | None = None,
         log_layers: bool = False,
     ) -> None:
-        self.formats, self.every, self.track = tuple(formats), every, tuple(track)
-        self.out_dir = out_dir
+        self.session = MonitorSession(formats, every, track, out_dir)
         self.log_layers = log_layers
-        self.monitor = None
-        self.report_path: Path | None = None
+
+    monitor = property(lambda self: self.session.monitor, doc="the session's monitor")
+    report_path = property(lambda self: self.session.report_path, doc="its numerics.json")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from mixprec.numerics import Monitor
-
-        self.monitor = Monitor(model, formats=self.formats, every=self.every, track=self.track)
-        self.monitor.attach()
+        self.session.start(model)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if self.monitor is None:
-            return
         while optimizer is not None and not isinstance(optimizer, _PrecisionOptimizer):
             optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
-        scale = None
-        if optimizer is not None and optimizer.precision.scaler.enabled:
-            scale = optimizer.precision.scaler.scale
-        self.monitor.step(scale=scale)
+        self.session.step(optimizer.precision if optimizer is not None else None)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.monitor is None:
-            return
-        from mixprec.numerics.report import write_json
-
-        out = Path(self.out_dir or Path(args.output_dir) / "numerics")
-        if state.is_world_process_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            self.report_path = write_json(self.monitor, out / "numerics.json")
-        self.monitor.detach()
+        default = Path(args.output_dir) / "numerics"
+        self.session.finish(default, main_process=state.is_world_process_zero)
