@@ -19,32 +19,14 @@ import torch
 import transformers
 
 from mixprec.memory import estimate, measure
+from mixprec.memory.hf_models import FAMILIES, small_model, token_batch
 
 B, S = 4, 128
 
 
-def build(family: str):
-    """(config, model) of a 4-layer, 256-wide model of the family, randomly initialised."""
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4)
-        return cfg, transformers.GPT2LMHeadModel(cfg)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(
-            num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=688,
-        )  # fmt: skip
-        return cfg, transformers.LlamaForCausalLM(cfg)
-    cfg = transformers.BertConfig(
-        num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
-        architectures=["BertForMaskedLM"],
-    )  # fmt: skip
-    return cfg, transformers.BertForMaskedLM(cfg)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="gpt2,llama,bert")
+    parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--recipes", default="fp32,bf16-mixed,fp16-mixed,bf16-master,bf16-true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -53,11 +35,10 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---|")
     for family in args.families.split(","):
         for recipe in args.recipes.split(","):
-            cfg, model = build(family)
-            x = torch.randint(cfg.vocab_size, (B, S))
+            cfg, model = small_model(family)
             e = estimate(cfg.to_dict(), recipe, batch_size=B, seq_len=S, device="cpu")
             m = measure(model, torch.optim.AdamW(model.parameters()), recipe,
-                        ({"input_ids": x, "labels": x}, None), steps=2)  # fmt: skip
+                        token_batch(cfg, B, S), steps=2)  # fmt: skip
             print(f"| {family} | {recipe} | {e.total / 2**20:.1f} | {m.peak / 2**20:.1f} | "
                   f"{e.total / m.peak:.3f} | {m.peak_phase} |", flush=True)  # fmt: skip
 
