@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from mixprec.bench.task import Task
+from mixprec.memory.calls import call_model  # the one way a user's model is called
 
 __all__ = ["PROTOCOL", "UserTask", "call_model", "example_factory", "load_user_task", "to_device"]
 
@@ -56,15 +57,6 @@ PROTOCOL = (
     "an nn.Module, a callable params -> torch.optim.Optimizer, an iterable of "
     "(inputs, targets) and a callable (outputs, targets) -> scalar tensor"
 )
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
