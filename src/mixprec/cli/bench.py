@@ -144,7 +144,7 @@ def _listing() -> str:
 
 
 def _recipes(text: str | None) -> tuple[str, ...]:
-    from mixprec.bench.runner import DEFAULT_RECIPES
+    from mixprec.bench.results import DEFAULT_RECIPES
 
     if text is None:
         return DEFAULT_RECIPES

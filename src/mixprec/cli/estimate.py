@@ -79,9 +79,9 @@ def _target(args: argparse.Namespace) -> tuple:
 
     task = load_user_task(args.factory)
     model = task.build_model()
-    batch = task._take(1)[0]
+    (batch,) = task.train_batches(1)  # the first batch: the one that is traced
     optimizer = task.build_optimizer(model)
-    return model, {"batch": tuple(batch), "loss_fn": task._loss_fn, "optimizer": optimizer}
+    return model, {"batch": tuple(batch), "loss_fn": task.loss, "optimizer": optimizer}
 
 
 def _run(args: argparse.Namespace) -> int:
