@@ -214,8 +214,10 @@ class NumericsMonitor(Callback):
         log_metrics: send the metrics to the loggers.
 
     Attributes:
-        session: the :class:`~mixprec.integrations.monitor_session.MonitorSession` doing
-            the work; ``monitor`` and ``report_path`` are its monitor and ``numerics.json``.
+        monitor: the :class:`~mixprec.numerics.Monitor` of the ``fit`` (None before it).
+        report_path: the ``numerics.json`` written when ``fit`` ended (global rank 0).
+        session: the :class:`~mixprec.integrations.monitor_session.MonitorSession` that
+            holds both.
     """
 
     def __init__(

@@ -201,8 +201,9 @@ class NumericsMonitorCallback(TrainerCallback):
             ``numerics/step`` and ``numerics/nonfinite_tensors``.
 
     Attributes:
-        session: the :class:`~mixprec.integrations.monitor_session.MonitorSession` doing
-            the work; ``monitor`` and ``report_path`` are its monitor and ``numerics.json``.
+        monitor, report_path: the run's :class:`~mixprec.numerics.Monitor` and, after
+            ``train()`` (on the main process), the path of its ``numerics.json``; both held
+            by ``session`` (:class:`~mixprec.integrations.monitor_session.MonitorSession`).
     """
 
     def __init__(
