@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mixprec.bench.output import replace_folder
 from mixprec.cli.checks import check_run_options, non_negative_int, positive_int
-from mixprec.cli.options import Command, add_source_options, recipe_names
+from mixprec.cli.options import Command, add_source_options, recipe_names, size_names
 from mixprec.cli.suite import config_from_args, reference_finished, run_suite
 
 __all__ = ["COMMAND", "MAX_STEPS", "add_arguments", "parse_budget", "run"]
@@ -130,10 +130,10 @@ def _threads(text: str) -> int | str:
 
 
 def _listing() -> str:
-    from mixprec.bench.tasks import _TASK_CLASSES, SIZES
+    from mixprec.bench.tasks import _TASK_CLASSES
     from mixprec.recipes import RECIPES
 
-    lines = ["tasks (--task, sizes " + " | ".join(SIZES) + "):"]
+    lines = [f"tasks (--task, sizes {size_names()}):"]
     lines += [f"  {name:6s} {cls.description}" for name, cls in _TASK_CLASSES.items()]
     lines += [
         "  or --model package.module:factory (see mixprec.bench.user)",

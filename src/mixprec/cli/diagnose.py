@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mixprec.cli.checks import check_run_options, positive_int
-from mixprec.cli.options import Command, add_source_options, format_choices, recipe_names
+from mixprec.cli.options import Command, add_source_options, format_choices, names, recipe_names
 
 __all__ = ["COMMAND"]
 
@@ -30,7 +30,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--every", type=positive_int, default=1, help="measure one step in N (default 1)"
     )
-    default = ", ".join(DEFAULT_FORMATS)
+    default = names(DEFAULT_FORMATS)
     p.add_argument("--format", dest="formats", action="append",
                    help=f"target format (repeatable; default {default}): "
                    + format_choices())  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from mixprec.bench.console import wide_console
 from mixprec.cli.checks import CliError, check_out_dir
-from mixprec.cli.options import Command, format_choices
+from mixprec.cli.options import Command, format_choices, names
 
 __all__ = ["COMMAND", "EXPLAIN_DEFAULT"]
 
@@ -38,7 +38,7 @@ def _format_option(p: argparse.ArgumentParser, what: str) -> None:
 
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("value", help="a number: 0.001, 1e-8, inf, nan, 0x1p-14")
-    _format_option(p, f"format to explain in (repeatable; default {', '.join(EXPLAIN_DEFAULT)})")
+    _format_option(p, f"format to explain in (repeatable; default {names(EXPLAIN_DEFAULT)})")
 
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "format_choices",
     "names",
     "recipe_names",
+    "size_names",
 ]
 
 DEBUG_ENV = "MIXPREC_DEBUG"  # set to 1 (or true/yes) to print tracebacks
@@ -75,19 +76,24 @@ def add_source_options(
 ) -> None:
     """``--task`` (a built-in task, default gpt) or ``--model`` (the user's factory), and
     ``--size``; ``exclusive``: argparse refuses both ``--task`` and ``--model``."""
-    from mixprec.bench.tasks import SIZES, TASKS
+    from mixprec.bench.tasks import TASKS
 
     src = p.add_mutually_exclusive_group() if exclusive else p
     src.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {names(TASKS)}")
     src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", help=model_help)
-    p.add_argument(
-        "--size", default="small", help=f"task size (default small): {' | '.join(SIZES)}"
-    )
+    p.add_argument("--size", default="small", help=f"task size (default small): {size_names()}")
 
 
 def names(items: Iterable[str]) -> str:
     """The names a help or an error lists: ``"a, b, c"``."""
     return ", ".join(items)
+
+
+def size_names() -> str:
+    """The task sizes, as alternatives: ``"tiny | small | base"``."""
+    from mixprec.bench.tasks import SIZES
+
+    return " | ".join(SIZES)
 
 
 def recipe_names() -> str:
