@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from mixprec.cli import bench, diagnose, estimate, formats
 from mixprec.cli.checks import CliError
-from mixprec.cli.options import DEBUG_ENV, _Parser, add_debug
+from mixprec.cli.options import DEBUG_ENV, OneLineParser, add_debug
 
 __all__ = ["DEBUG_ENV", "CliError", "build_parser", "main"]
 
@@ -33,7 +33,7 @@ _EXPECTED = (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeEr
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mixprec`` parser: ``--debug`` and one subcommand per command module."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="mixprec",
         description="Mixed-precision training for PyTorch: formats, memory, numerics, bench.",
     )

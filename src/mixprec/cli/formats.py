@@ -46,10 +46,10 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
     _format_option(p, "formats to draw (repeatable; default fp16 bf16 fp8 fp6 fp4)")
 
 
-def _format_list(names: list[str] | None, default: Sequence[str]) -> list:
+def _format_list(given: list[str] | None, default: Sequence[str]) -> list:
     from mixprec.formats import get_format
 
-    return [get_format(n) for n in (names or default)]  # ValueError names the formats
+    return [get_format(n) for n in (given or default)]  # ValueError names the formats
 
 
 def _table(args: argparse.Namespace) -> int:

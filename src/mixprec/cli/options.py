@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "DEBUG_ENV",
     "Command",
+    "OneLineParser",
     "add_debug",
     "add_source_options",
     "format_choices",
@@ -26,7 +27,7 @@ __all__ = [
 DEBUG_ENV = "MIXPREC_DEBUG"  # set to 1 (or true/yes) to print tracebacks
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str):  # type: ignore[override]
