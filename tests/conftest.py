@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixprec.formats import FORMATS
@@ -22,6 +23,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 RECIPE_NAMES = list(RECIPES)
 FORMAT_NAMES = list(FORMATS)
+
+
+class TinyNet(nn.Module):
+    """n_in -> hidden (LayerNorm, ReLU) -> n_out: the smallest model with a norm layer (kept
+    fp32 by the 16-bit recipes); casts its input to its own parameter dtype."""
+
+    def __init__(self, n_in: int = 8, hidden: int = 16, n_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.fc1.weight.dtype)  # (B, n_in)
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # (B, n_out)
 
 
 @pytest.fixture(autouse=True)

@@ -16,23 +16,9 @@ from mixprec.bench.models import GPT, TransformerConfig
 from mixprec.numerics import Monitor
 from mixprec.numerics.stats import StatsLayout
 from mixprec.recipes import get_recipe
-from tests.conftest import RECIPE_NAMES
+from tests.conftest import RECIPE_NAMES, TinyNet
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ for each recipe: 10-60 s a test
-
-
-class _Net(nn.Module):
-    """16 -> 32 (LayerNorm, ReLU) -> 4; casts its input to its own parameter dtype."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.norm = nn.LayerNorm(32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.fc1.weight.dtype)
-        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # (B, 4)
 
 
 # Loss agreement of compiled and eager training, by compute dtype: inductor fuses and
@@ -42,7 +28,7 @@ _TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, No
 
 def _losses(name: str, *, compiled: bool, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
-    model = _Net()
+    model = TinyNet(16, 32, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     precision = Precision(name)
     model, opt = precision.setup(model, opt)

@@ -16,26 +16,12 @@ from torch import nn
 
 from mixprec import Precision
 from mixprec.numerics import Monitor
-from tests.conftest import RECIPE_NAMES
+from tests.conftest import RECIPE_NAMES, TinyNet
 
 DONE_WHEN = ["bf16-mixed", "fp16-mixed", "bf16-true", "fp8-mixed"]
 
 
 # -- a tiny model and its batches ---------------------------------------------------------
-class _Net(nn.Module):
-    """8 -> 16 (LayerNorm, ReLU) -> 4; casts its input to its own parameter dtype."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.norm = nn.LayerNorm(16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.fc1.weight.dtype)
-        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # (B, 4)
-
-
 def _data(n: int = 32):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
@@ -48,7 +34,7 @@ def _loader(n: int = 32):
 def _plain(recipe: str, epochs: int, max_grad_norm=None) -> list[torch.Tensor]:
     """The reference: the plain mixprec loop on the same model, optimizer and batches."""
     torch.manual_seed(0)
-    model = _Net()
+    model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     precision = Precision(recipe)
     model, opt = precision.setup(model, opt)
@@ -70,7 +56,7 @@ def _assert_same(got, want, recipe):
 # -- metrics and TensorBoard --------------------------------------------------------------
 def test_metrics_report_scale_skips_grad_norm_and_monitor_summaries():
     torch.manual_seed(0)
-    model = _Net()
+    model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     precision = Precision("fp16-mixed")
     model, opt = precision.setup(model, opt)
@@ -142,7 +128,7 @@ class _Module(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = _Net()
+        self.net = TinyNet()
 
     def forward(self, x):
         return self.net(x)
@@ -255,7 +241,7 @@ def test_lightning_resume_from_checkpoint_is_bit_exact(tmp_path, recipe):
 def test_lightning_fabric_matches_the_plain_loop(recipe):
     fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[MixprecPrecision(recipe)])
     torch.manual_seed(0)
-    model = _Net()
+    model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     fmodel, fopt = fabric.setup(model, opt)
     for x, y in _loader():
