@@ -17,6 +17,7 @@ import torch
 from mixprec.bench.analysis import ShapeIssue, peak_flops
 from mixprec.bench.rounds import Interval, noise_report, paired_ratios, speedup_interval
 from mixprec.bench.tasks import SIZES, Task
+from mixprec.formats import get_format
 from mixprec.formats.names import unknown
 from mixprec.recipes import get_recipe, recipe_names
 
@@ -261,13 +262,9 @@ class BenchResult:
         compute = (
             "fp8"
             if recipe.fp8 != "off"
-            else _dtype_name(recipe.compute_dtype or recipe.param_dtype)
+            else get_format(recipe.compute_dtype or recipe.param_dtype).name
         )
         if compute == "fp32" and recipe.allow_tf32:
             compute = "tf32"
         peak = peak_flops(torch.device(self.device["type"]), compute)
         return achieved / peak if achieved and peak else None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

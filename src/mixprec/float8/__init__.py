@@ -15,7 +15,6 @@ from mixprec.float8.config import (
     GRANULARITIES,
     RECIPE_NAMES,
     Float8Config,
-    fp8_dtype,
 )
 from mixprec.float8.convert import Float8ConversionReport, LayerDecision, convert_to_float8
 from mixprec.float8.granular import MX_BLOCK, axiswise_to_float8, mx_dequantize, mx_to_float8
@@ -52,7 +51,6 @@ __all__ = [
     "axiswise_to_float8",
     "cast_to_float8",
     "convert_to_float8",
-    "fp8_dtype",
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
     "mx_dequantize",

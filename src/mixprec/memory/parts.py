@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mixprec.formats import get_format
 from mixprec.recipes import Recipe
 
 _F32 = torch.float32
@@ -14,13 +15,13 @@ Part = tuple[int, str]
 
 
 def _b(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    """Bytes of one element (torch's own ``dtype.itemsize``)."""
+    return dtype.itemsize
 
 
 def _n(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype).removeprefix("torch.")
-    )
+    """The format registry's short name (``"bf16"``), as every table of mixprec prints it."""
+    return get_format(dtype).name
 
 
 def _terms(terms: list[tuple[int, int, str]]) -> Part:
