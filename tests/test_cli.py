@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mixprec.cli import DEBUG_ENV, build_parser, main
-from mixprec.recipes import RECIPES
+from tests.conftest import RECIPE_NAMES
 
 _COUNTER = itertools.count()
 
@@ -135,7 +135,8 @@ def test_every_option_has_help_and_name_options_list_the_names():
     assert len(options) > 30
     for path, action in options:
         assert action.help, f"{path} {action.option_strings or action.dest} has no help"
-    names = {"--recipe": RECIPES, "--recipes": RECIPES, "--task": TASKS, "--format": FORMATS}
+    recipes = RECIPE_NAMES
+    names = {"--recipe": recipes, "--recipes": recipes, "--task": TASKS, "--format": FORMATS}
     for path, action in options:
         for opt in action.option_strings:
             if opt in names:

@@ -206,9 +206,9 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
 
 
 def _recipe_names() -> str:
-    from mixprec.recipes import RECIPES
+    from mixprec.recipes import recipe_names
 
-    return _names(RECIPES)
+    return _names(recipe_names())
 
 
 def _task_names() -> str:

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from mixprec.bench.results import DEFAULT_RECIPES
     from mixprec.bench.tasks import SIZES, TASKS
     from mixprec.cli.checks import non_negative_int, positive_int
-    from mixprec.recipes import RECIPES
+    from mixprec.recipes import recipe_names
 
     p.add_argument("--task", default="gpt", help=f"built-in task (default gpt): {', '.join(TASKS)}")
     p.add_argument(
@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipes",
         default=None,
-        help=f"comma-separated recipes (default {','.join(DEFAULT_RECIPES)}): {', '.join(RECIPES)}",
+        help=f"comma-separated recipes (default {','.join(DEFAULT_RECIPES)}): "
+        f"{', '.join(recipe_names())}",
     )
     p.add_argument(
         "--steps",
@@ -117,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _listing() -> str:
     from mixprec.bench.tasks import _TASK_CLASSES, SIZES
-    from mixprec.recipes import RECIPES
+    from mixprec.recipes import recipe_names
 
     lines = ["tasks (--task, sizes " + " | ".join(SIZES) + "):"]
     lines += [f"  {name:6s} {cls.description}" for name, cls in _TASK_CLASSES.items()]
@@ -125,7 +126,7 @@ def _listing() -> str:
         "  or --model package.module:factory (see mixprec.bench.user)",
         "recipes (--recipes):",
     ]
-    lines += [f"  {name}" for name in RECIPES]
+    lines += [f"  {name}" for name in recipe_names()]
     return "\n".join(lines)
 
 
