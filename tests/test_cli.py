@@ -213,7 +213,7 @@ def test_ctrl_c_while_writing_keeps_the_previous_report(tmp_path, monkeypatch, c
     out.mkdir()
     (out / "report.md").write_text("previous report")
 
-    def interrupted_plots(result, folder):  # Ctrl-C with a half-written PNG on disk
+    def interrupted_plots(result, folder, missing):  # Ctrl-C with a half-written PNG on disk
         (folder / "loss_curves.png").write_bytes(b"\x89PNG half")
         raise KeyboardInterrupt
 

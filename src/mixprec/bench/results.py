@@ -144,6 +144,8 @@ class RecipeResult:
     tensor_core_share: float | None = None
     train_seconds: float = 0.0
     budget_s: float | None = None
+    # figure -> why it is missing (a side measurement that failed), e.g. tensor_core_share
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def timed(self) -> list[float]:
@@ -182,6 +184,8 @@ class BenchResult:
     round_orders: list[list[str]] = field(default_factory=list)
     offloaded: bool = False
     monitor: Any = None  # the numerics Monitor behind ``numerics`` (plots), not serialised
+    # figure -> why it is missing (flops_per_step, numerics): the report prints the reason
+    missing: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> RecipeResult | None:
         return next((r for r in self.recipes if r.recipe == name), None)

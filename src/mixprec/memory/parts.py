@@ -129,15 +129,13 @@ def model_states(
 
 
 def _scaler_bytes(recipe: Recipe) -> int:
+    from mixprec.precision import Precision
+
     if recipe.loss_scaling == "none":
         return 0
-    try:
-        from mixprec.precision import Precision
-
-        scaler = Precision(recipe).scaler
-        scaler._ensure_state(torch.device("meta"))
-    except Exception:  # scaling not available in this build
-        return 0
+    # scaling is part of mixprec: a failure here is a defect, never "0 bytes"
+    scaler = Precision(recipe).scaler
+    scaler._ensure_state(torch.device("meta"))
     total, seen = 0, set()
     for obj in (scaler, getattr(scaler, "_log", None)):
         for value in getattr(obj, "__dict__", {}).values():
