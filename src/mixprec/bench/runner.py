@@ -207,7 +207,7 @@ class _RecipeRun:
         except Exception as exc:
             # Boundary, broad on purpose: the recipe runs the user's model, which may raise
             # anything. The recipe is marked failed with the exception's type and message
-            # (the report's error column and results.json "error"); the bench goes on.
+            # (the reasons under the recommendation, results.json "error"); the bench goes on.
             self.result.status, self.result.error = "failed", f"{type(exc).__name__}: {exc}"
             self.finish()
             return
