@@ -14,14 +14,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixprec.formats import FORMATS
-from mixprec.recipes import RECIPES
+from mixprec.recipes import recipe_names
 
 # Under pytest-xdist each worker gets one core's worth of threads, so two workers on a
 # two-core machine do not oversubscribe it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-RECIPE_NAMES = list(RECIPES)
+RECIPE_NAMES = recipe_names()
 FORMAT_NAMES = list(FORMATS)
 
 

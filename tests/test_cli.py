@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mixprec.cli import DEBUG_ENV, build_parser, main
-from mixprec.recipes import RECIPES
+from tests.conftest import RECIPE_NAMES
 
 _COUNTER = itertools.count()
 
@@ -137,7 +137,8 @@ def test_every_option_has_help_and_name_options_list_the_names():
     assert len(options) > 30
     for path, action in options:
         assert action.help, f"{path} {action.option_strings or action.dest} has no help"
-    names = {"--recipe": RECIPES, "--recipes": RECIPES, "--task": TASKS, "--format": FORMATS}
+    recipes = RECIPE_NAMES
+    names = {"--recipe": recipes, "--recipes": recipes, "--task": TASKS, "--format": FORMATS}
     for path, action in options:
         for opt in action.option_strings:
             if opt in names:
@@ -214,7 +215,7 @@ def test_ctrl_c_while_writing_keeps_the_previous_report(tmp_path, monkeypatch, c
     out.mkdir()
     (out / "report.md").write_text("previous report")
 
-    def interrupted_plots(result, folder):  # Ctrl-C with a half-written PNG on disk
+    def interrupted_plots(result, folder, missing):  # Ctrl-C with a half-written PNG on disk
         (folder / "loss_curves.png").write_bytes(b"\x89PNG half")
         raise KeyboardInterrupt
 

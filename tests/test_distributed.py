@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixprec.distributed as mpd
 from mixprec import Precision, get_recipe
-from mixprec.recipes import RECIPES
+from tests.conftest import RECIPE_NAMES
 
 WORLD = 2
 TIMEOUT_S = 120  # per two-rank run; a hung collective fails the test instead of the suite
@@ -531,7 +531,7 @@ _POLICIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_fsdp_policy_per_recipe(name):
     if name not in _POLICIES:
         with pytest.raises(ValueError, match="cannot run under FSDP2"):

@@ -171,6 +171,41 @@ def test_layout_invariants(name):
         assert torch.empty(0, dtype=f.torch_dtype).element_size() * 8 == f.bits
 
 
+def test_to_torch_dtype_refuses_layouts_torch_cannot_store():
+    with pytest.raises(ValueError, match="torch has no dtype for tf32; formats with one: fp64"):
+        mp.to_torch_dtype("tf32")
+    with pytest.raises(ValueError, match="no dtype for fp4_e2m1fn"):
+        mp.to_torch_dtype(FORMATS["fp4_e2m1fn"])
+
+
+def test_fp8_layers_take_their_dtypes_from_the_format_registry():
+    from mixprec.float8 import FP8_FORMATS, Float8Config
+
+    # written out: the signed 8-bit formats with a torch dtype (e8m0fnu is a scale format)
+    assert FP8_FORMATS == ("fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fnuz", "fp8_e5m2fnuz")
+    for name in FP8_FORMATS:
+        cfg = Float8Config(forward_format=name, backward_format=name)
+        want = getattr(torch, "float8_" + name.removeprefix("fp8_"))
+        assert cfg.forward_dtype is want and cfg.backward_dtype is want
+
+
+def test_dtype_short_names_come_from_the_format_registry():
+    """No module outside formats/ keeps its own torch dtype -> "bf16" table (issue 19)."""
+    import pathlib
+    import re
+
+    src = pathlib.Path(mp.__file__).parent
+    table = re.compile(r"torch\.(float64|float32|float16|bfloat16)\s*:\s*[\"'](fp|bf)\d")
+    offenders = [
+        f"{path.relative_to(src)}:{n}"
+        for path in sorted(src.rglob("*.py"))
+        if path.parent.name != "formats"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if table.search(line)
+    ]
+    assert offenders == [], "use get_format(dtype).name instead of a table"
+
+
 @pytest.mark.parametrize("name", [n for n in FORMAT_NAMES if n in ML])
 def test_limits_match_ml_dtypes_finfo(name):
     f, fi = FORMATS[name], ml_dtypes.finfo(ML[name])

@@ -80,6 +80,15 @@ def test_mixprec_accounting_counts_the_fp32_master_grad_buffer():
     assert estimate(1000, "fp16-master").bytes_per_param == 20
 
 
+def test_dynamic_loss_scaling_state_is_counted_never_silently_zero():
+    # the scaler's tensors (scale, growth tracker, history) are built on meta and counted;
+    # a failure to build them is an error, not 0 bytes (it used to be swallowed)
+    scaled, plain = estimate(1000, "fp16-mixed"), estimate(1000, "bf16-mixed")
+    assert scaled.other_state > plain.other_state
+    assert "loss-scaler state and history" in dict(scaled.formulas)["other_state"]
+    assert "loss-scaler" not in dict(plain.formulas)["other_state"]
+
+
 def test_module_without_parameters_is_a_clear_error():
     with pytest.raises(ValueError, match="no parameters"):
         estimate(nn.ReLU(), "fp32")

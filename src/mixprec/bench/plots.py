@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mixprec.bench.probes import why_failed
 from mixprec.bench.results import BenchResult
 
 __all__ = ["write_plots"]
@@ -96,28 +97,31 @@ def _memory(result: BenchResult, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _numerics(result: BenchResult, path: Path) -> Path | None:
+def _numerics(result: BenchResult, path: Path, missing: dict[str, str]) -> Path | None:
+    from mixprec.numerics.plots import plot_gradient_histogram
+
     if result.monitor is None:
         return None
     try:
-        try:
-            from mixprec.numerics.plots import plot_gradient_histogram
-        except ImportError:  # older layout: plots beside the report
-            from mixprec.numerics.report import plot_gradient_histogram
-
         return plot_gradient_histogram(result.monitor, path)
-    except Exception:  # the histogram is optional: the report goes on without it
+    except (RuntimeError, ValueError, TypeError, OSError) as exc:
+        # matplotlib's and torch's errors, or the file that cannot be written: the report
+        # and results.json still get written, and say why this plot is missing
+        missing["numerics_plot"] = why_failed("plotting", exc)
         return None
 
 
-def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
-    """Write the plots into ``out``; returns ``{name: path}`` (numerics only when measured)."""
+def write_plots(result: BenchResult, out: Path, missing: dict[str, str]) -> dict[str, Path]:
+    """Write the plots into ``out``; returns ``{name: path}`` (numerics only when measured).
+
+    A plot that could not be drawn is left out and ``missing[name]`` says why.
+    """
     files = {
         "loss_curves": _loss_curves(result, out / "loss_curves.png"),
         "throughput": _throughput(result, out / "throughput.png"),
         "memory": _memory(result, out / "memory.png"),
     }
-    numerics = _numerics(result, out / "numerics.png")
+    numerics = _numerics(result, out / "numerics.png", missing)
     if numerics is not None:
         files["numerics"] = numerics
     return files

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -24,14 +23,31 @@ from torch import nn
 
 __all__ = [
     "NUMERICS_FORMATS",
+    "PROBE_ERRORS",
     "device_info",
     "estimate_memory",
     "measure_memory",
     "profile_kernels",
     "watch_numerics",
+    "why_failed",
 ]
 
 NUMERICS_FORMATS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+
+PROBE_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, TypeError)
+"""What a side measurement may fail with and the bench goes on without its figure: torch's
+errors (RuntimeError and its subclasses NotImplementedError and OutOfMemoryError) and
+mixprec's refusals of a model it does not cover (ValueError, TypeError). The reason goes
+into the report in the figure's place. Anything else is a defect and propagates."""
+
+# torch.profiler asserts (AssertionError) when none of its activities can record, e.g.
+# CUDA without CUPTI; starting a second profiler is a RuntimeError.
+_PROFILER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, AssertionError)
+
+
+def why_failed(what: str, exc: BaseException) -> str:
+    """``"<what> failed (<type>: <message>)"``: the reason a report prints for a missing figure."""
+    return f"{what} failed ({type(exc).__name__}: {exc})"
 
 
 def measure_memory(
@@ -41,14 +57,15 @@ def measure_memory(
 
     ``model`` and ``optimizer`` are set up by the measurement (pass copies). Returns
     ``{"peak": bytes, "source": ..., "breakdown": {part: bytes}}``, or ``{"error": why}``
-    when the memory module is missing or cannot run this model: the bench goes on and
-    the report says why.
+    when the measurement cannot run this model (one of :data:`PROBE_ERRORS`): the bench
+    goes on and the report says why.
     """
+    from mixprec.memory.measure import measure
+
     try:
-        measure = importlib.import_module("mixprec.memory.measure").measure
         m = measure(model, optimizer, recipe, batch, steps=steps, loss_fn=loss_fn)
-    except Exception as exc:  # best effort: the bench goes on without the figure
-        return {"error": f"measure failed ({type(exc).__name__}: {exc})"}
+    except PROBE_ERRORS as exc:
+        return {"error": why_failed("measure", exc)}
     return {"peak": int(m.peak), "source": m.source, "breakdown": dict(m.breakdown)}
 
 
@@ -57,29 +74,33 @@ def estimate_memory(model: nn.Module, recipe: str, batch, loss_fn) -> dict[str, 
 
     The estimate traces one forward and backward pass of a copy of ``model`` on ``batch``
     for the activations. Returns ``{"peak": bytes, "parts": {part: bytes}}``, or
-    ``{"error": why}`` when the estimate does not cover this model.
+    ``{"error": why}`` when the estimate does not cover this model (one of
+    :data:`PROBE_ERRORS`).
     """
+    from mixprec.memory import estimate
+
     try:
-        estimate = importlib.import_module("mixprec.memory").estimate
         e = estimate(copy.deepcopy(model), recipe, batch=batch, loss_fn=loss_fn)
-    except Exception as exc:  # the estimate does not cover this model: say why
-        return {"error": f"estimate failed ({type(exc).__name__}: {exc})"}
+    except PROBE_ERRORS as exc:
+        return {"error": why_failed("estimate", exc)}
     return {"peak": int(e.total), "parts": dict(e.parts)}
 
 
 @contextlib.contextmanager
-def profile_kernels(kernel_times: dict[str, float]) -> Iterator[None]:
+def profile_kernels(kernel_times: dict[str, float], missing: dict[str, str]) -> Iterator[None]:
     """Record GPU kernel time by kernel name into ``kernel_times`` (microseconds).
 
-    Best effort: when the profiler cannot start or be read, ``kernel_times`` stays empty
-    and the steps inside still run.
+    When the profiler cannot start (no CUPTI, another profiler running) or its trace cannot
+    be read, ``kernel_times`` stays empty, ``missing["tensor_core_share"]`` says why, and
+    the steps inside still run.
     """
-    try:
-        from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile
 
+    try:
         prof = profile(activities=[ProfilerActivity.CUDA])
         prof.__enter__()
-    except Exception:  # no CUPTI, or a profiler already running
+    except _PROFILER_ERRORS as exc:
+        missing["tensor_core_share"] = why_failed("the CUDA profiler", exc)
         yield
         return
     try:
@@ -95,8 +116,9 @@ def profile_kernels(kernel_times: dict[str, float]) -> Iterator[None]:
                 cuda = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
                 if total and cuda:
                     kernel_times[event.key] = kernel_times.get(event.key, 0.0) + float(total)
-        except Exception:  # unreadable trace: no tensor-core share
+        except _PROFILER_ERRORS as exc:  # unreadable trace: no tensor-core share
             kernel_times.clear()
+            missing["tensor_core_share"] = why_failed("reading the CUDA profile", exc)
 
 
 DEFAULT_LOSS_SCALE = 2.0**16  # the dynamic loss scaler's initial scale (torch's default)
@@ -117,8 +139,11 @@ def watch_numerics(
     the dynamic scaler's initial ``DEFAULT_LOSS_SCALE``).
 
     Returns ``(monitor, summary)`` (summary: formats, the loss scale assumed and, per
-    module, which formats its activations and gradients fit in), or ``(None, None)`` when
-    the numerics monitor is not available or cannot watch this model.
+    module, which formats its activations and gradients fit in).
+
+    Raises:
+        RuntimeError, ValueError, TypeError: the monitor cannot watch this model (the
+            runner reports why, see :data:`PROBE_ERRORS`).
     """
     scales = loss_scales or {}
     fp16 = [n for n in ("fp16-mixed", *sorted(scales)) if n in scales and "fp16" in n]
@@ -127,32 +152,26 @@ def watch_numerics(
         if fp16
         else (DEFAULT_LOSS_SCALE, "the dynamic loss scaler's initial scale (no fp16 run)")
     )
-    try:
-        from mixprec.numerics import Monitor
-    except ImportError:
-        return None, None
     from mixprec.bench.user import call_model, to_device
+    from mixprec.numerics import Monitor
 
-    try:
-        opt = task.build_optimizer(model)
-        with Monitor(model, formats=NUMERICS_FORMATS) as monitor:
-            for x, y in batches:
-                x, y = to_device(x, device), to_device(y, device)
-                task.loss(call_model(model, x), y).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                monitor.step()
-        monitor.readout()
-        summary = {
-            "source": "mixprec.numerics.Monitor (fp32 steps)",
-            "steps": len(batches),
-            "formats": list(NUMERICS_FORMATS),
-            "loss_scale": loss_scale,
-            "loss_scale_from": scale_from,
-            "verdicts": [v.to_dict() for v in monitor.verdicts(loss_scale=loss_scale)],
-        }
-    except Exception:  # best effort: the report goes on without the histogram
-        return None, None
+    opt = task.build_optimizer(model)
+    with Monitor(model, formats=NUMERICS_FORMATS) as monitor:
+        for x, y in batches:
+            x, y = to_device(x, device), to_device(y, device)
+            task.loss(call_model(model, x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            monitor.step()
+    monitor.readout()
+    summary = {
+        "source": "mixprec.numerics.Monitor (fp32 steps)",
+        "steps": len(batches),
+        "formats": list(NUMERICS_FORMATS),
+        "loss_scale": loss_scale,
+        "loss_scale_from": scale_from,
+        "verdicts": [v.to_dict() for v in monitor.verdicts(loss_scale=loss_scale)],
+    }
     return monitor, summary
 
 

@@ -29,10 +29,12 @@
           "peak_memory_bytes", "memory_source", "estimated_memory_bytes",
           "metrics": {name: value}, "metric", "metric_gap_vs_fp32", "same_quality",
           "skipped_steps", "loss_scale", "losses": [one per step],
-          "achieved_flops_per_s", "mfu", "tensor_core_share"}],
+          "achieved_flops_per_s", "mfu", "tensor_core_share",
+          "missing": {figure: why it is missing}}],
       "shape_check": {"8": [{"module", "kind", "dim", "value", "padded", "multiple"}],
                       "16": [...] (Linear layers, when an fp8 recipe ran)},
       "recommendation": {"recipe", "summary", "reasons": [str]},
+      "missing": {figure ("flops_per_step", "numerics", "numerics_plot"): why it is missing},
       "numerics": null | {"steps", "formats", "loss_scale", "loss_scale_from",
                           "verdicts": [{"path", "fits", "lost", "needs", "scaling",
                                         "recommendation"}],
@@ -116,6 +118,7 @@ def _recipe_json(result: BenchResult, r: RecipeResult) -> dict[str, Any]:
         "achieved_flops_per_s": result.achieved_flops(r),
         "mfu": result.mfu(r),
         "tensor_core_share": r.tensor_core_share,
+        "missing": dict(r.missing),
     }
 
 
@@ -129,8 +132,11 @@ def _installed_version() -> str:
         return "unknown (mixprec is imported from a source tree, not installed)"
 
 
-def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[str, Any]:
-    """The results.json document (schema in the module docstring)."""
+def to_json(
+    result: BenchResult, verdict: Recommendation | None = None, plots_missing: dict | None = None
+) -> dict[str, Any]:
+    """The results.json document (schema in the module docstring); ``plots_missing``: the
+    plots :func:`~mixprec.bench.plots.write_plots` could not draw, and why."""
     import torch
 
     task, cfg = result.task, result.config
@@ -178,6 +184,7 @@ def to_json(result: BenchResult, verdict: Recommendation | None = None) -> dict[
         "recipes": [_recipe_json(result, r) for r in result.recipes],
         "shape_check": {str(m): [i.to_dict() for i in v] for m, v in result.shape_issues.items()},
         "recommendation": verdict.to_dict(),
+        "missing": {**result.missing, **(plots_missing or {})},
         "numerics": numerics_json(result),
     }
     return _finite(doc)
@@ -261,7 +268,15 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str]) -> str:
+def _missing_section(result: BenchResult, plots_missing: dict[str, str]) -> list[str]:
+    """``## Missing figures``: each figure a side measurement could not give, and why."""
+    named = {**result.missing, **plots_missing}
+    named |= {f"{r.recipe} {k}": why for r in result.recipes for k, why in r.missing.items()}
+    lines = [f"- {figure}: {why}" for figure, why in named.items()]
+    return ["## Missing figures", "", *lines, ""] if lines else []
+
+
+def _markdown(result: BenchResult, verdict: Recommendation, plots: dict, missing: dict) -> str:
     task, cfg, dev = result.task, result.config, result.device
     name = getattr(task, "spec", task.name)
     out = [
@@ -319,6 +334,7 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict[str, str
         out += [f"![{title}]({path})" for title, path in plots.items()]
         out.append("")
     out += numerics_section(result)
+    out += _missing_section(result, missing)
     out += ["## Shape check (tensor-core friendly dimensions)", ""]
     for multiple, issues in result.shape_issues.items():
         scope = "Linear and convolution" if multiple == 8 else "Linear (fp8 GEMMs)"
@@ -375,16 +391,13 @@ def write_report(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     verdict = recommend(result)
-    files = write_plots(result, out)
+    plots_missing: dict[str, str] = {}
+    files = write_plots(result, out, plots_missing)
     results = out / "results.json"
-    results.write_text(json.dumps(to_json(result, verdict), indent=2, allow_nan=False) + "\n")
+    doc = to_json(result, verdict, plots_missing)
+    results.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     report = out / "report.md"
-    titles = {
-        "loss_curves": "loss curves",
-        "throughput": "throughput",
-        "memory": "peak memory",
-        "numerics": "numerics",
-    }
+    titles = {"loss_curves": "loss curves", "memory": "peak memory"}  # else the key
     plots = {titles.get(k, k): p.name for k, p in files.items()}
-    report.write_text(_markdown(result, verdict, plots))
+    report.write_text(_markdown(result, verdict, plots, plots_missing))
     return {**files, "results": results, "report": report}

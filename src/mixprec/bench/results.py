@@ -17,6 +17,7 @@ import torch
 from mixprec.bench.analysis import ShapeIssue, peak_flops
 from mixprec.bench.rounds import Interval, noise_report, paired_ratios, speedup_interval
 from mixprec.bench.tasks import SIZES, Task
+from mixprec.formats import get_format
 from mixprec.formats.names import unknown
 from mixprec.recipes import get_recipe, recipe_names
 
@@ -151,6 +152,8 @@ class RecipeResult:
     tensor_core_share: float | None = None
     train_seconds: float = 0.0
     budget_s: float | None = None
+    # figure -> why it is missing (a side measurement that failed), e.g. tensor_core_share
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def timed(self) -> list[float]:
@@ -189,6 +192,8 @@ class BenchResult:
     round_orders: list[list[str]] = field(default_factory=list)
     offloaded: bool = False
     monitor: Any = None  # the numerics Monitor behind ``numerics`` (plots), not serialised
+    # figure -> why it is missing (flops_per_step, numerics): the report prints the reason
+    missing: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> RecipeResult | None:
         return next((r for r in self.recipes if r.recipe == name), None)
@@ -269,13 +274,9 @@ class BenchResult:
         compute = (
             "fp8"
             if recipe.fp8 != "off"
-            else _dtype_name(recipe.compute_dtype or recipe.param_dtype)
+            else get_format(recipe.compute_dtype or recipe.param_dtype).name
         )
         if compute == "fp32" and recipe.allow_tf32:
             compute = "tf32"
         peak = peak_flops(torch.device(self.device["type"]), compute)
         return achieved / peak if achieved and peak else None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -58,11 +58,13 @@ import torch
 from mixprec.bench.analysis import count_flops, shape_check, tensor_core_share
 from mixprec.bench.cores import choose_threads
 from mixprec.bench.probes import (
+    PROBE_ERRORS,
     device_info,
     estimate_memory,
     measure_memory,
     profile_kernels,
     watch_numerics,
+    why_failed,
 )
 from mixprec.bench.results import DEFAULT_RECIPES, BenchConfig, BenchResult, RecipeResult
 from mixprec.bench.rounds import interleave
@@ -187,7 +189,11 @@ class _RecipeRun:
             timed = round_index in self.timed
             profile = timed and round_index == self.timed[-1] and self.device.type == "cuda"
             profile = profile and len(self.timed) >= 4  # last round profiled, not timed
-            context = profile_kernels(self.kernel_times) if profile else contextlib.nullcontext()
+            context = (
+                profile_kernels(self.kernel_times, self.result.missing)
+                if profile
+                else contextlib.nullcontext()
+            )
             with context:
                 times = self._steps(steps)
             if timed and not profile and times:
@@ -199,7 +205,10 @@ class _RecipeRun:
                 self.finish()
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # a recipe that cannot run is reported; the bench goes on
+        except Exception as exc:
+            # Boundary, broad on purpose: the recipe runs the user's model, which may raise
+            # anything. The recipe is marked failed with the exception's type and message
+            # (the reasons under the recommendation, results.json "error"); the bench goes on.
             self.result.status, self.result.error = "failed", f"{type(exc).__name__}: {exc}"
             self.finish()
             return
@@ -253,7 +262,9 @@ class _RecipeRun:
                         r.status, r.diverged_at = "diverged", r.steps_run
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # evaluation failed: reported, the bench goes on
+        except Exception as exc:
+            # Boundary, broad on purpose: evaluation runs the user's model (and a task's
+            # evaluate). Reported as failed with type and message; the bench goes on.
             r.status, r.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             self.model = self.precision = self.opt = self.saved = None
@@ -315,7 +326,8 @@ def _run_bench(
     base_model = task.build_model()
     names = config.recipe_list()
     multiples = sorted({16 if get_recipe(n).fp8 != "off" else 8 for n in names})
-    flops = _flops_per_step(base_model, task, batches[0])
+    missing: dict[str, str] = {}
+    flops = _flops_per_step(base_model, task, batches[0], missing)
     result = BenchResult(
         config=config,
         task=task,
@@ -325,6 +337,7 @@ def _run_bench(
         shape_issues={m: shape_check(base_model, m, convs=m == 8) for m in multiples},
         steps=steps,
         offloaded=offload,
+        missing=missing,
     )
     plan = config.round_plan(steps)
     timed = list(range(1 if config.warmup and len(plan) > 1 else 0, len(plan)))
@@ -341,7 +354,9 @@ def _run_bench(
                 )
             except KeyboardInterrupt:
                 raise
-            except Exception as exc:  # setup failed: reported, the bench goes on
+            except Exception as exc:
+                # Boundary, broad on purpose: setup copies and converts the user's model
+                # and builds its optimizer. Reported as failed with type and message.
                 results[name] = RecipeResult(
                     recipe=name, status="failed", error=f"{type(exc).__name__}: {exc}"
                 )
@@ -370,6 +385,8 @@ def _run_bench(
             )
         except KeyboardInterrupt:  # every recipe finished: keep them, skip the histogram
             result.interrupted = "numerics monitor"
+        except PROBE_ERRORS as exc:  # the report says why it has no numerics section
+            result.missing["numerics"] = why_failed("the numerics monitor", exc)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -394,11 +411,16 @@ def _finished(runs: list[_RecipeRun], name: str, r: RecipeResult) -> bool:
     return run is None or run.done
 
 
-def _flops_per_step(model: torch.nn.Module, task: Task, batch) -> int | None:
+def _flops_per_step(
+    model: torch.nn.Module, task: Task, batch, missing: dict[str, str]
+) -> int | None:
+    """FLOPs of one forward and backward (FlopCounterMode); None, with
+    ``missing["flops_per_step"]`` saying why, when the counter cannot run the model."""
     x, y = batch
     try:
         return count_flops(
             copy.deepcopy(model), lambda m: task.loss(call_model(m, x), y).backward()
         )
-    except Exception:  # counting is best effort: an op the counter cannot trace
+    except PROBE_ERRORS as exc:
+        missing["flops_per_step"] = why_failed("FLOP counting", exc)
         return None

@@ -220,6 +220,8 @@ def _import_factory(spec: str) -> Callable:
         with _cwd_importable():
             module = importlib.import_module(module_name)
     except Exception as exc:
+        # Boundary, broad on purpose: importing the user's module runs their code, which
+        # may raise anything (SyntaxError, ImportError, ...). Re-raised with type and message.
         raise ValueError(
             f"cannot import module {module_name!r} of {spec!r} ({type(exc).__name__}: {exc}); "
             "it must be importable from the current directory or sys.path"
@@ -250,7 +252,7 @@ def load_user_task(spec: str, *, seed: int = 0) -> UserTask:
         torch.manual_seed(seed)
         try:
             parts = factory()
-        except Exception as exc:
+        except Exception as exc:  # boundary: the user's factory; re-raised with type, message
             raise ValueError(f"calling {spec}() failed ({type(exc).__name__}: {exc})") from exc
     if not isinstance(parts, (tuple, list)) or len(parts) != 4:
         got = f"{len(parts)} items" if isinstance(parts, (tuple, list)) else type(parts).__name__

@@ -131,7 +131,7 @@ def _threads(text: str) -> int | str:
 
 def _listing() -> str:
     from mixprec.bench.tasks import _TASK_CLASSES
-    from mixprec.recipes import RECIPES
+    from mixprec.recipes import recipe_names as all_recipes
 
     lines = [f"tasks (--task, sizes {size_names()}):"]
     lines += [f"  {name:6s} {cls.description}" for name, cls in _TASK_CLASSES.items()]
@@ -139,7 +139,7 @@ def _listing() -> str:
         "  or --model package.module:factory (see mixprec.bench.user)",
         "recipes (--recipes):",
     ]
-    lines += [f"  {name}" for name in RECIPES]
+    lines += [f"  {name}" for name in all_recipes()]
     return "\n".join(lines)
 
 

@@ -99,9 +99,9 @@ def size_names() -> str:
 
 def recipe_names() -> str:
     """Every recipe name, as the helps of ``--recipe`` / ``--recipes`` list them."""
-    from mixprec.recipes import RECIPES
+    from mixprec.recipes import recipe_names as all_recipes
 
-    return names(RECIPES)
+    return names(all_recipes())
 
 
 def format_choices() -> str:

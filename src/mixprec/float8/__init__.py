@@ -17,7 +17,6 @@ from mixprec.float8.config import (
     GRANULARITIES,
     RECIPE_NAMES,
     Float8Config,
-    fp8_dtype,
 )
 from mixprec.float8.convert import (
     Float8ConversionReport,
@@ -63,7 +62,6 @@ __all__ = [
     "convert_to_float8",
     "dims_reason",
     "float8_decisions",
-    "fp8_dtype",
     "hp_tensor_and_scale_to_float8",
     "inverse_scale",
     "mx_dequantize",

@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from mixprec.formats import FORMATS, to_torch_dtype
+
 __all__ = [
     "BACKENDS",
     "FP8_FORMATS",
@@ -14,7 +16,6 @@ __all__ = [
     "GRANULARITIES",
     "RECIPE_NAMES",
     "Float8Config",
-    "fp8_dtype",
 ]
 
 Scaling = Literal["current", "delayed"]
@@ -32,46 +33,16 @@ GEMMS: tuple[str, ...] = ("output", "grad_input", "grad_weight")
 """The three matrix products of a Linear layer: output = x·Wᵀ, grad_input = grad_out·W,
 grad_weight = grad_outᵀ·x."""
 
-# Format name -> name of the torch dtype. Looked up with getattr at use time, so that a
-# torch build without float8 dtypes can still import mixprec (and fails at conversion).
-FP8_FORMATS: dict[str, str] = {
-    "fp8_e4m3fn": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2",
-    "fp8_e4m3fnuz": "float8_e4m3fnuz",
-    "fp8_e5m2fnuz": "float8_e5m2fnuz",
-}
+# The fp8 formats an fp8 layer may cast to: the signed 8-bit formats of the registry
+# (e8m0fnu, unsigned, is only a scale format). Their torch dtypes come from
+# mixprec.formats.to_torch_dtype, the one format -> dtype lookup.
+FP8_FORMATS: tuple[str, ...] = tuple(
+    name for name, f in FORMATS.items() if f.bits == 8 and f.signed
+)
 
 
 def _choices(values) -> str:
     return ", ".join(repr(v) for v in values)
-
-
-def fp8_dtype(name: str) -> torch.dtype:
-    """The torch dtype of an fp8 format name.
-
-    Args:
-        name: one of ``FP8_FORMATS`` (``"fp8_e4m3fn"``, ``"fp8_e5m2"``, ...).
-
-    Returns:
-        The ``torch.dtype``.
-
-    Raises:
-        ValueError: unknown name.
-        RuntimeError: this torch build has no such dtype.
-
-    Example:
-        >>> fp8_dtype("fp8_e4m3fn")
-        torch.float8_e4m3fn
-    """
-    if name not in FP8_FORMATS:
-        raise ValueError(f"fp8 format {name!r} is not one of {_choices(FP8_FORMATS)}")
-    dtype = getattr(torch, FP8_FORMATS[name], None)
-    if dtype is None:
-        raise RuntimeError(
-            f"this torch build ({torch.__version__}) has no torch.{FP8_FORMATS[name]} dtype, "
-            "so fp8 training is not available; mixprec needs torch >= 2.4 with its float8 dtypes"
-        )
-    return dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +204,12 @@ class Float8Config:
     @property
     def forward_dtype(self) -> torch.dtype:
         """torch dtype of x and W (RuntimeError when this torch build lacks it)."""
-        return fp8_dtype(self.forward_format)
+        return to_torch_dtype(self.forward_format)
 
     @property
     def backward_dtype(self) -> torch.dtype:
         """torch dtype of the output gradient (RuntimeError when this torch build lacks it)."""
-        return fp8_dtype(self.backward_format)
+        return to_torch_dtype(self.backward_format)
 
     def use_scaled_mm(self, device: torch.device) -> bool:
         """Whether products on ``device`` go through ``torch._scaled_mm`` (see ``backend``)."""

@@ -366,11 +366,17 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     raise ValueError(message)
 
 
-def to_torch_dtype(fmt: str | FloatFormat) -> torch.dtype:
-    """The torch dtype storing ``fmt``.
+def to_torch_dtype(fmt: str | FloatFormat | torch.dtype) -> torch.dtype:
+    """The torch dtype storing ``fmt``: :attr:`FloatFormat.torch_dtype`, or an error.
+
+    The one lookup from a format to a torch dtype (fp8 layers, recipes and the top-level
+    API all call it); use the property where "no dtype" is an answer, this where it is an
+    error.
 
     Raises:
         ValueError: if torch has no element dtype with this layout (tf32, fp6, fp4, custom).
+        RuntimeError: if torch has one, but not this build (float8_e8m0fnu is missing
+            from older torch releases).
 
     Example:
         >>> to_torch_dtype("e4m3")
@@ -378,7 +384,13 @@ def to_torch_dtype(fmt: str | FloatFormat) -> torch.dtype:
     """
     f = get_format(fmt)
     dtype = f.torch_dtype
-    if dtype is None:
-        have = [n for n, g in FORMATS.items() if g.torch_dtype is not None]
-        raise ValueError(f"torch has no dtype for {f.name}; formats with one: {', '.join(have)}")
-    return dtype
+    if dtype is not None:
+        return dtype
+    attr = _TORCH_DTYPE_OF_LAYOUT.get(f._layout_key())
+    if attr is not None:
+        raise RuntimeError(
+            f"this torch build ({torch.__version__}) has no torch.{attr} dtype for {f.name}; "
+            "a newer torch has it"
+        )
+    have = [n for n, g in FORMATS.items() if g.torch_dtype is not None]
+    raise ValueError(f"torch has no dtype for {f.name}; formats with one: {', '.join(have)}")

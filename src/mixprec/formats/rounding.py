@@ -118,15 +118,14 @@ def quantize(
 # and 2 threads at load average 13).
 _CHUNK = 30 * 1024
 
-# dtype -> (mantissa bits p, min normal exponent, max exponent)
+# dtype -> (mantissa bits p, min normal exponent, max exponent), from the format registry
 _DTYPE_INFO = {
-    torch.float64: (52, -1022, 1023),
-    torch.float32: (23, -126, 127),
-    torch.bfloat16: (7, -126, 127),
-    torch.float16: (10, -14, 15),
+    d: (f.mantissa_bits, f.min_exponent, f.max_exponent)
+    for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for f in (get_format(d),)
 }
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32}
-_BIAS = {torch.float64: 1023, torch.float32: 127}
+_BIAS = {d: get_format(d).bias for d in _INT_VIEW}
 
 
 @dataclass(frozen=True)

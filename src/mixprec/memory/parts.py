@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mixprec.formats import get_format
 from mixprec.recipes import Recipe
 
 _F32 = torch.float32
@@ -14,13 +15,13 @@ Part = tuple[int, str]
 
 
 def _b(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    """Bytes of one element (torch's own ``dtype.itemsize``)."""
+    return dtype.itemsize
 
 
 def _n(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype).removeprefix("torch.")
-    )
+    """The format registry's short name (``"bf16"``), as every table of mixprec prints it."""
+    return get_format(dtype).name
 
 
 def _terms(terms: list[tuple[int, int, str]]) -> Part:
@@ -128,15 +129,13 @@ def model_states(
 
 
 def _scaler_bytes(recipe: Recipe) -> int:
+    from mixprec.precision import Precision
+
     if recipe.loss_scaling == "none":
         return 0
-    try:
-        from mixprec.precision import Precision
-
-        scaler = Precision(recipe).scaler
-        scaler.materialize(torch.device("meta"))
-    except Exception:  # scaling not available in this build
-        return 0
+    # scaling is part of mixprec: a failure here is a defect, never "0 bytes"
+    scaler = Precision(recipe).scaler
+    scaler.materialize(torch.device("meta"))
     return scaler.nbytes
 
 
