@@ -89,16 +89,23 @@ def _block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 MODELS = {"mlp": _mlp, "transformer block": _block}
 
 
+def _backward(recipe: str):
+    """Forward (under bf16 autocast for bf16-mixed) and backward, as written by hand."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe == "bf16-mixed")
+
+    def backward(model, x, y):
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    return backward
+
+
 def _hand_step(recipe: str):
-    dtype = torch.bfloat16 if recipe == "bf16-mixed" else None
+    backward = _backward(recipe)
 
     def step(model, opt, x, y):
-        if dtype is None:
-            loss = F.cross_entropy(model(x), y)
-        else:
-            with torch.autocast("cpu", dtype=dtype):
-                loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        backward(model, x, y)
         opt.step()
         opt.zero_grad()
 
@@ -107,16 +114,11 @@ def _hand_step(recipe: str):
 
 def _hand_check_step(recipe: str):
     """The plain loop plus torch.amp's inf/NaN check at scale 1 (what ``skip`` does)."""
-    dtype = torch.bfloat16 if recipe == "bf16-mixed" else None
+    backward = _backward(recipe)
     one = torch.ones(())
 
     def step(model, opt, x, y):
-        if dtype is None:
-            loss = F.cross_entropy(model(x), y)
-        else:
-            with torch.autocast("cpu", dtype=dtype):
-                loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        backward(model, x, y)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         found_inf = torch.zeros(())
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
