@@ -65,4 +65,4 @@ def test_bench_times_with_the_chosen_threads_and_restores_the_setting():
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
     assert result.device["threads"] == 1 and result.device["threads_before"] == before
-    assert result.device["threads_note"] == "1 threads (as asked)"
+    assert result.device["threads_note"] == "1 thread (as asked)"

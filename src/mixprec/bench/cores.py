@@ -31,6 +31,10 @@ __all__ = ["SAMPLE_S", "ThreadChoice", "busy_cores", "choose_threads", "threads_
 SAMPLE_S = 0.5
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadChoice:
     """The threads the bench times with, and the sentence the report prints about them."""
@@ -90,21 +94,21 @@ def choose_threads(requested: int | str | None) -> ThreadChoice:
     before = torch.get_num_threads()
     cores = _usable_cores()
     if requested is None:
-        return ThreadChoice(before, before, None, cores, f"{before} threads (torch's setting)")
+        return ThreadChoice(before, before, None, cores, f"{_threads(before)} (torch's setting)")
     if requested != "auto":
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ValueError(f"threads={requested!r}: use 'auto', None or a positive int")
-        return ThreadChoice(requested, before, None, cores, f"{requested} threads (as asked)")
+        return ThreadChoice(requested, before, None, cores, f"{_threads(requested)} (as asked)")
     try:
         busy = busy_cores()
     except OSError as exc:
         return ThreadChoice(
             before, before, None, cores,
-            f"{before} threads: the load of other processes could not be read ({exc})",
+            f"{_threads(before)}: the load of other processes could not be read ({exc})",
         )  # fmt: skip
     threads = threads_for(busy, cores, before)
     if threads == before:
-        note = f"{threads} threads ({busy:.1f} of {cores} cores busy with other processes)"
+        note = f"{_threads(threads)} ({busy:.1f} of {cores} cores busy with other processes)"
     else:
         note = (
             f"{threads} of {before} threads: {busy:.1f} of {cores} cores were busy with other "

@@ -357,7 +357,7 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict, missing
         f"gradient clipping {cfg.max_grad_norm}",
         f"- quality: final {task.metric} ({'higher' if task.higher_is_better else 'lower'} is "
         f"better); same quality = within {task.tolerance_text} of fp32's",
-        f"- device: {dev['name']} ({dev['type']}, {dev['threads']} threads), torch {dev['torch']}",
+        f"- device: {dev['name']} ({dev['type']}, threads: {dev['threads']}), torch {dev['torch']}",
         *([f"- threads: {dev['threads_note']}"] if dev.get("threads_note") else []),
         f"- peak memory measured over {cfg.memory_steps} extra steps by mixprec.memory.measure",
         f"- bench wall time {result.seconds:.1f} s",
