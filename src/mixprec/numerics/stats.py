@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mixprec.formats import get_format
 from mixprec.numerics import _cpu_kernel
 
 __all__ = ["FormatCounts", "StatsLayout", "TensorStats", "format_thresholds"]
@@ -299,7 +300,7 @@ class StatsLayout:
             a, low_src = self._scratch(n, torch.int16, x.device, 2)
             bits = x.reshape(-1).view(torch.int16)
             a = torch.bitwise_and(bits, 0x7FFF, out=a)  # |x| as bits; monotone in |x|
-            lut = self._lut("bf16" if x.dtype == torch.bfloat16 else "fp16", x.device)
+            lut = self._lut(get_format(x.dtype).name, x.device)
             # Exact histogram of all 2**15 magnitudes, then summed into the intervals.
             fine = torch.bincount(a, minlength=1 << 15)
             counts = torch.zeros(self.n_intervals, dtype=torch.int64, device=x.device)
