@@ -518,7 +518,7 @@ def test_single_process_refusals():
         mpd.grad_comm_hook(torch.float64)
 
 
-# The mapping of DESIGN.md's recipe table onto MixedPrecisionPolicy, written out by hand.
+# The mapping of the README's recipe table onto MixedPrecisionPolicy, written out by hand.
 _F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
 _POLICIES = {
     "fp32": (None, _F32),

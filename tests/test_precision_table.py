@@ -1,4 +1,4 @@
-"""What each recipe promises (the recipe table of DESIGN.md / README), checked after one step.
+"""What each recipe promises (the recipe table of README.md), checked after one step.
 
 The expected values are written out here, one row per recipe, and are NOT derived from the
 recipe object: a Precision that silently ran every recipe as fp32 fails every row but fp32.

@@ -25,7 +25,7 @@ def test_custom_recipe_round_trips_through_its_string():
 
 
 def test_table_matches_design():
-    # (params, compute, master, grads, loss scaling) as in DESIGN.md's recipe table
+    # (params, compute, master, grads, loss scaling) as in the README's recipe table
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     expected = {
         "fp32": (f32, None, None, f32, "none"),

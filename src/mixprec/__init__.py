@@ -1,7 +1,7 @@
 """mixprec: mixed-precision training for PyTorch.
 
 Number formats, training recipes, loss scaling, fp8 Linear layers, a memory planner, a
-numerics monitor and a benchmark, behind one small API (see DESIGN.md).
+numerics monitor and a benchmark, behind one small API (see docs/design.md).
 """
 
 from mixprec import float8, memory, numerics

@@ -1,7 +1,7 @@
 """Recipes: where each piece of training state lives, and in which number format.
 
 A :class:`Recipe` is a frozen description; :class:`mixprec.Precision` carries it out.
-The built-in recipes (``RECIPES``) follow the table in DESIGN.md:
+The built-in recipes (``RECIPES``) follow the recipe table of README.md:
 
 =============  ======  ===========  ======  ======  ============
 recipe         params  compute      master  grads   loss scaling
