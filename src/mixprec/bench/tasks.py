@@ -52,7 +52,7 @@ from mixprec.bench.task import _EVAL_SEED, SIZES, Task
 from mixprec.bench.user import load_user_task
 from mixprec.formats.names import unknown
 
-__all__ = ["SIZES", "TASKS", "Batches", "Task", "get_task"]
+__all__ = ["SIZES", "TASKS", "Batches", "Task", "get_task", "task_descriptions"]
 
 Size = Literal["tiny", "small", "base"]
 # -- mlp: scikit-learn's handwritten digits ------------------------------------------------
@@ -289,6 +289,16 @@ class Batches:
 
 _TASK_CLASSES: dict[str, type[Task]] = {c.name: c for c in (MLPTask, UNetTask, GPTTask, BertTask)}
 TASKS: tuple[str, ...] = tuple(_TASK_CLASSES)
+
+
+def task_descriptions() -> dict[str, str]:
+    """Each built-in task's name and one-line description, as ``--list`` prints them.
+
+    Example:
+        >>> list(task_descriptions())
+        ['mlp', 'unet', 'gpt', 'bert']
+    """
+    return {name: cls.description for name, cls in _TASK_CLASSES.items()}
 
 
 def get_task(name: str, size: str = "tiny", *, seed: int = 0) -> Task:

@@ -130,11 +130,11 @@ def _threads(text: str) -> int | str:
 
 
 def _listing() -> str:
-    from mixprec.bench.tasks import _TASK_CLASSES
+    from mixprec.bench.tasks import task_descriptions
     from mixprec.recipes import recipe_names as all_recipes
 
     lines = [f"tasks (--task, sizes {size_names()}):"]
-    lines += [f"  {name:6s} {cls.description}" for name, cls in _TASK_CLASSES.items()]
+    lines += [f"  {name:6s} {text}" for name, text in task_descriptions().items()]
     lines += [
         "  or --model package.module:factory (see mixprec.bench.user)",
         "recipes (--recipes):",

@@ -42,8 +42,10 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    from mixprec.formats.report import DEFAULT_PLOT_FORMATS
+
     p.add_argument("--out", required=True, help="directory to write the PNG files to")
-    _format_option(p, "formats to draw (repeatable; default fp16 bf16 fp8 fp6 fp4)")
+    _format_option(p, f"formats to draw (repeatable; default {names(DEFAULT_PLOT_FORMATS)})")
 
 
 def _format_list(given: list[str] | None, default: Sequence[str]) -> list:
