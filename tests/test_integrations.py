@@ -209,6 +209,23 @@ def test_lightning_gradient_clip_val_clips_the_unscaled_gradients(tmp_path):
         trainer.fit(module, _loader())
 
 
+@needs_lightning
+def test_lightning_runs_the_modules_own_backward_on_the_scaled_loss(tmp_path):
+    class Overridden(_Module):
+        seen: list[float] = []
+
+        def backward(self, loss, *args, **kwargs):
+            self.seen.append(loss.item())
+            loss.backward(*args, **kwargs)
+
+    module = Overridden()
+    trainer = _trainer(tmp_path, "fp16-mixed", epochs=1, logger=False)
+    trainer.fit(module, _loader())
+    assert len(module.seen) == 4  # one per training step
+    assert min(module.seen) > 2.0**10  # the scaled loss (init scale 2**16), not the loss
+    _assert_same(list(module.net.parameters()), _plain("fp16-mixed", epochs=1), "fp16-mixed")
+
+
 # bf16-true with stochastic rounding: the rounding generator's state must resume too
 BF16_TRUE_SR = "params=bf16,compute=bf16,grads=bf16,update=stochastic"
 

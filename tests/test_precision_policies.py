@@ -257,6 +257,19 @@ def test_backward_of_a_number_is_a_type_error():
         precision.backward(3.0)
 
 
+def test_backward_fn_runs_the_backward_on_the_scaled_loss():
+    model, opt, precision = _setup("fp16-mixed")
+    x = torch.randn(4, 16)
+    with precision.autocast():
+        loss = model(x).float().square().mean()
+    seen = []
+    precision.backward(loss, backward_fn=lambda scaled: (seen.append(scaled), scaled.backward()))
+    assert torch.equal(seen[0], loss * precision.scaler.scale)  # scaled, then run by the fn
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(TypeError, match="retain_graph"):
+        precision.backward(loss, backward_fn=lambda s: s.backward(), retain_graph=True)
+
+
 @pytest.mark.parametrize("name", ["bf16-master", "fp32"])
 def test_second_setup_of_the_same_model_is_refused(name):
     model, opt, precision = _setup(name)

@@ -140,8 +140,14 @@ class MixprecPrecision(_LightningPrecision):
         return tensor
 
     def backward(self, tensor: torch.Tensor, model, *args: Any, **kwargs: Any) -> None:
-        if isinstance(model, pl.LightningModule):
+        if isinstance(model, pl.LightningModule):  # the module's own backward hook runs it
             args = args[1:]  # Trainer passes the optimizer first
+
+            def run(scaled: torch.Tensor) -> None:
+                model.backward(scaled, *args, **kwargs)
+
+            self.mixprec.backward(tensor, backward_fn=run)
+            return
         if args:
             raise TypeError(
                 f"MixprecPrecision.backward() takes keyword arguments for Tensor.backward "

@@ -17,6 +17,7 @@ from mixprec.precision.parts import (
     StepResult,
     Tf32Flags,
     build_plan,
+    check_loss,
     check_max_grad_norm,
     make_scaler,
 )
@@ -221,32 +222,34 @@ class Precision:
         return self._context_factory()
 
     # -- backward / step ----------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+    def backward(self, loss: torch.Tensor, *, backward_fn=None, **kwargs) -> None:
         """Back-propagate ``loss`` times the loss scale (kwargs go to ``Tensor.backward``).
 
         Call it once per micro-batch (gradients accumulate) and once per loss.
+        ``backward_fn(scaled_loss)``, when given, runs the backward instead of
+        ``scaled_loss.backward(**kwargs)`` (a framework's own hook, e.g.
+        ``LightningModule.backward``).
 
         Raises:
-            TypeError: if ``loss`` is not a tensor.
+            TypeError: if ``loss`` is not a tensor, or ``backward_fn`` comes with kwargs.
             RuntimeError: if ``loss`` has more than one element, or after :meth:`close`.
         """
-        self._check_open("backward")
-        if not isinstance(loss, torch.Tensor):
+        if backward_fn is not None and kwargs:
             raise TypeError(
-                f"backward() needs the loss tensor the forward pass returned, got "
-                f"{type(loss).__name__} {loss!r}: a number has no graph to back-propagate"
+                f"backward() got backward_fn and Tensor.backward arguments {sorted(kwargs)}: "
+                "pass them to Tensor.backward inside backward_fn"
             )
-        if loss.numel() != 1:
-            raise RuntimeError(
-                f"backward() needs a scalar loss, got shape {tuple(loss.shape)}: reduce it "
-                "first, e.g. loss.mean() or loss.sum()"
-            )
+        self._check_open("backward")
+        check_loss(loss)
         if self._stepped:  # a new iteration starts before every optimizer stepped
             self._finish_iteration()
         self._epoch += 1
         if self._scaling:
             loss = self.scaler.scale_loss(loss)
-        loss.backward(**kwargs)
+        if backward_fn is None:
+            loss.backward(**kwargs)
+        else:
+            backward_fn(loss)
 
     def step(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None):
         """Unscale, check for inf/NaN, clip, step or skip, zero the grads.

@@ -23,6 +23,7 @@ __all__ = [
     "StepResult",
     "Tf32Flags",
     "build_plan",
+    "check_loss",
     "check_max_grad_norm",
     "clip_grads_",
     "make_scaler",
@@ -222,6 +223,20 @@ def make_scaler(recipe: Recipe) -> LossScaler:
     if recipe.loss_scaling == "static":
         return LossScaler.static(recipe.static_scale)
     return LossScaler.disabled()
+
+
+def check_loss(loss) -> None:
+    """Refuse what ``Precision.backward`` cannot back-propagate: a number, a non-scalar."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"backward() needs the loss tensor the forward pass returned, got "
+            f"{type(loss).__name__} {loss!r}: a number has no graph to back-propagate"
+        )
+    if loss.numel() != 1:
+        raise RuntimeError(
+            f"backward() needs a scalar loss, got shape {tuple(loss.shape)}: reduce it "
+            "first, e.g. loss.mean() or loss.sum()"
+        )
 
 
 def check_max_grad_norm(value) -> float | None:
