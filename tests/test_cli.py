@@ -65,6 +65,7 @@ BAD_INPUT = [
     (["bench", "--size", "smal"], "did you mean 'small'?"),
     (["bench", "--steps", "x"], "argument --steps: 'x' is not an integer"),
     (["bench", "--steps", "100000000"], "--steps 100,000,000 is more than a bench can hold"),
+    (["diagnose", "--steps", "100000000"], "--steps 100,000,000 is more than a diagnose run"),
     (["bench", "--device", "bogus"], "--device 'bogus' is not a device"),
     (["bench", "--device", "cdua"], "did you mean 'cuda'"),
     (["diagnose", "--device", "bogus"], "--device 'bogus' is not a device"),

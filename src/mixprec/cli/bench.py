@@ -25,14 +25,13 @@ import argparse
 from pathlib import Path
 
 from mixprec.bench.output import replace_folder
-from mixprec.cli.checks import check_run_options, non_negative_int, positive_int
+from mixprec.cli.checks import MAX_STEPS, check_run_options, non_negative_int, positive_int
 from mixprec.cli.options import Command, add_source_options, recipe_names, size_names
 from mixprec.cli.suite import config_from_args, reference_finished, run_suite
 
 __all__ = ["COMMAND", "MAX_STEPS", "add_arguments", "parse_budget", "run"]
 
 DEFAULT_BUDGET = "4x"
-MAX_STEPS = 1_000_000  # the bench keeps per-step losses and times: bounded memory
 LONG_RUN_S = 24 * 3600.0  # a projected run longer than this gets a warning
 
 

@@ -13,6 +13,7 @@ import os
 from mixprec.cli.options import names
 
 __all__ = [
+    "MAX_STEPS",
     "CliError",
     "check_device",
     "check_out_dir",
@@ -20,6 +21,8 @@ __all__ = [
     "non_negative_int",
     "positive_int",
 ]
+
+MAX_STEPS = 1_000_000  # bench and diagnose keep a loss (and a time) per step: bounded memory
 
 
 class CliError(Exception):

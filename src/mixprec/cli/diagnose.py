@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixprec.cli.checks import check_run_options, positive_int
+from mixprec.cli.checks import MAX_STEPS, check_run_options, positive_int
 from mixprec.cli.options import Command, add_source_options, format_choices, names, recipe_names
 
 __all__ = ["COMMAND"]
@@ -26,7 +26,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipe", default="fp16-mixed", help=f"recipe (default fp16-mixed): {recipe_names()}"
     )
-    p.add_argument("--steps", type=positive_int, default=50, help="training steps (default 50)")
+    p.add_argument(
+        "--steps", type=positive_int, default=50,
+        help=f"training steps (default 50; at most {MAX_STEPS:,})",
+    )  # fmt: skip
     p.add_argument(
         "--every", type=positive_int, default=1, help="measure one step in N (default 1)"
     )
@@ -50,6 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     from mixprec.numerics.monitor import DEFAULT_FORMATS
 
     check_run_options(args)
+    if args.steps > MAX_STEPS:  # a loss is kept per step for the report
+        raise ValueError(
+            f"--steps {args.steps:,} is more than a diagnose run reports: at most {MAX_STEPS:,}; "
+            "watch a long run with mixprec.numerics.Monitor in your own loop"
+        )
     diagnose(
         args.model or args.task,
         recipe=args.recipe,
