@@ -23,15 +23,32 @@ def test_threads_for_leaves_the_busy_cores_out(busy, cores, current, expected):
     assert threads_for(busy, cores, current) == expected
 
 
-def test_busy_cores_reads_the_machine_share_from_proc_stat(monkeypatch):
+def test_busy_cores_counts_only_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    import builtins
+
     import mixprec.bench.cores as cores
 
-    # two readings 0.5 s apart on a 4-core machine: 200 of 400 jiffies busy = 2 cores
-    readings = iter([(1000, 5000), (1200, 5400)])
-    monkeypatch.setattr(cores, "_cpu_times", lambda: next(readings))
-    monkeypatch.setattr(cores.os, "cpu_count", lambda: 4)
+    # 4 CPUs; this process may use cpu0 and cpu1. Between the two readings cpu0 is half
+    # busy, cpu1 idle, cpu2 and cpu3 (not ours) fully busy: 0.5 of our 2 CPUs are busy.
+    def stat(rows: list[tuple[int, int]]) -> str:  # (busy, idle) jiffies per CPU, cumulative
+        lines = [f"cpu{i} {b} 0 0 {idle} 0 0 0 0 0 0" for i, (b, idle) in enumerate(rows)]
+        b, idle = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        return "\n".join([f"cpu  {b} 0 0 {idle} 0 0 0 0 0 0", *lines]) + "\n"
+
+    files = iter([stat([(0, 100)] * 4), stat([(50, 150), (0, 200), (100, 100), (100, 100)])])
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/stat":
+            p = tmp_path / "stat"
+            p.write_text(next(files))
+            return real_open(p, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(cores.time, "sleep", lambda s: None)
-    assert cores.busy_cores(0.5) == pytest.approx(2.0, abs=0.05)  # minus our own ~0 s
+    assert cores.busy_cores(0.5) == pytest.approx(0.5, abs=0.05)  # minus our own ~0 s
 
 
 def test_busy_cores_sees_a_process_burning_a_core():

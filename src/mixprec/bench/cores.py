@@ -10,8 +10,8 @@ bf16 ones 2.2x, which moved the bf16 speed-up from 2.4x to 2.0x). The bench ther
 measures, before it starts, how many cores are busy with other processes and times with
 no more threads than there are free cores (``--threads auto``, the command's default)::
 
-    busy    = (non-idle CPU time of the whole machine) / (wall time), over SAMPLE_S seconds
-              while the bench itself sleeps (from /proc/stat; Linux only)
+    busy    = (non-idle CPU time of the CPUs this process may use) / (wall time), over
+              SAMPLE_S seconds while the bench itself sleeps (/proc/stat; Linux only)
     free    = usable cores (os.sched_getaffinity) - round(busy)
     threads = min(torch.get_num_threads(), max(1, free))
 
@@ -46,38 +46,57 @@ class ThreadChoice:
     note: str
 
 
-def _usable_cores() -> int:
+def _usable() -> set[int] | None:
+    """The CPUs this process may run on (None where the OS does not say)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return None
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from the first line of /proc/stat."""
+def _usable_cores() -> int:
+    cpus = _usable()
+    return len(cpus) if cpus else (os.cpu_count() or 1)
+
+
+def _cpu_times(cpus: set[int] | None = None) -> tuple[int, int, int]:
+    """(busy, total, CPUs counted) jiffies from /proc/stat: the ``cpuN`` lines of ``cpus``,
+    or the whole machine's first line when ``cpus`` is None or no such line is there."""
+    per_cpu: list[list[int]] = []
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user time
-    return total - idle, total
+        lines = f.read().splitlines()
+    machine = [int(x) for x in lines[0].split()[1:]]
+    if cpus is not None:
+        for line in lines[1:]:
+            name, _, rest = line.partition(" ")
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                per_cpu.append([int(x) for x in rest.split()])
+    rows, n = (per_cpu, len(per_cpu)) if per_cpu else ([machine], os.cpu_count() or 1)
+    busy = total = 0
+    for fields in rows:
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        all_time = sum(fields[:8])  # guest time is already counted in user time
+        busy, total = busy + all_time - idle, total + all_time
+    return busy, total, n
 
 
 def busy_cores(seconds: float = SAMPLE_S) -> float:
-    """Cores kept busy by other processes over ``seconds`` (this one sleeps meanwhile).
+    """Of the CPUs this process may use, how many other processes kept busy over
+    ``seconds`` (this one sleeps meanwhile): ``busy share x CPUs - own CPU time / seconds``.
 
     Raises:
         OSError: /proc/stat cannot be read (not Linux).
     """
-    busy0, total0 = _cpu_times()
+    cpus = _usable()
+    busy0, total0, _ = _cpu_times(cpus)
     own0 = sum(os.times()[:2])
     time.sleep(seconds)
-    busy1, total1 = _cpu_times()
+    busy1, total1, n = _cpu_times(cpus)
     own1 = sum(os.times()[:2])
     if total1 <= total0:
         return 0.0
-    cores = os.cpu_count() or 1
-    share = (busy1 - busy0) / (total1 - total0)  # of all the machine's cores
-    return max(0.0, share * cores - (own1 - own0) / seconds)
+    share = (busy1 - busy0) / (total1 - total0)  # of the CPUs counted
+    return max(0.0, share * n - (own1 - own0) / seconds)
 
 
 def threads_for(busy: float, cores: int, current: int) -> int:
