@@ -7,7 +7,7 @@
       "device": {"type", "name", "threads", "torch", "cpu_capability" and
                  "matrix_units" (CPU only: AMX flags, e.g. "amx_bf16"), "threads_before"
                  (torch's setting before the bench) and "threads_note" (why the bench
-                 timed with "threads", see mixprec.bench.cores; CPU only)},
+                 timed with "threads", see mixprec.bench.cores)},
       "task": {"name", "size", "seed", "description", "metric", "higher_is_better",
                "tolerance", "tolerance_text", "item_unit", "items_per_batch",
                "parameters", "flops_per_step"},

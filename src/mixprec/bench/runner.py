@@ -104,9 +104,7 @@ def run_bench(
         (['fp32', 'bf16-mixed'], 'ok')
     """
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cpu":
-        return _run_bench(config, task, on_event, device)
-    choice = choose_threads(config.threads)  # ValueError for a bad count
+    choice = choose_threads(config.threads)  # host threads, on a GPU too; ValueError if bad
     restore = torch.get_num_threads()
     torch.set_num_threads(choice.threads)
     try:
