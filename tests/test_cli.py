@@ -319,3 +319,26 @@ def test_estimate_prints_names_literally(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "odd[bold]x:smile:" in out
     assert "fits:" in out
+
+
+def test_the_command_prints_no_profiler_log_lines(tmp_path):
+    """torch's profiler logs two USDT lines per use; the command silences kineto's log
+    unless the user set KINETO_LOG_LEVEL (kept as set) or asked for --debug."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from mixprec.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["bench", "--task", "mlp", "--size", "tiny", "--recipes", "fp32", "--steps", "2",
+            "--memory-steps", "1", "--out", str(tmp_path / "r")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "MIXPREC_DEBUG")}
+
+    def output(**extra) -> str:
+        run = subprocess.run([sys.executable, "-c", code, *argv], env={**env, **extra},
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return run.stdout + run.stderr
+
+    if "USDT" not in output(KINETO_LOG_LEVEL="3"):  # the user's own setting is kept
+        pytest.skip("this torch's profiler logs no USDT lines")
+    assert "USDT" not in output()

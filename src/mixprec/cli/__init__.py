@@ -11,6 +11,11 @@ a device this machine does not have, a user factory that fails) is printed as on
 stderr, ``mixprec COMMAND: error: ...`` naming the bad value and what is accepted, and the
 exit status is 2. Ctrl-C prints one line and exits with 130. Anything else is a bug: one
 line and exit status 1. ``--debug`` (or ``MIXPREC_DEBUG=1``) prints the traceback too.
+
+torch's profiler (which ``memory.measure`` and the bench use for allocator events) prints
+two ``USDT: ... profiler_start / profiler_stop`` lines per use through its kineto library;
+the command sets ``KINETO_LOG_LEVEL=6`` (kineto logs nothing) before running, unless the
+variable is already set or ``--debug`` is given, so the command's output is its own.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from mixprec.cli.checks import CliError
 from mixprec.cli.options import DEBUG_ENV, OneLineParser, add_debug
 
 __all__ = ["DEBUG_ENV", "CliError", "build_parser", "main"]
+
+KINETO_LOG_ENV = "KINETO_LOG_LEVEL"  # read once, when torch's profiler first starts
 
 # Exceptions that mean "the input cannot be used": one line, exit status 2.
 _EXPECTED = (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError)
@@ -67,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help (0) or a usage error, already printed (2)
             return exc.code if isinstance(exc.code, int) else 2
+        if not _debug_requested(args):  # unless set: no profiler log lines (module doc)
+            os.environ.setdefault(KINETO_LOG_ENV, "6")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         name = f"mixprec {args.command}" if args is not None else "mixprec"
