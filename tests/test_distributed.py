@@ -355,26 +355,31 @@ def _battery(rank: int, name: str, directory: str) -> dict:
     return out
 
 
-def _run_battery(name: str, tmp_path_factory, worker_id: str) -> list[dict]:
+def run_battery(label: str, fn, tmp_path_factory, worker_id: str, **kwargs) -> list[dict]:
+    """``fn(rank, directory=..., **kwargs)`` on two ranks, once per test session: under
+    xdist the first worker to ask runs it and the others read its saved result."""
     if worker_id == "master":  # not under xdist
         return run_on_two_ranks(
-            tmp_path_factory.mktemp(name),
-            _battery,
-            name=name,
-            directory=str(tmp_path_factory.mktemp(name)),
+            tmp_path_factory.mktemp(label),
+            fn,
+            directory=str(tmp_path_factory.mktemp(label)),
+            **kwargs,
         )
-    # under xdist: the first worker to ask runs it, the other reads its result
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp().parent
-    cache = root / f"distributed-{name}.pt"
+    cache = root / f"distributed-{label}.pt"
     with FileLock(str(cache) + ".lock"):
         if cache.exists():
             return torch.load(cache, weights_only=False)
-        work = Path(tempfile.mkdtemp(prefix=f"distributed-{name}-", dir=root))  # fresh store
-        results = run_on_two_ranks(work, _battery, name=name, directory=str(work))
+        work = Path(tempfile.mkdtemp(prefix=f"distributed-{label}-", dir=root))  # fresh store
+        results = run_on_two_ranks(work, fn, directory=str(work), **kwargs)
         torch.save(results, cache)
         return results
+
+
+def _run_battery(name: str, tmp_path_factory, worker_id: str) -> list[dict]:
+    return run_battery(name, _battery, tmp_path_factory, worker_id, name=name)
 
 
 @pytest.fixture(scope="session")
@@ -387,7 +392,8 @@ def fsdp2_battery(tmp_path_factory, worker_id):
     return _run_battery("fsdp2", tmp_path_factory, worker_id)
 
 
-def _both(battery: list[dict], key: str) -> tuple:
+def both_ranks(battery: list[dict], key: str) -> tuple:
+    """The two ranks' results of scenario ``key``; fails the test with a rank's traceback."""
     for rank, results in enumerate(battery):
         status, value = results[key]
         if status != "ok":
@@ -397,12 +403,12 @@ def _both(battery: list[dict], key: str) -> tuple:
 
 # -- rank-consistent loss scaling ---------------------------------------------------------
 @pytest.mark.parametrize("key", ["inf_sgd", "inf_fused"])
-def test_inf_on_one_rank_skips_on_both(ddp_battery, key):
-    _check_inf_on_one_rank(*_both(ddp_battery, key))
+def test_inf_on_one_rank_skips_onboth_ranks(ddp_battery, key):
+    _check_inf_on_one_rank(*both_ranks(ddp_battery, key))
 
 
-def test_inf_in_one_shard_skips_on_both(fsdp2_battery):
-    _check_inf_on_one_rank(*_both(fsdp2_battery, "inf_sharded"))
+def test_inf_in_one_shard_skips_onboth_ranks(fsdp2_battery):
+    _check_inf_on_one_rank(*both_ranks(fsdp2_battery, "inf_sharded"))
 
 
 def _check_inf_on_one_rank(r0: dict, r1: dict) -> None:
@@ -422,7 +428,7 @@ _EPS = {"fp16-mixed": 2.0**-11, "bf16-mixed": 2.0**-8, "bf16-master": 2.0**-8}
 
 @pytest.mark.parametrize("recipe", DDP_RECIPES)
 def test_ddp_matches_single_process_on_concatenated_batch(ddp_battery, recipe):
-    r0, r1 = _both(ddp_battery, f"ddp_{recipe}")
+    r0, r1 = both_ranks(ddp_battery, f"ddp_{recipe}")
     assert torch.equal(r0, r1)
     reference = _single_process(recipe)
     assert not torch.equal(reference, _flat(_tiny_model()))
@@ -435,8 +441,8 @@ def test_ddp_matches_single_process_on_concatenated_batch(ddp_battery, recipe):
     [("comm_bf16", "ddp_bf16-mixed", 2.0**-8), ("comm_fp16", "ddp_fp16-mixed", 2.0**-11)],
 )
 def test_low_precision_gradient_communication_matches_fp32(ddp_battery, key, reference, eps):
-    low, _ = _both(ddp_battery, key)
-    fp32, _ = _both(ddp_battery, reference)
+    low, _ = both_ranks(ddp_battery, key)
+    fp32, _ = both_ranks(ddp_battery, reference)
     diff = (low - fp32).abs().max().item()
     # 4 SGD steps of lr 0.05 on gradients of size ~1, each rounded by eps on the wire; the
     # difference is not zero: the hook did round the gradients
@@ -444,7 +450,7 @@ def test_low_precision_gradient_communication_matches_fp32(ddp_battery, key, ref
 
 
 def test_fp16_wire_overflow_is_skipped_and_backed_off_on_both_ranks(ddp_battery):
-    r0, r1 = _both(ddp_battery, "wire_overflow")
+    r0, r1 = both_ranks(ddp_battery, "wire_overflow")
     assert r0 == r1
     assert not r0["stepped"][0] and r0["stepped"][-1]  # skips until the scale fits fp16
     skipped = r0["stepped"].index(True)
@@ -452,13 +458,13 @@ def test_fp16_wire_overflow_is_skipped_and_backed_off_on_both_ranks(ddp_battery)
 
 
 def test_fp32_communication_hook_equals_builtin_allreduce(ddp_battery):
-    hooked, _ = _both(ddp_battery, "comm_fp32")
-    builtin, _ = _both(ddp_battery, "ddp_bf16-mixed")
+    hooked, _ = both_ranks(ddp_battery, "comm_fp32")
+    builtin, _ = both_ranks(ddp_battery, "ddp_bf16-mixed")
     assert torch.allclose(hooked, builtin, rtol=0, atol=1e-6)
 
 
 def test_ddp_with_fp8_linear_keeps_ranks_identical(ddp_battery):
-    r0, r1 = _both(ddp_battery, "fp8")
+    r0, r1 = both_ranks(ddp_battery, "fp8")
     assert "Float8Linear" in r0["kinds"]
     assert torch.equal(r0["params"], r1["params"])  # different data, all-reduced gradients
     assert not torch.equal(r0["params"], r0["start"])
@@ -467,7 +473,7 @@ def test_ddp_with_fp8_linear_keeps_ranks_identical(ddp_battery):
 # -- FSDP2 --------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", ["bf16-mixed", "bf16-master"])
 def test_fsdp2_trains_tiny_gpt(fsdp2_battery, recipe):
-    r0, r1 = _both(fsdp2_battery, f"gpt_{recipe}")
+    r0, r1 = both_ranks(fsdp2_battery, f"gpt_{recipe}")
     assert r0["losses"] == r1["losses"]
     first, last = sum(r0["losses"][:5]) / 5, sum(r0["losses"][-5:]) / 5
     assert last < first - 0.5, (first, last)
@@ -479,7 +485,7 @@ def test_fsdp2_trains_tiny_gpt(fsdp2_battery, recipe):
 # -- checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_checkpoint_resumes_bit_exactly(ddp_battery, fsdp2_battery, strategy):
-    results = _both(ddp_battery if strategy == "ddp" else fsdp2_battery, "ckpt")
+    results = both_ranks(ddp_battery if strategy == "ddp" else fsdp2_battery, "ckpt")
     for (params, scaler), (params_resumed, scaler_resumed) in results:
         assert torch.equal(params, params_resumed)
         assert str(scaler) == str(scaler_resumed)
@@ -489,7 +495,7 @@ def test_checkpoint_resumes_bit_exactly(ddp_battery, fsdp2_battery, strategy):
 
 # -- bad input ----------------------------------------------------------------------------
 def test_refused_combinations_and_missing_process_group(fsdp2_battery):
-    out, _ = _both(fsdp2_battery, "refusals")
+    out, _ = both_ranks(fsdp2_battery, "refusals")
     expected = {
         "bf16_storage": ("ValueError", "stored in torch.bfloat16"),
         "wrong_policy": ("ValueError", "param_dtype=torch.bfloat16"),
@@ -609,7 +615,7 @@ def test_global_grad_norm_matches_float64_norm():
 
 
 def test_global_grad_norm_spans_fsdp2_shards(fsdp2_battery):
-    for result in _both(fsdp2_battery, "norm"):
+    for result in both_ranks(fsdp2_battery, "norm"):
         assert result["global"] == pytest.approx(result["full"], rel=1e-6)
         assert result["global_inf"] == pytest.approx(result["full_inf"], rel=1e-6)
         assert result["local"] < result["full"]  # one shard alone would under-clip

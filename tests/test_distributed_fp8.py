@@ -7,9 +7,7 @@ costs seconds, the scenarios milliseconds. The harness is test_distributed.py's.
 from __future__ import annotations
 
 import os
-import tempfile
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from mixprec.distributed.checkpoint import read_checkpoint_file
 from mixprec.distributed.fp8_all_gather import Float8GatheredWeight
 from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
 from mixprec.float8.scaling import amax_to_scale, hp_tensor_and_scale_to_float8, tensor_to_amax
-from tests.test_distributed import WORLD, run_on_two_ranks
+from tests.test_distributed import WORLD, both_ranks, run_battery
 
 DELAYED = get_recipe("fp8-mixed").replace(fp8="delayed")
 STEPS = 6
@@ -259,36 +257,14 @@ def _battery(rank: int, directory: str) -> dict:
 
 @pytest.fixture(scope="module")
 def fp8_battery(tmp_path_factory, worker_id):
-    if worker_id == "master":
-        return run_on_two_ranks(
-            tmp_path_factory.mktemp("fp8"), _battery, directory=str(tmp_path_factory.mktemp("ck"))
-        )
-    from filelock import FileLock  # under xdist: one worker runs it, the others read it
-
-    root = tmp_path_factory.getbasetemp().parent
-    cache = root / "distributed-fp8.pt"
-    with FileLock(str(cache) + ".lock"):
-        if cache.exists():
-            return torch.load(cache, weights_only=False)
-        work = Path(tempfile.mkdtemp(prefix="distributed-fp8-", dir=root))
-        results = run_on_two_ranks(work, _battery, directory=str(work))
-        torch.save(results, cache)
-        return results
-
-
-def _both(battery: list[dict], key: str) -> tuple:
-    for rank, results in enumerate(battery):
-        status, value = results[key]
-        if status != "ok":
-            pytest.fail(f"scenario {key!r} failed on rank {rank}:\n{value}")
-    return battery[0][key][1], battery[1][key][1]
+    return run_battery("fp8", _battery, tmp_path_factory, worker_id)
 
 
 # -- FSDP2 + fp8 ----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["fsdp2_bf16", "fsdp2_fp8"])
 def test_fsdp2_fp8_follows_the_ddp_loss_trajectory(fp8_battery, mode):
-    ddp, _ = _both(fp8_battery, "trajectory_ddp")
-    run, _ = _both(fp8_battery, f"trajectory_{mode}")
+    ddp, _ = both_ranks(fp8_battery, "trajectory_ddp")
+    run, _ = both_ranks(fp8_battery, f"trajectory_{mode}")
     # FSDP2 casts the inputs to bf16 before the first layer (cast_forward_inputs) and a
     # bf16-gathered weight is rounded twice (fp32 -> bf16 -> e4m3): the products differ from
     # DDP's by a fraction of e4m3's relative step (2**-3); over 6 steps the loss stays
@@ -299,8 +275,8 @@ def test_fsdp2_fp8_follows_the_ddp_loss_trajectory(fp8_battery, mode):
 
 
 def test_fp8_all_gather_moves_half_the_bytes_of_bf16(fp8_battery):
-    bf16 = _both(fp8_battery, "trajectory_fsdp2_bf16")
-    fp8 = _both(fp8_battery, "trajectory_fsdp2_fp8")
+    bf16 = both_ranks(fp8_battery, "trajectory_fsdp2_bf16")
+    fp8 = both_ranks(fp8_battery, "trajectory_fsdp2_fp8")
     weights = 32 * 64 + 64 * 64 + 64 * 32  # Linear weights: 1 byte in fp8, 2 in bf16
     biases = 64 + 64 + 32  # bf16 either way
     for run_bf16, run_fp8 in zip(bf16, fp8, strict=True):
@@ -317,7 +293,7 @@ def test_fp8_all_gather_moves_half_the_bytes_of_bf16(fp8_battery):
 
 
 def test_fp8_gathered_weight_is_the_cast_of_the_full_weight(fp8_battery):
-    for result in _both(fp8_battery, "trajectory_fsdp2_fp8"):
+    for result in both_ranks(fp8_battery, "trajectory_fsdp2_fp8"):
         assert result["gathered"] == [(True, True, True)] * 3
         assert result["precomputed"] == [True, True, True]
         assert result["cleared"] == [True, True, True]
@@ -327,7 +303,7 @@ def test_fp8_gathered_weight_is_the_cast_of_the_full_weight(fp8_battery):
 # -- delayed scaling ------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["precision", "manual_sync", "fsdp2"])
 def test_delayed_scaling_state_is_the_same_on_every_rank(fp8_battery, mode):
-    r0, r1 = _both(fp8_battery, f"delayed_{mode}")
+    r0, r1 = both_ranks(fp8_battery, f"delayed_{mode}")
     assert r0["state"].keys() == r1["state"].keys() and r0["state"]
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key
@@ -338,14 +314,14 @@ def test_delayed_scaling_state_is_the_same_on_every_rank(fp8_battery, mode):
 
 
 def test_without_sync_the_delayed_scales_differ(fp8_battery):
-    r0, r1 = _both(fp8_battery, "delayed_no_sync")
+    r0, r1 = both_ranks(fp8_battery, "delayed_no_sync")
     assert not torch.equal(r0["first_input_scale"], r1["first_input_scale"])
 
 
 # -- checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["ddp_delayed", "fsdp2_fp8"])
 def test_fp8_checkpoint_resumes_bit_exactly(fp8_battery, mode):
-    for result in _both(fp8_battery, f"resume_{mode}"):
+    for result in both_ranks(fp8_battery, f"resume_{mode}"):
         (losses, params, state), (losses2, params2, state2) = result["straight"], result["resumed"]
         assert losses == losses2
         assert torch.equal(params, params2)
@@ -359,7 +335,7 @@ def test_fp8_checkpoint_resumes_bit_exactly(fp8_battery, mode):
 
 def test_ddp_fp8_checkpoint_loads_on_one_process(fp8_battery):
     """A replicated (DDP) checkpoint of two ranks resumes in one process, with a warning."""
-    result, _ = _both(fp8_battery, "resume_ddp_delayed")
+    result, _ = both_ranks(fp8_battery, "resume_ddp_delayed")
     model = _model()
     precision = Precision(DELAYED)
     model, opt = precision.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
@@ -379,7 +355,7 @@ def test_ddp_fp8_checkpoint_loads_on_one_process(fp8_battery):
 
 def test_fsdp2_fp8_checkpoint_of_two_ranks_loads_on_one(fp8_battery, monkeypatch):
     """The shards of both ranks' files are rebuilt for one rank (FSDP2, fp8 all-gather)."""
-    result, _ = _both(fp8_battery, "resume_fsdp2_fp8")
+    result, _ = both_ranks(fp8_battery, "resume_fsdp2_fp8")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -405,7 +381,7 @@ def test_fsdp2_fp8_checkpoint_of_two_ranks_loads_on_one(fp8_battery, monkeypatch
 
 # -- refusals -------------------------------------------------------------------------------
 def test_fp8_refusals_under_fsdp2(fp8_battery):
-    out, _ = _both(fp8_battery, "refusals")
+    out, _ = both_ranks(fp8_battery, "refusals")
     expected = {
         "delayed_all_gather": "scaling='delayed'",
         "no_fp8_recipe": "has no fp8 layers",
