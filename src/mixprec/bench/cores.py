@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SAMPLE_S", "ThreadChoice", "busy_cores", "choose_threads", "threads_for"]
+__all__ = [
+    "SAMPLE_S", "ThreadChoice", "busy_cores", "check_threads", "choose_threads", "threads_for",
+]  # fmt: skip
 
 SAMPLE_S = 0.5
 
@@ -104,6 +106,14 @@ def threads_for(busy: float, cores: int, current: int) -> int:
     return min(current, max(1, cores - round(busy)))
 
 
+def check_threads(requested) -> None:
+    """Refuse anything but ``"auto"``, None or a positive int, naming the value."""
+    if requested is None or requested == "auto":
+        return
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"threads={requested!r}: use 'auto', None or a positive int")
+
+
 def choose_threads(requested: int | str | None) -> ThreadChoice:
     """The threads to time with: ``"auto"`` (measure the load), a number, or None (as is).
 
@@ -115,8 +125,7 @@ def choose_threads(requested: int | str | None) -> ThreadChoice:
     if requested is None:
         return ThreadChoice(before, before, None, cores, f"{_threads(before)} (torch's setting)")
     if requested != "auto":
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads={requested!r}: use 'auto', None or a positive int")
+        check_threads(requested)
         return ThreadChoice(requested, before, None, cores, f"{_threads(requested)} (as asked)")
     try:
         busy = busy_cores()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mixprec.bench.analysis import ShapeIssue, peak_flops
+from mixprec.bench.cores import check_threads
 from mixprec.bench.rounds import Interval, noise_report, paired_ratios, speedup_interval
 from mixprec.bench.tasks import SIZES, Task
 from mixprec.formats import get_format
@@ -102,10 +103,7 @@ class BenchConfig:
             raise ValueError(f"budget_vs_fp32={self.budget_vs_fp32} must be positive")
         if not isinstance(self.round_steps, int) or self.round_steps < 1:
             raise ValueError(f"round_steps={self.round_steps!r} must be an integer >= 1")
-        if self.threads is not None and self.threads != "auto" and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ValueError(f"threads={self.threads!r}: use 'auto', None or a positive int")
+        check_threads(self.threads)
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
 
