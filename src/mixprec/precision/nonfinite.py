@@ -32,6 +32,8 @@ from typing import Literal, get_args
 
 import torch
 
+from mixprec.scaling.kernels import GradChecker
+
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "NonFiniteGuard", "NonFinitePolicy"]
 
 NonFinitePolicy = Literal["skip", "raise", "ignore"]
@@ -102,30 +104,17 @@ class NonFiniteGuard:
         self._streak: torch.Tensor | None = None
         self._pending: list[torch.Tensor] = []  # found_inf of the steps not yet counted
         self._ones: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1.0, per device
+        self._checker = GradChecker()
 
-    @torch.no_grad()
     def check(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """``found_inf`` (fp32 0-dim, 1.0 when any gradient is non-finite); no host sync."""
-        groups: dict = {}
-        for g in grads:
-            if g is not None:
-                groups.setdefault((g.device, g.dtype), []).append(g)
-        if not groups:
-            return torch.zeros((), dtype=torch.float32)
-        found = None
-        for (dev, _), group in groups.items():
-            one = self._ones.get(dev)
-            if one is None:  # kept: one allocation less per step
-                one = self._ones[dev] = torch.ones((), dtype=torch.float32, device=dev)
-            if found is None:
-                found = dev_found = torch.zeros((), dtype=torch.float32, device=dev)
-            elif found.device == dev:
-                dev_found = found
-            else:
-                dev_found = torch.zeros_like(one)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, dev_found, one)
-            if dev_found is not found:
-                found = torch.maximum(found, dev_found.to(found.device))
+        """``found_inf`` (fp32 0-dim, 1.0 when any gradient is non-finite) on the first
+        gradient's device; the loss scaler's checker at scale 1, so no gradient changes;
+        no host sync."""
+        device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+        one = self._ones.get(device)
+        if one is None:  # kept: one allocation less per step
+            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        found, _ = self._checker(grads, one, unscale=False, locate=False, amplifies=False)
         return found
 
     def raise_if_found(self, found: torch.Tensor, grads, names: Sequence[str]) -> None:
