@@ -1112,3 +1112,13 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"mixprec.scaling.{module}")
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_step_without_gradients_finds_nothing():
+    """No parameter got a gradient (all None): nothing is non-finite, nothing is refused."""
+    from mixprec.precision.nonfinite import NonFiniteGuard
+
+    scaler = LossScaler.from_preset("torch")
+    found = scaler.unscale_([None, None])
+    assert found.item() == 0.0
+    assert NonFiniteGuard("skip", check_grads=True).check([None]).item() == 0.0

@@ -106,7 +106,9 @@ class GradChecker:
             if inv_scale is None:
                 inv_scale = self._ones[scale.device] = scale.new_ones((), dtype=torch.float32)
         by_device: dict[torch.device, list] = defaultdict(list)
-        grouped = _group_tensors_by_device_and_dtype([[g for _, g in present]], True)
+        grouped = (  # torch's grouping refuses an empty list: no gradient, nothing found
+            _group_tensors_by_device_and_dtype([[g for _, g in present]], True) if present else {}
+        )
         for (device, _), ((group,), indices) in grouped.items():
             by_device[device].append((group, indices))
         found_parts, first_parts = [], []
