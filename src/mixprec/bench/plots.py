@@ -73,7 +73,7 @@ def _throughput(result: BenchResult, path: Path) -> Path:
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_ylabel("speed-up over fp32")
     ax.set_title(
-        f"speed-up over fp32 ({result.config.confidence:.0%} interval over rounds; "
+        f"speed-up over fp32 (interval of at least {result.config.confidence:.0%} over rounds; "
         f"label: {result.task.item_unit}/s)",
         fontsize=9,
     )

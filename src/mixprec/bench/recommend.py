@@ -5,8 +5,8 @@ Rule (applied to the measured :class:`~mixprec.bench.runner.BenchResult`):
 1. A recipe qualifies when it finished every step without diverging and its final metric
    is within the task's tolerance of fp32's (:meth:`Task.within_tolerance`).
 2. It is *faster beyond the noise* when its speed-up over fp32 is at least ``FASTER``
-   (5%) and its confidence interval (bootstrap over the timing rounds,
-   :mod:`mixprec.bench.rounds`) excludes fp32's 1.0. Among those, the fastest is
+   (5%) and its confidence interval (order statistics of the per-round
+   speed-ups, :mod:`mixprec.bench.rounds`) excludes fp32's 1.0. Among those, the fastest is
    recommended for speed when its interval excludes every other one's; when intervals
    overlap, the speed difference between them is within this machine's noise and the
    choice among them is made, and said to be made, on memory (the lowest measured peak, when

@@ -306,8 +306,9 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict, missing
     out += [
         f"Timing: {TIMING_DESIGN}. {len(plan)} rounds of {plan} steps (round 0 untimed "
         f"when warmup > 0); speed-up = median over rounds of fp32's mean step time / the "
-        f"recipe's in the same round, [{cfg.confidence:.0%} interval] by bootstrap over "
-        f"rounds; load drift across rounds {noise['drift']:.2f}x.",
+        f"recipe's in the same round, [interval of at least {cfg.confidence:.0%} coverage] "
+        "between order statistics of the per-round speed-ups; load drift across rounds "
+        f"{noise['drift']:.2f}x.",
         "",
     ]
     flops = result.flops_per_step
@@ -365,9 +366,10 @@ def _markdown(result: BenchResult, verdict: Recommendation, plots: dict, missing
         "Formulas: step time = wall clock per step (median, IQR = q3 - q1); "
         f"{task.item_unit}/s = {task.item_unit} per batch / median step time; speed-up = "
         "median over timed rounds of fp32's mean step time / the recipe's in that round "
-        "[bootstrap interval]; gap = {task.metric} - fp32's; achieved FLOP/s = FLOPs "
-        "per step (counted by torch's FlopCounterMode) / median step time; MFU = achieved / "
-        "peak FLOP/s of the GPU in the compute dtype.",
+        "[distribution-free interval for the median]; "
+        f"gap = {task.metric} - fp32's; achieved FLOP/s = FLOPs per step (counted by torch's "
+        "FlopCounterMode) / median step time; MFU = achieved / peak FLOP/s of the GPU in the "
+        "compute dtype.",
         "",
     ]
     return "\n".join(out)

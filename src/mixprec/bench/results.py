@@ -57,9 +57,10 @@ class BenchConfig:
         offload: keep only the recipe being run on the device and the others' states
             (model, optimizer, precision, RNG) in host memory between rounds; None: on
             any device but the CPU (on a CPU host memory is the device's memory).
-        confidence: level of the speed-up intervals (bootstrap over rounds).
-        threads: CPU threads to time with: ``"auto"`` (no more than the cores other
-            processes leave free, see :mod:`mixprec.bench.cores`), a positive int, or None
+        confidence: least coverage of the speed-up intervals (order statistics of the
+            per-round speed-ups; with too few rounds to reach it, the coverage they have).
+        threads: CPU threads to time with: ``"auto"`` (the cores other processes leave
+            free, less one, see :mod:`mixprec.bench.cores`), a positive int, or None
             (torch's setting, untouched). The command's default is ``"auto"``.
     """
 
@@ -207,13 +208,13 @@ class BenchResult:
 
     def speedup_interval(self, r: RecipeResult) -> Interval | None:
         """Median over rounds of fp32's step time / ``r``'s in the same round, with its
-        bootstrap interval (:func:`mixprec.bench.rounds.speedup_interval`); None when no
-        round timed both."""
+        distribution-free interval (:func:`mixprec.bench.rounds.speedup_interval`); None
+        when no round timed both."""
         ref = self.reference
         if ref is None:
             return None
         ratios = paired_ratios(ref.round_times, r.round_times)
-        return speedup_interval(ratios, level=self.config.confidence, seed=self.config.seed)
+        return speedup_interval(ratios, level=self.config.confidence)
 
     def speedup(self, r: RecipeResult) -> float | None:
         """The median per-round speed-up over fp32 (:meth:`speedup_interval`); where no

@@ -26,7 +26,8 @@ Measured per recipe (formulas; see also :mod:`.analysis` and :mod:`.rounds`):
 * step time: wall clock of each step of the timed rounds (on a GPU the device is
   synchronised before the clock stops); reported as median and IQR = q3 - q1.
 * round time: mean step time of the recipe in one round; speed-up over fp32 = median over
-  rounds of fp32's round time / the recipe's in the same round, with a bootstrap interval.
+  rounds of fp32's round time / the recipe's in the same round, with a distribution-free
+  interval for that median.
 * items/s = ``task.items_per_batch`` / median step time (samples or tokens).
 * skipped steps: steps where ``precision.step`` returned False (non-finite gradients).
 * peak memory: the largest memory in use during the recipe's steps, measured by
