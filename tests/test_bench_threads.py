@@ -16,11 +16,25 @@ from mixprec.bench.runner import BenchConfig, run_bench
 
 @pytest.mark.parametrize(
     ("busy", "cores", "current", "expected"),
-    [(0.0, 2, 2, 2), (0.4, 2, 2, 2), (1.0, 2, 2, 1), (0.6, 2, 2, 1), (2.0, 2, 2, 1),
-     (1.0, 16, 8, 8), (9.2, 16, 16, 7)],  # fmt: skip
+    [(0.0, 2, 2, 1), (0.4, 2, 2, 1), (1.0, 2, 2, 1), (2.0, 2, 2, 1), (0.0, 1, 1, 1),
+     (0.0, 4, 4, 3), (1.4, 4, 4, 2), (1.6, 4, 4, 1), (1.0, 16, 8, 8), (9.2, 16, 16, 6),
+     (0.0, 16, 16, 15)],  # fmt: skip
 )
-def test_threads_for_leaves_the_busy_cores_out(busy, cores, current, expected):
+def test_threads_for_leaves_the_busy_cores_and_one_more_out(busy, cores, current, expected):
     assert threads_for(busy, cores, current) == expected
+
+
+@pytest.mark.parametrize("busy", [0.0, 1.0])
+def test_auto_times_with_as_many_threads_quiet_as_beside_one_busy_process(monkeypatch, busy):
+    import mixprec.bench.cores as cores
+
+    monkeypatch.setattr(cores, "busy_cores", lambda seconds=cores.SAMPLE_S: busy)
+    monkeypatch.setattr(cores, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(cores.torch, "get_num_threads", lambda: 2)
+    choice = choose_threads("auto")
+    assert (choice.threads, choice.before, choice.busy) == (1, 2, busy)
+    assert f"{busy:.1f} of 2 cores busy" in choice.note and "1 left free" in choice.note
+    assert "--threads 2 to use them all" in choice.note
 
 
 def test_busy_cores_counts_only_the_cpus_this_process_may_use(monkeypatch, tmp_path):

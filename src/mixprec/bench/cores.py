@@ -8,12 +8,19 @@ machine the other process takes, and not by the same factor for every recipe (on
 2-core machine of docs/bench.md, with one core taken, fp32 steps took 2.7x as long and
 bf16 ones 2.2x, which moved the bf16 speed-up from 2.4x to 2.0x). The bench therefore
 measures, before it starts, how many cores are busy with other processes and times with
-no more threads than there are free cores (``--threads auto``, the command's default)::
+fewer threads than there are free cores (``--threads auto``, the command's default)::
 
     busy    = (non-idle CPU time of the CPUs this process may use) / (wall time), over
               SAMPLE_S seconds while the bench itself sleeps (/proc/stat; Linux only)
     free    = usable cores (os.sched_getaffinity) - round(busy)
-    threads = min(torch.get_num_threads(), max(1, free))
+    threads = min(torch.get_num_threads(), max(1, free - HEADROOM))
+
+``HEADROOM`` (one core) is left for whatever else runs: a process that starts during the
+bench, which the reading at the start cannot see, then takes the spare core instead of
+one the step's threads wait for, and a run beside one busy process times with as many
+threads as a run on the quiet machine, so the two measure the same thing (on the 2-core
+machine of docs/bench.md the bf16 speed-up is 2.3x with two threads and 2.5x with one:
+the thread count is part of what a speed-up means). ``--threads N`` uses N threads.
 
 Where /proc/stat cannot be read the thread count is left as it is and the report says so.
 """
@@ -27,10 +34,12 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "SAMPLE_S", "ThreadChoice", "busy_cores", "check_threads", "choose_threads", "threads_for",
+    "HEADROOM", "SAMPLE_S", "ThreadChoice", "busy_cores", "check_threads", "choose_threads",
+    "threads_for",
 ]  # fmt: skip
 
 SAMPLE_S = 0.5
+HEADROOM = 1  # cores left free for other processes
 
 
 def _threads(n: int) -> str:
@@ -102,8 +111,8 @@ def busy_cores(seconds: float = SAMPLE_S) -> float:
 
 
 def threads_for(busy: float, cores: int, current: int) -> int:
-    """``min(current, max(1, cores - round(busy)))``: the module docstring's rule."""
-    return min(current, max(1, cores - round(busy)))
+    """``min(current, max(1, cores - round(busy) - HEADROOM))``: the module docstring's rule."""
+    return min(current, max(1, cores - round(busy) - HEADROOM))
 
 
 def check_threads(requested) -> None:
@@ -135,12 +144,13 @@ def choose_threads(requested: int | str | None) -> ThreadChoice:
             f"{_threads(before)}: the load of other processes could not be read ({exc})",
         )  # fmt: skip
     threads = threads_for(busy, cores, before)
+    seen = f"{busy:.1f} of {cores} cores busy with other processes"
     if threads == before:
-        note = f"{_threads(threads)} ({busy:.1f} of {cores} cores busy with other processes)"
+        note = f"{_threads(threads)} ({seen})"
     else:
         note = (
-            f"{threads} of {before} threads: {busy:.1f} of {cores} cores were busy with other "
-            "processes when the bench started, and a step's threads would wait at every "
-            f"barrier for the one sharing a core with them (--threads {before} to use them all)"
+            f"{threads} of {before} threads: {seen} when the bench started, and "
+            f"{HEADROOM} left free for what else runs, so that no step's thread shares a core "
+            f"and waits at every barrier (--threads {before} to use them all)"
         )
     return ThreadChoice(threads, before, busy, cores, note)

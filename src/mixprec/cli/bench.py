@@ -106,8 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_threads,
         default="auto",
         metavar="N|auto",
-        help="CPU threads to time with; auto (default): no more than the cores that other "
-        "processes leave free, measured before the bench starts",
+        help="CPU threads to time with; auto (default): the cores that other processes "
+        "leave free, measured before the bench starts, less one kept for them",
     )
     p.add_argument("--out", default="bench-report", help="report folder (default bench-report)")
     p.add_argument(
