@@ -290,6 +290,7 @@ def _fake(recipe, step, metric, peak=1000, status="ok", diverged_at=None):
         steps_run=10,
         diverged_at=diverged_at,
         step_times=[step] * 10,
+        round_times=dict.fromkeys(range(1, 11), step),
         timed_from=0,
         metrics={"accuracy": metric},
         peak_memory_bytes=peak,
@@ -327,10 +328,10 @@ def test_recommendation_prefers_fast_recipes_within_tolerance():
     assert verdict.recipe == "bf16-mixed"
     assert verdict.summary.startswith("bf16-mixed: 2.00x the samples/s of fp32")
     reasons = dict(line.split(": ", 1) for line in verdict.reasons)
-    assert reasons["bf16-true"].startswith("4.0x faster than fp32, outside the tolerance")
-    assert reasons["fp16-mixed"].startswith(
-        "150x slower than fp32 on this CPU, which has no fp16 matrix unit"
-    )
+    assert reasons["bf16-true"].startswith("4.0x faster than fp32 (98% interval 4.00-4.00x")
+    assert "x over 10 rounds), outside the tolerance" in reasons["bf16-true"]
+    assert reasons["fp16-mixed"].startswith("150x slower than fp32 (98% interval")
+    assert "on this CPU, which has no fp16 matrix unit" in reasons["fp16-mixed"]
     assert reasons["fp8-mixed"].startswith("diverged at step 4")
 
 
@@ -339,6 +340,11 @@ def test_recommendation_falls_back_to_memory_then_fp32():
     assert recommend(lean).recipe == "bf16-true"
     none = _result(_fake("fp32", 1.0, 0.9), _fake("bf16-mixed", 0.99, 0.9))
     assert recommend(none).recipe == "fp32"
+    # 2x by items/s, but no round timed both (no interval): not faster beyond the noise
+    unpaired = _result(_fake("fp32", 1.0, 0.9), _fake("bf16-mixed", 0.5, 0.9))
+    unpaired.recipes[1].round_times = {}
+    verdict = recommend(unpaired)
+    assert verdict.recipe == "fp32" and "0 timing round(s) are too few" in verdict.summary
 
 
 def test_suite_seeds_table(tmp_path, capsys):
@@ -500,6 +506,14 @@ def test_recommendation_only_beyond_the_noise():
     verdict = recommend(res)
     assert res.speedup_interval(res.recipes[1]).low < 1.0 < res.speedup(res.recipes[1])
     assert verdict.recipe == "fp32" and "within the noise of this machine" in verdict.summary
+    # 2x in each of 5 rounds: no interval of 95% coverage yet (6 rounds needed) -> fp32
+    few = _result(_timed("fp32", fp32[:5]), _timed("bf16-mixed", [t / 2 for t in fp32[:5]]))
+    assert few.speedup_interval(few.recipes[1]).level == pytest.approx(1 - 2 / 2**5)
+    verdict = recommend(few)
+    assert verdict.recipe == "fp32"
+    assert "5 timing round(s) are too few for a 95% interval, which needs 6" in verdict.summary
+    six = _result(_timed("fp32", fp32[:6]), _timed("bf16-mixed", [t / 2 for t in fp32[:6]]))
+    assert recommend(six).recipe == "bf16-mixed"
 
 
 def test_recommendation_between_overlapping_recipes_is_on_memory_then_simplicity():

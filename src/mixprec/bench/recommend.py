@@ -5,8 +5,9 @@ Rule (applied to the measured :class:`~mixprec.bench.runner.BenchResult`):
 1. A recipe qualifies when it finished every step without diverging and its final metric
    is within the task's tolerance of fp32's (:meth:`Task.within_tolerance`).
 2. It is *faster beyond the noise* when its speed-up over fp32 is at least ``FASTER``
-   (5%) and its confidence interval (order statistics of the per-round
-   speed-ups, :mod:`mixprec.bench.rounds`) excludes fp32's 1.0. Among those, the fastest is
+   (5%) and its confidence interval (order statistics of the per-round speed-ups,
+   :mod:`mixprec.bench.rounds`) has the asked-for coverage (``BenchConfig.confidence``;
+   at least 6 timed rounds at 95%) and excludes fp32's 1.0. Among those, the fastest is
    recommended for speed when its interval excludes every other one's; when intervals
    overlap, the speed difference between them is within this machine's noise and the
    choice among them is made, and said to be made, on memory (the lowest measured peak, when
@@ -15,7 +16,7 @@ Rule (applied to the measured :class:`~mixprec.bench.runner.BenchResult`):
 3. Otherwise the one with the lowest measured peak memory wins if that is at least
    ``SMALLER`` (20%) below fp32's and it is not slower beyond the noise (interval reaching
    ``1 / FASTER``); otherwise fp32. A recipe that looked faster but whose interval holds
-   1.0 is named in the summary as within the noise.
+   1.0, or that ran too few rounds for the coverage, is named in the summary, saying which.
 
 Each reason states the measured speed-up with its interval, the metric beside fp32's
 and the tolerance, the peak-memory ratio when both were measured, and skipped steps.
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mixprec.bench.rounds import min_rounds
 from mixprec.recipes import get_recipe
 
 __all__ = [
@@ -155,11 +157,28 @@ def _interval_text(result, r) -> str:
     return f" ({iv.level:.0%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} rounds)"
 
 
+def _covered(result, iv) -> bool:
+    """The interval has the coverage the bench asked for (enough rounds for it)."""
+    return iv is not None and iv.level >= result.config.confidence
+
+
 def _beyond_noise(result, r) -> bool:
-    """Faster than fp32 by ``FASTER`` with an interval that excludes 1.0."""
-    speedup = result.speedup(r) or 0
+    """Faster than fp32 by ``FASTER``, with an interval of the asked-for coverage above 1.0."""
     iv = result.speedup_interval(r)
-    return speedup >= FASTER and (iv is None or iv.low > 1.0)
+    return (result.speedup(r) or 0) >= FASTER and _covered(result, iv) and iv.low > 1.0
+
+
+def _unclear(result, r) -> str:
+    """Why a recipe that looked ``FASTER`` is not faster beyond the noise."""
+    text = f"{r.recipe} ({result.speedup(r):.2f}x{_interval_text(result, r)}) looked faster, but "
+    iv = result.speedup_interval(r)
+    if _covered(result, iv):
+        return text + "within the noise of this machine (interval holds 1.0x)"
+    level = result.config.confidence
+    return text + (
+        f"{iv.rounds if iv else 0} timing round(s) are too few for a {level:.0%} interval, "
+        f"which needs {min_rounds(level)} (run more --steps)"
+    )
 
 
 def _rank(name: str) -> int:
@@ -235,12 +254,7 @@ def recommend(result) -> Recommendation:
             f"(their intervals overlap), so chosen for being the {why}"
         )
         return Recommendation(name, summary, reasons)
-    noise = ""
-    if unclear:
-        noise = "; " + ", ".join(
-            f"{r.recipe} ({result.speedup(r):.2f}x{_interval_text(result, r)})" for r in unclear
-        )
-        noise += " looked faster, but within the noise of this machine (interval holds 1.0x)"
+    noise = "".join(f"; {_unclear(result, r)}" for r in unclear)
     lean = [
         r
         for r in good

@@ -44,6 +44,7 @@ __all__ = [
     "interleave",
     "load_factors",
     "median_ranks",
+    "min_rounds",
     "noise_report",
     "paired_ratios",
     "speedup_interval",
@@ -158,11 +159,25 @@ def median_ranks(n: int, level: float = 0.95) -> tuple[int, float]:
     return j, coverage(j)
 
 
+def min_rounds(level: float = 0.95) -> int:
+    """The fewest rounds whose interval reaches ``level``: the smallest ``n`` with
+    ``1 - 2^(1-n) >= level``.
+
+    Example:
+        >>> min_rounds(0.95), min_rounds(0.99)
+        (6, 8)
+    """
+    n = 1
+    while median_ranks(n, level)[1] < level:
+        n += 1
+    return n
+
+
 def speedup_interval(ratios: Sequence[float], *, level: float = 0.95) -> Interval | None:
     """Median of the per-round speed-ups and its distribution-free interval (module doc).
 
-    With one round the interval is that round's value (no spread can be measured: the
-    report says so through ``rounds``). None without any round.
+    With one round the interval is that round's value, with coverage 0 (the report says
+    so through ``rounds``). None without any round.
 
     Example:
         >>> iv = speedup_interval([2.0, 2.1, 1.9, 2.0, 2.05, 1.95, 2.02, 1.98, 2.01, 1.99])
@@ -175,8 +190,6 @@ def speedup_interval(ratios: Sequence[float], *, level: float = 0.95) -> Interva
     if not values:
         return None
     point = statistics.median(values)
-    if len(values) == 1:
-        return Interval(point, point, point, 1, level)
     j, coverage = median_ranks(len(values), level)
     return Interval(point, values[j - 1], values[-j], len(values), coverage)
 
