@@ -484,7 +484,7 @@ def test_median_ranks_are_the_binomial_ones():
 def test_speedup_interval_holds_the_median_as_often_as_it_says():
     # iid log-normal rounds around a known median: the interval must hold it in at least
     # 95% of 2000 runs (the binomial count of misses has sd ~0.5%, so a method at 94%
-    # fails). A percentile bootstrap of the median held it 92.5-94% of the time here.
+    # fails). A percentile bootstrap of the median held it 92.5-93.5% of the time here.
     rng = np.random.default_rng(7)
     for n in (8, 14, 20):
         hits = 0

@@ -20,7 +20,7 @@ Formulas (``t_R(r)``: mean step time of recipe ``R`` in round ``r``, timed round
   ``level`` (fewer than 6 rounds at 95%) the interval is the whole range, whose coverage
   ``1 - 2^(1-n)`` is below ``level``, and ``Interval.level`` says so. A percentile bootstrap
   of the median, this module's first method, holds the median of iid log-normal rounds
-  only 92.5-94% of the time at 8-20 rounds (``tests/test_bench.py`` measures both);
+  only 92.5-93.5% of the time at 8-20 rounds (``tests/test_bench.py`` measures both);
 * load factor of round ``r``: ``L(r) = geometric mean over recipes of t_R(r) / median_r t_R``
   (1.0 where a round ran at the run's typical speed); drift ``= max L / min L``
   (:func:`load_factors`). A run is flagged *noisy* when the drift passes ``NOISY_DRIFT`` or
