@@ -22,7 +22,7 @@ from mixprec.bench.data import digits, make_marker_sequences, make_shapes, stdli
 from mixprec.bench.models import GPT
 from mixprec.bench.numerics_notes import numerics_section
 from mixprec.bench.recommend import recommend, speed_phrase
-from mixprec.bench.report import to_json, write_report
+from mixprec.bench.report import table_rows, to_json, write_report
 from mixprec.bench.rounds import median_ranks, speedup_interval
 from mixprec.bench.runner import BenchConfig, BenchResult, RecipeResult, run_bench
 from mixprec.bench.tasks import TASKS, get_task
@@ -512,6 +512,9 @@ def test_recommendation_only_beyond_the_noise():
     verdict = recommend(few)
     assert verdict.recipe == "fp32"
     assert "5 timing round(s) are too few for a 95% interval, which needs 6" in verdict.summary
+    headers, rows = table_rows(few)
+    cell = rows[1][headers.index("speed-up (CI)")]
+    assert cell == "2.00x [2.00, 2.00] (5 rounds: 94%)", cell
     six = _result(_timed("fp32", fp32[:6]), _timed("bf16-mixed", [t / 2 for t in fp32[:6]]))
     assert recommend(six).recipe == "bf16-mixed"
 

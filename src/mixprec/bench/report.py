@@ -259,7 +259,10 @@ def _speedup_cell(result: BenchResult, r: RecipeResult) -> str:
     iv = result.speedup_interval(r)
     if iv is None or r is result.reference or iv.rounds < 2:
         return f"{speedup:.2f}x"
-    return f"{speedup:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+    cell = f"{speedup:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+    if iv.level < result.config.confidence:  # too few rounds: say how sure the range is
+        cell += f" ({iv.rounds} rounds: {iv.level:.0%})"
+    return cell
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
