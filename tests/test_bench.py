@@ -469,6 +469,12 @@ def test_speedup_interval_lies_between_order_statistics_of_the_rounds():
     assert doc["timing"]["rounds"] and "interleaved rounds" in doc["timing"]["design"]
 
 
+@pytest.mark.parametrize("bad", [0, 1.0, 1.5, -0.5, "high", None, True])
+def test_a_bad_confidence_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match=f"confidence={bad!r} must be a number in"):
+        BenchConfig("mlp", "tiny", confidence=bad)
+
+
 def test_median_ranks_are_the_binomial_ones():
     # ranks from the binomial tail, as in the tables for the median's interval
     assert [median_ranks(n)[0] for n in (5, 6, 9, 10, 14, 20, 40)] == [1, 1, 2, 2, 3, 6, 14]

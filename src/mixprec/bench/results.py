@@ -105,8 +105,9 @@ class BenchConfig:
         if not isinstance(self.round_steps, int) or self.round_steps < 1:
             raise ValueError(f"round_steps={self.round_steps!r} must be an integer >= 1")
         check_threads(self.threads)
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
+        level = self.confidence
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"confidence={self.confidence!r} must be a number in (0, 1)")
 
     def round_plan(self, steps: int) -> list[int]:
         """Steps per round: the ``warmup`` steps first (untimed), then ``round_steps`` each.
