@@ -484,7 +484,18 @@ def test_median_ranks_are_the_binomial_ones():
     with pytest.raises(ValueError, match="n=0"):
         median_ranks(0)
     short = speedup_interval([2.0, 2.2, 1.8])  # 3 rounds: the range, and it says 75%
-    assert (short.low, short.high, short.level) == (1.8, 2.2, 0.75)
+    assert (short.low, short.high) == (1.8, 2.2) and short.level == pytest.approx(0.75)
+    # exact binomial sums against the log-space ones the function uses
+    for n in range(1, 120):
+        j, coverage = median_ranks(n, 0.9)
+        exact = [1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n for k in (j, j + 1)]
+        assert coverage == pytest.approx(exact[0], abs=1e-12)
+        assert exact[0] >= 0.9 or j == 1
+        assert j + 1 > (n + 1) // 2 or exact[1] < 0.9  # j is the largest rank that reaches it
+    # a run of a million steps (500,000 rounds): the normal approximation's ranks
+    j, coverage = median_ranks(500_000)
+    assert abs(j - (250_000 - 1.96 / 2 * 500_000**0.5)) < 3
+    assert coverage == pytest.approx(0.95, abs=1e-3)
 
 
 def test_speedup_interval_holds_the_median_as_often_as_it_says():
