@@ -54,6 +54,16 @@ def _entry(rank: int, store_path: str, fn, results) -> None:
             dist.destroy_process_group()
 
 
+def attempt(build) -> tuple[str, str] | None:
+    """``(type name, message)`` of the ValueError or RuntimeError ``build()`` raises; None
+    when it raises nothing (the refusal batteries compare these across ranks)."""
+    try:
+        build()
+    except (ValueError, RuntimeError) as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
 def run_on_two_ranks(tmp_path, fn, **kwargs) -> list:
     """Run ``fn(rank, **kwargs)`` on two gloo ranks; returns the results in rank order."""
     ctx = multiprocessing.get_context("spawn")
@@ -261,13 +271,6 @@ def _resume(rank: int, strategy: str, recipe: str, directory: str):
 def _refusals(rank: int):
     """Every refused combination, then setup after the process group is gone (runs last)."""
     from torch.distributed.fsdp import fully_shard
-
-    def attempt(build):
-        try:
-            build()
-        except (ValueError, RuntimeError) as exc:
-            return type(exc).__name__, str(exc)
-        return None
 
     sgd = torch.optim.SGD
 

@@ -21,7 +21,7 @@ from mixprec.distributed.checkpoint import read_checkpoint_file
 from mixprec.distributed.fp8_all_gather import Float8GatheredWeight
 from mixprec.float8 import Float8Config, Float8Linear, convert_to_float8
 from mixprec.float8.scaling import amax_to_scale, hp_tensor_and_scale_to_float8, tensor_to_amax
-from tests.test_distributed import WORLD, both_ranks, run_battery
+from tests.test_distributed import WORLD, attempt, both_ranks, run_battery
 
 DELAYED = get_recipe("fp8-mixed").replace(fp8="delayed")
 STEPS = 6
@@ -212,13 +212,6 @@ def _resume(rank: int, mode: str, directory: str):
 
 def _refusals(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
-
-    def attempt(build):
-        try:
-            build()
-        except (ValueError, RuntimeError) as exc:
-            return type(exc).__name__, str(exc)
-        return None
 
     def not_converted():
         model = fully_shard(_model())
