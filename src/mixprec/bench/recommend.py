@@ -159,7 +159,7 @@ def _interval_text(result, r) -> str:
 
 def _covered(result, iv) -> bool:
     """The interval has the coverage the bench asked for (enough rounds for it)."""
-    return iv is not None and iv.level >= result.config.confidence
+    return iv is not None and iv.reaches(result.config.confidence)
 
 
 def _beyond_noise(result, r) -> bool:

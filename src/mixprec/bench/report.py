@@ -260,7 +260,7 @@ def _speedup_cell(result: BenchResult, r: RecipeResult) -> str:
     if iv is None or r is result.reference or iv.rounds < 2:
         return f"{speedup:.2f}x"
     cell = f"{speedup:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
-    if iv.level < result.config.confidence:  # too few rounds: say how sure the range is
+    if not iv.reaches(result.config.confidence):  # too few rounds: say how sure it is
         cell += f" ({iv.rounds} rounds: {iv.level:.0%})"
     return cell
 

@@ -127,6 +127,10 @@ class Interval:
     def excludes(self, value: float) -> bool:
         return value < self.low or value > self.high
 
+    def reaches(self, level: float) -> bool:
+        """Its coverage is at least ``level`` (enough rounds for an interval that sure)."""
+        return self.level >= level
+
     def overlaps(self, other: Interval) -> bool:
         return self.low <= other.high and other.low <= self.high
 
